@@ -1,0 +1,172 @@
+"""CBOR messages with tensors, and the length-prefixed frames that carry them.
+
+A message is a CBOR map. A tensor inside it is an RFC 8746 multi-dimensional array:
+tag 40 around ``[shape, typed_array]``, where ``typed_array`` is an RFC 8746 typed-array
+tag (little-endian element types) around a byte string of the elements in row-major
+order. Any CBOR library can read such a message; no side channel is needed.
+
+A frame on a stream socket is a 4-byte big-endian unsigned length followed by that many
+bytes of one CBOR message. See docs/local-api.md for the full protocol.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import cbor2
+import numpy as np
+
+PROTOCOL_VERSION = 1
+FRAME_HEADER = struct.Struct(">I")
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+MAX_NESTING = 32
+
+TAG_NDARRAY = 40  # RFC 8746: multi-dimensional array, row-major order
+
+# RFC 8746 typed-array tags we send (little-endian) and accept (both byte orders).
+_SEND_TAGS: dict[str, int] = {
+    "uint8": 64,
+    "uint16": 69,
+    "uint32": 70,
+    "uint64": 71,
+    "int8": 72,
+    "int16": 77,
+    "int32": 78,
+    "int64": 79,
+    "float16": 84,
+    "float32": 85,
+    "float64": 86,
+}
+_RECV_DTYPES: dict[int, np.dtype] = {
+    64: np.dtype("u1"),
+    68: np.dtype("u1"),  # uint8 "clamped": same bytes
+    65: np.dtype(">u2"),
+    66: np.dtype(">u4"),
+    67: np.dtype(">u8"),
+    69: np.dtype("<u2"),
+    70: np.dtype("<u4"),
+    71: np.dtype("<u8"),
+    72: np.dtype("i1"),
+    73: np.dtype(">i2"),
+    74: np.dtype(">i4"),
+    75: np.dtype(">i8"),
+    77: np.dtype("<i2"),
+    78: np.dtype("<i4"),
+    79: np.dtype("<i8"),
+    80: np.dtype(">f2"),
+    81: np.dtype(">f4"),
+    82: np.dtype(">f8"),
+    84: np.dtype("<f2"),
+    85: np.dtype("<f4"),
+    86: np.dtype("<f8"),
+}
+SUPPORTED_DTYPES = tuple(_SEND_TAGS)
+
+
+class WireError(ValueError):
+    """A message or frame that cannot be decoded. ``code`` is the protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _tensor_tag(array: np.ndarray) -> cbor2.CBORTag:
+    name = "bool" if array.dtype == np.bool_ else array.dtype.name
+    if name == "bool":
+        array = array.astype(np.uint8)
+        name = "uint8"
+    tag = _SEND_TAGS.get(name)
+    if tag is None:
+        raise WireError("bad_input", f"dtype {array.dtype} cannot be sent; use one of "
+                        f"{', '.join(SUPPORTED_DTYPES)}")
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    # tobytes() emits row-major order even for non-contiguous views.
+    payload = cbor2.CBORTag(tag, little.tobytes(order="C"))
+    return cbor2.CBORTag(TAG_NDARRAY, [list(array.shape), payload])
+
+
+def _encode_default(encoder: cbor2.CBOREncoder, value: Any) -> None:
+    if isinstance(value, np.ndarray):
+        encoder.encode(_tensor_tag(value))
+    elif isinstance(value, np.generic):
+        encoder.encode(value.item())
+    else:
+        raise cbor2.CBOREncodeTypeError(f"cannot encode {type(value).__name__}")
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    """Encode a message (a map that may hold numpy arrays) as CBOR."""
+    try:
+        return cbor2.dumps(message, default=_encode_default)
+    except cbor2.CBOREncodeError as exc:
+        raise WireError("bad_input", str(exc)) from exc
+
+
+def _decode_tag(tag: cbor2.CBORTag, _immutable: bool) -> Any:
+    if tag.tag in _RECV_DTYPES:
+        if not isinstance(tag.value, bytes):
+            raise WireError("bad_frame", f"typed array tag {tag.tag} must hold a byte string")
+        dtype = _RECV_DTYPES[tag.tag]
+        if len(tag.value) % dtype.itemsize:
+            raise WireError("bad_frame", f"typed array of {len(tag.value)} bytes is not a "
+                            f"whole number of {dtype.itemsize}-byte elements")
+        return np.frombuffer(tag.value, dtype=dtype)
+    if tag.tag == TAG_NDARRAY:
+        return _ndarray(tag.value)
+    raise WireError("bad_frame", f"unsupported CBOR tag {tag.tag}")
+
+
+def _ndarray(value: Any) -> np.ndarray:
+    if not (isinstance(value, list) and len(value) == 2):
+        raise WireError("bad_frame", "tag 40 must hold [shape, elements]")
+    shape, elements = value
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise WireError("bad_frame", "tensor shape must be a list of non-negative integers")
+    if not isinstance(elements, np.ndarray):
+        raise WireError("bad_frame", "tensor elements must be an RFC 8746 typed array")
+    count = 1
+    for dim in shape:
+        count *= dim
+    if count != elements.size:
+        raise WireError("bad_frame", f"tensor shape {shape} needs {count} elements, "
+                        f"got {elements.size}")
+    native = elements.dtype.newbyteorder("=")
+    if elements.dtype != native:
+        elements = elements.astype(native)
+    return elements.reshape(shape)
+
+
+def decode(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Decode one CBOR message; raise WireError with a protocol code on any fault."""
+    try:
+        message = cbor2.loads(payload, tag_hook=_decode_tag, max_depth=MAX_NESTING)
+    except WireError:
+        raise
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError,
+            MemoryError) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, WireError) else None
+        if cause is not None:
+            raise cause from None
+        raise WireError("bad_frame", f"not a CBOR message: {exc}") from None
+    if not isinstance(message, dict):
+        raise WireError("bad_frame", f"a message must be a CBOR map, got {type(message).__name__}")
+    return message
+
+
+def frame(payload: bytes) -> bytes:
+    """Prefix one encoded message with its length."""
+    return FRAME_HEADER.pack(len(payload)) + payload
+
+
+def parse_frame_length(header: bytes, max_bytes: int) -> int:
+    """Validate the 4-byte length prefix of a frame."""
+    (length,) = FRAME_HEADER.unpack(header)
+    if length == 0:
+        raise WireError("bad_frame", "empty frame")
+    if length > max_bytes:
+        raise WireError("frame_too_large", f"frame of {length} bytes exceeds the limit of "
+                        f"{max_bytes} bytes")
+    return length
