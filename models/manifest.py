@@ -212,7 +212,8 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, Any]) -> dict
                 raise InputError(f"input {spec.name!r} has dtype {value.dtype.name}, "
                                  f"expected {spec.describe()}")
         if value.ndim != len(spec.shape) or any(
-            want is not None and got != want for got, want in zip(value.shape, spec.shape)
+            want is not None and got != want
+            for got, want in zip(value.shape, spec.shape, strict=True)
         ):
             raise InputError(f"input {spec.name!r} has shape {list(value.shape)}, "
                              f"expected {spec.describe()}")

@@ -120,10 +120,11 @@ def _decode_tag(tag: cbor2.CBORTag, _immutable: bool) -> Any:
 
 
 def _ndarray(value: Any) -> np.ndarray:
-    if not (isinstance(value, list) and len(value) == 2):
+    if not (isinstance(value, (list, tuple)) and len(value) == 2):
         raise WireError("bad_frame", "tag 40 must hold [shape, elements]")
     shape, elements = value
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, (list, tuple))
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise WireError("bad_frame", "tensor shape must be a list of non-negative integers")
     if not isinstance(elements, np.ndarray):
         raise WireError("bad_frame", "tensor elements must be an RFC 8746 typed array")

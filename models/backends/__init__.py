@@ -86,4 +86,4 @@ def outputs_by_name(manifest: Manifest, values: list[np.ndarray]) -> dict[str, n
     if len(values) != len(manifest.outputs):
         raise RuntimeError(f"model {manifest.name} produced {len(values)} outputs, "
                            f"its manifest declares {len(manifest.outputs)}")
-    return {spec.name: np.asarray(v) for spec, v in zip(manifest.outputs, values)}
+    return {spec.name: np.asarray(v) for spec, v in zip(manifest.outputs, values, strict=True)}

@@ -29,7 +29,7 @@ _PROVIDERS = {
 
 
 class OnnxSession(Session):
-    def __init__(self, session, manifest: Manifest, target: str) -> None:  # noqa: ANN001
+    def __init__(self, session, manifest: Manifest, target: str) -> None:
         self._session = session
         self._manifest = manifest
         self.target = target

@@ -30,7 +30,7 @@ _DELEGATES = {
 }
 
 
-def _interpreter_module():  # noqa: ANN202
+def _interpreter_module():
     try:
         from ai_edge_litert import interpreter
 
@@ -53,7 +53,7 @@ def _delegate_present(library: str) -> bool:
 
 
 class TfliteSession(Session):
-    def __init__(self, interpreter, manifest: Manifest, target: str) -> None:  # noqa: ANN001
+    def __init__(self, interpreter, manifest: Manifest, target: str) -> None:
         self._interpreter = interpreter
         self._manifest = manifest
         self.target = target

@@ -28,7 +28,7 @@ def _flatten(result: Any) -> list[Any]:
 
 
 class TorchSession(Session):
-    def __init__(self, module, manifest: Manifest, target: str) -> None:  # noqa: ANN001
+    def __init__(self, module, manifest: Manifest, target: str) -> None:
         self._module = module
         self._manifest = manifest
         self.target = target

@@ -1,0 +1,302 @@
+"""The local socket API: length-prefixed CBOR requests on a Unix domain socket.
+
+Each connection may have many requests in flight; replies carry the request's ``id`` and
+may arrive in any order. A fault in one request (or one frame) is answered with an error
+and never stops the node or the other connections. The protocol is specified in
+docs/local-api.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from epara.node.generation import GenerationService
+from epara.node.service import ModelService, ServiceError
+from epara.peer import wire
+from epara.peer.wire import PROTOCOL_VERSION, WireError
+
+log = logging.getLogger(__name__)
+
+Reply = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def default_socket_path() -> Path:
+    """``$EPARA_SOCKET``, else ``$XDG_RUNTIME_DIR/epara/node.sock``, else /tmp/epara-UID/."""
+    if os.environ.get("EPARA_SOCKET"):
+        return Path(os.environ["EPARA_SOCKET"])
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "epara" / "node.sock"
+    return Path(f"/tmp/epara-{os.getuid()}") / "node.sock"
+
+
+class Request:
+    """One decoded request, with the checks every operation shares."""
+
+    def __init__(self, message: Mapping[str, Any]) -> None:
+        self.message = message
+        self.id = message.get("id")
+        self.received = time.monotonic()
+
+    def field(self, name: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
+        value = self.message.get(name)
+        if value is None:
+            if required:
+                raise ServiceError("bad_request", f"field {name!r} is required")
+            return None
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise ServiceError("bad_request", f"field {name!r} has the wrong type "
+                               f"({type(value).__name__})")
+        return value
+
+    def deadline(self) -> float | None:
+        budget = self.field("deadline_ms", (int, float), required=False)
+        if budget is None:
+            return None
+        if budget <= 0:
+            raise ServiceError("deadline_exceeded", "deadline_ms must be positive")
+        return self.received + budget / 1000
+
+
+class LocalApi:
+    """Routes requests to the node's services. The node owns the services' lifecycle."""
+
+    def __init__(self, services: Mapping[str, ModelService | GenerationService],
+                 describe_models: Callable[[], list[dict[str, Any]]],
+                 status: Callable[[], dict[str, Any]],
+                 max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.services = services
+        self.describe_models = describe_models
+        self.status = status
+        self.max_frame_bytes = max_frame_bytes
+        self.connections = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._socket_path: Path | None = None
+
+    async def start(self, socket_path: Path, group: int | None = None) -> None:
+        """Listen on ``socket_path``; only the owner (and ``group``, if given) may connect."""
+        socket_path = Path(socket_path)
+        directory = socket_path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        # The directory's mode is the access control: connect() needs search permission.
+        os.chmod(directory, 0o750 if group is not None else 0o700)
+        if group is not None:
+            os.chown(directory, -1, group)
+        await self._remove_stale(socket_path)
+        old_umask = os.umask(0o177 if group is None else 0o117)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve_connection,
+                                                           path=str(socket_path))
+        finally:
+            os.umask(old_umask)
+        if group is not None:
+            os.chown(socket_path, -1, group)
+        self._socket_path = socket_path
+
+    async def _remove_stale(self, path: Path) -> None:
+        if not path.exists() and not path.is_symlink():
+            return
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
+        try:
+            _, writer = await asyncio.open_unix_connection(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink()  # left behind by a node that died
+            return
+        writer.close()
+        raise RuntimeError(f"another node is already serving on {path}")
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        if self._socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._socket_path.unlink()
+
+    # --- one connection ----------------------------------------------------------
+
+    async def _serve_connection(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        tasks: set[asyncio.Task[None]] = set()
+        write_lock = asyncio.Lock()
+        closed = False
+
+        async def reply(message: dict[str, Any]) -> None:
+            if closed:
+                return
+            payload = wire.frame(wire.encode({"v": PROTOCOL_VERSION, **message}))
+            async with write_lock:
+                writer.write(payload)
+                await writer.drain()
+
+        try:
+            while True:
+                try:
+                    header = await reader.readexactly(wire.FRAME_HEADER.size)
+                except asyncio.IncompleteReadError:
+                    break  # clean close between frames (or a partial header)
+                try:
+                    length = wire.parse_frame_length(header, self.max_frame_bytes)
+                except WireError as exc:
+                    # The rest of the stream cannot be trusted to realign: answer, close.
+                    await reply(_error(None, exc.code, str(exc)))
+                    break
+                try:
+                    payload = await reader.readexactly(length)
+                except asyncio.IncompleteReadError:
+                    log.info("client closed mid-frame (%d bytes announced)", length)
+                    break
+                try:
+                    message = wire.decode(payload)
+                except WireError as exc:
+                    await reply(_error(None, exc.code, str(exc)))
+                    continue
+                task = asyncio.create_task(self._handle(Request(message), reply))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        except (ConnectionError, OSError) as exc:
+            log.info("connection dropped: %s", exc)
+        finally:
+            closed = True
+            for task in tasks:
+                task.cancel()  # the client is gone: stop its work, free its queue slots
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+            self.connections -= 1
+
+    async def _handle(self, request: Request, reply: Reply) -> None:
+        try:
+            op = request.field("op", str)
+            handler = self._handlers().get(op)
+            if handler is None:
+                raise ServiceError("unknown_op", f"unknown op {op!r}; this node serves "
+                                   f"{', '.join(sorted(self._handlers()))}")
+            await handler(request, reply)
+        except ServiceError as exc:
+            await _safe_reply(reply, _error(request.id, exc.code, str(exc)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in one request must not take the node down
+            log.exception("request %r failed", request.id)
+            await _safe_reply(reply, _error(request.id, "internal", f"internal error: {exc}"))
+
+    def _handlers(self) -> dict[str, Callable[[Request, Reply], Awaitable[None]]]:
+        return {"models": self._op_models, "status": self._op_status, "infer": self._op_infer,
+                "generate": self._op_generate, "ping": self._op_ping}
+
+    def _service(self, request: Request) -> ModelService | GenerationService:
+        name = request.field("model", str)
+        service = self.services.get(name)
+        if service is None:
+            raise ServiceError("unknown_model", f"no model named {name!r} is served here; "
+                               f"served: {', '.join(sorted(self.services)) or 'none'}")
+        return service
+
+    async def _op_ping(self, request: Request, reply: Reply) -> None:
+        await reply({"id": request.id, "ok": True})
+
+    async def _op_models(self, request: Request, reply: Reply) -> None:
+        await reply({"id": request.id, "ok": True, "models": self.describe_models()})
+
+    async def _op_status(self, request: Request, reply: Reply) -> None:
+        await reply({"id": request.id, "ok": True, "status": self.status()})
+
+    async def _op_infer(self, request: Request, reply: Reply) -> None:
+        service = self._service(request)
+        if not isinstance(service, ModelService):
+            raise ServiceError("unsupported", f"model {service.manifest.name} generates text: "
+                               "use the generate op")
+        inputs = request.field("inputs", dict)
+        future = service.submit(inputs, request.deadline())
+        try:
+            result = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        await reply({"id": request.id, "ok": True, "outputs": result.outputs,
+                     "timing": {"queue_ms": round(result.queue_ms, 3),
+                                "compute_ms": round(result.compute_ms, 3),
+                                "batch": result.batch}})
+
+    async def _op_generate(self, request: Request, reply: Reply) -> None:
+        service = self._service(request)
+        if not isinstance(service, GenerationService):
+            raise ServiceError("unsupported", f"model {service.manifest.name} does not "
+                               "generate text: use the infer op")
+        params = _generation_params(request)
+        prompt = request.field("prompt", str, required=False)
+        messages = request.field("messages", list, required=False)
+        if messages is not None and not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in messages):
+            raise ServiceError("bad_request", "messages must be maps with string role and "
+                               "content")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        seq_id = service.submit(prompt, messages, params, request.deadline(),
+                                lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        finish_reason = "cancelled"
+        tokens = 0
+        try:
+            while True:
+                event = await events.get()
+                if event is None:
+                    break
+                if isinstance(event, ServiceError):
+                    raise event
+                tokens += 1
+                await reply({"id": request.id, "ok": True, "event": "token",
+                             "token": event.token_id, "text": event.text})
+                if event.finish_reason is not None:
+                    finish_reason = event.finish_reason
+        except asyncio.CancelledError:
+            service.cancel(seq_id)
+            raise
+        elapsed = time.monotonic() - request.received
+        await reply({"id": request.id, "ok": True, "event": "done",
+                     "finish_reason": finish_reason,
+                     "usage": {"completion_tokens": tokens,
+                               "elapsed_ms": round(elapsed * 1000, 3)}})
+
+
+def _generation_params(request: Request) -> Any:
+    from epara.models.llm import GenerationParams  # the LLM extra may be absent
+
+    raw = request.message.get("params") or {}
+    if not isinstance(raw, dict):
+        raise ServiceError("bad_request", "params must be a map")
+    allowed = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float),
+               "top_k": int, "seed": int, "stop": list}
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        kind = allowed.get(name)
+        if kind is None:
+            raise ServiceError("bad_request", f"unknown generation parameter {name!r}; "
+                               f"known: {', '.join(allowed)}")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ServiceError("bad_request", f"generation parameter {name!r} has the wrong "
+                               "type")
+        values[name] = tuple(map(str, value)) if name == "stop" else value
+    if values.get("max_tokens", 1) < 1 or values.get("temperature", 0) < 0:
+        raise ServiceError("bad_request", "max_tokens must be >= 1 and temperature >= 0")
+    return GenerationParams(**values)
+
+
+def _error(request_id: Any, code: str, message: str) -> dict[str, Any]:
+    return {"id": request_id, "ok": False, "error": {"code": code, "message": message}}
+
+
+async def _safe_reply(reply: Reply, message: dict[str, Any]) -> None:
+    with contextlib.suppress(ConnectionError, OSError, WireError):
+        await reply(message)

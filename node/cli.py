@@ -1,0 +1,304 @@
+"""The ``epara`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from epara.node.client import Client, Done, EparaError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except EparaError as exc:
+        print(f"epara: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="epara", description=__doc__)
+    parser.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(title="commands")
+
+    node = sub.add_parser("node", help="run the node daemon on this device")
+    node.add_argument("--store", type=Path, help="model store (default: $EPARA_MODEL_STORE "
+                      "or ~/.cache/epara/models)")
+    _socket_arg(node)
+    node.add_argument("--socket-group", help="also let this group use the socket")
+    node.add_argument("--model", action="append", default=[],
+                      help="serve only this model (repeatable; default: all in the store)")
+    node.add_argument("--threads", type=int, help="threads per model runtime")
+    node.add_argument("--max-frame-mb", type=float, default=64.0,
+                      help="largest request accepted (MiB)")
+    node.set_defaults(run=_cmd_node)
+
+    models = sub.add_parser("models", help="list served models; prepare or import models")
+    _socket_arg(models)
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(run=_cmd_models)
+    msub = models.add_subparsers(title="model commands")
+    store = msub.add_parser("store", help="list the models in the local store")
+    store.add_argument("--store", type=Path)
+    store.add_argument("--json", action="store_true")
+    store.set_defaults(run=_cmd_models_store)
+    prepare = msub.add_parser("prepare", help="prepare a shipped model into the store")
+    prepare.add_argument("name", nargs="+", help="model names (see `epara models prepare "
+                         "--list`)")
+    prepare.add_argument("--store", type=Path)
+    prepare.add_argument("--force", action="store_true", help="prepare again from scratch")
+    prepare.set_defaults(run=_cmd_models_prepare)
+    imp = msub.add_parser("import", help="import your own .onnx, .tflite or torch file")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--name", help="model name (default: the file's stem)")
+    imp.add_argument("--store", type=Path)
+    imp.add_argument("--input", action="append", default=[], metavar="NAME:DTYPE:SHAPE",
+                     help="declare an input a torch file cannot describe, e.g. "
+                     "x:float32:?,3,224,224 (repeatable)")
+    imp.add_argument("--output", action="append", default=[], metavar="NAME:DTYPE:SHAPE")
+    imp.set_defaults(run=_cmd_models_import)
+
+    infer = sub.add_parser("infer", help="run a model on tensors from .npy files")
+    infer.add_argument("model")
+    infer.add_argument("--input", "-i", action="append", default=[], metavar="NAME=FILE.npy")
+    infer.add_argument("--random", action="store_true",
+                       help="fill missing inputs with random data of the declared shape")
+    infer.add_argument("--deadline-ms", type=float)
+    infer.add_argument("--out", type=Path, help="save the outputs to this .npz file")
+    infer.add_argument("--json", action="store_true")
+    _socket_arg(infer)
+    infer.set_defaults(run=_cmd_infer)
+
+    gen = sub.add_parser("generate", help="stream text from a language model")
+    gen.add_argument("model")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as a user chat message (chat template)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--deadline-ms", type=float)
+    _socket_arg(gen)
+    gen.set_defaults(run=_cmd_generate)
+
+    status = sub.add_parser("status", help="show the node's state")
+    status.add_argument("--json", action="store_true")
+    _socket_arg(status)
+    status.set_defaults(run=_cmd_status)
+    return parser
+
+
+def _socket_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", type=Path, help="node socket (default: $EPARA_SOCKET, "
+                        "$XDG_RUNTIME_DIR/epara/node.sock or /tmp/epara-UID/node.sock)")
+
+
+# --- node ---------------------------------------------------------------------------
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    import grp
+
+    from epara.node.daemon import NodeConfig, run_node
+
+    config = NodeConfig(store=args.store, models=tuple(args.model), threads=args.threads,
+                        max_frame_bytes=int(args.max_frame_mb * 1024 * 1024))
+    if args.socket:
+        config.socket_path = args.socket
+    if args.socket_group:
+        config.socket_group = grp.getgrnam(args.socket_group).gr_gid
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger("epara").setLevel(logging.INFO)
+    run_node(config)
+    return 0
+
+
+# --- models -------------------------------------------------------------------------
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    with Client(args.socket) as node:
+        models = node.models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    if not models:
+        print("this node serves no models (prepare some: epara models prepare --help)")
+    for m in models:
+        ins = ", ".join(_spec(s) for s in m["inputs"])
+        print(f"{m['name']:<16} {m['task']:<16} {m['backend']}/{m['target']:<10} "
+              f"{m['hints']['category']:<9} in: {ins}")
+    return 0
+
+
+def _spec(spec: dict[str, Any]) -> str:
+    dims = ",".join("?" if d is None else str(d) for d in spec["shape"])
+    return f"{spec['name']}:{spec['dtype']}[{dims}]"
+
+
+def _cmd_models_store(args: argparse.Namespace) -> int:
+    from epara.models.store import ModelStore
+
+    store = ModelStore(args.store)
+    good, broken = store.scan()
+    if args.json:
+        print(json.dumps({"store": str(store.root),
+                          "models": [m.manifest.to_json() for m in good],
+                          "broken": {b.directory.name: b.reason for b in broken}}, indent=2))
+        return 0
+    print(f"model store: {store.root}")
+    for m in good:
+        print(f"  {m.manifest.name:<16} {m.manifest.task:<16} {m.manifest.backend:<7} "
+              f"{m.manifest.memory_mb:8.1f} MB")
+    for b in broken:
+        print(f"  {b.directory.name:<16} BROKEN: {b.reason}")
+    return 0
+
+
+def _cmd_models_prepare(args: argparse.Namespace) -> int:
+    from epara.models.store import ModelStore
+    from epara.models.zoo import PREPARERS, PrepareError
+
+    store = ModelStore(args.store)
+    unknown = [n for n in args.name if n not in PREPARERS]
+    if unknown:
+        print(f"epara: unknown model {', '.join(unknown)}; shipped models: "
+              f"{', '.join(sorted(PREPARERS))}", file=sys.stderr)
+        return 2
+    for name in args.name:
+        try:
+            path = PREPARERS[name].prepare(store, force=args.force)
+        except PrepareError as exc:
+            print(f"epara: cannot prepare {name}: {exc}", file=sys.stderr)
+            return 1
+        print(f"{name}: ready in {path}")
+    return 0
+
+
+def _cmd_models_import(args: argparse.Namespace) -> int:
+    from epara.models.importer import import_model
+    from epara.models.store import ModelStore
+    from epara.models.zoo import PrepareError
+
+    try:
+        path = import_model(args.file, ModelStore(args.store), name=args.name,
+                            inputs=args.input or None, outputs=args.output or None)
+    except (PrepareError, ValueError) as exc:
+        print(f"epara: cannot import {args.file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"imported into {path}")
+    return 0
+
+
+# --- requests -----------------------------------------------------------------------
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    inputs: dict[str, np.ndarray] = {}
+    for item in args.input:
+        name, sep, file = item.partition("=")
+        if not sep:
+            print(f"epara: --input takes NAME=FILE.npy, got {item!r}", file=sys.stderr)
+            return 2
+        inputs[name] = np.load(file, allow_pickle=False)
+    with Client(args.socket) as node:
+        if args.random:
+            specs = next((m["inputs"] for m in node.models() if m["name"] == args.model), None)
+            if specs is None:
+                raise EparaError("unknown_model", f"no model named {args.model!r} is served")
+            inputs = {**_random_inputs(specs), **inputs}
+        outputs, timing = node.infer_timed(args.model, inputs, deadline_ms=args.deadline_ms)
+    if args.out:
+        np.savez(args.out, **outputs)
+    summary = {name: {"dtype": a.dtype.name, "shape": list(a.shape),
+                      "min": float(a.min()) if a.size else None,
+                      "max": float(a.max()) if a.size else None,
+                      "mean": float(a.mean()) if a.size else None}
+               for name, a in outputs.items()}
+    if args.json:
+        print(json.dumps({"outputs": summary, "timing": timing}, indent=2))
+    else:
+        for name, s in summary.items():
+            print(f"{name}: {s['dtype']}{s['shape']} min={s['min']:.4g} max={s['max']:.4g} "
+                  f"mean={s['mean']:.4g}")
+        print(f"queue {timing.get('queue_ms', 0):.2f} ms, compute {timing.get('compute_ms', 0):.2f}"
+              f" ms, batch {timing.get('batch', 1)}")
+        if args.out:
+            print(f"saved {args.out}")
+    return 0
+
+
+def _random_inputs(specs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    inputs = {}
+    for spec in specs:
+        shape = [1 if d is None else d for d in spec["shape"]]
+        dtype = np.dtype(spec["dtype"])
+        if dtype.kind == "f":
+            inputs[spec["name"]] = rng.random(shape, dtype=np.float64).astype(dtype)
+        else:
+            inputs[spec["name"]] = rng.integers(0, 2, shape).astype(dtype)
+    return inputs
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    for name in ("top_p", "top_k", "seed"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    if args.stop:
+        params["stop"] = args.stop
+    chat = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat \
+        else {"prompt": args.prompt}
+    with Client(args.socket) as node:
+        for item in node.generate(args.model, deadline_ms=args.deadline_ms, **chat, **params):
+            if isinstance(item, Done):
+                print(f"\n[{item.finish_reason}; {item.usage.get('completion_tokens')} tokens "
+                      f"in {item.usage.get('elapsed_ms', 0) / 1000:.2f} s]", file=sys.stderr)
+            else:
+                print(item.text, end="", flush=True)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    with Client(args.socket) as node:
+        status = node.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"node {status['node_id']} (epara {status['version']}, pid {status['pid']}, "
+          f"up {status['uptime_s']:.0f} s)")
+    print(f"socket {status['socket']}, store {status['model_store']}")
+    for b in status["backends"]:
+        state = ", ".join(b["targets"]) if b["available"] else "unavailable"
+        print(f"  backend {b['name']:<7} {state:<20} {b['runtime']}")
+    for s in status["services"]:
+        p50 = s.get("latency_ms_p50") or s.get("ttft_ms_p50")
+        print(f"  model {s['model']:<16} queue {s['queue_depth']:<4} served {s['served']:<6} "
+              f"refused {s['refused']:<4} p50 {'-' if p50 is None else f'{p50:.1f} ms'}")
+    for name, why in status["unavailable"].items():
+        print(f"  not served: {name}: {why}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The node daemon: loads the models in a store and serves them on the local socket API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from epara.models.backends import BackendUnavailable, all_backend_info, get_backend
+from epara.models.manifest import Manifest
+from epara.models.store import ModelStore
+from epara.node.api import LocalApi, default_socket_path
+from epara.node.generation import GenerationService
+from epara.node.service import ModelService
+from epara.peer import wire
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+@dataclass
+class NodeConfig:
+    store: Path | None = None  # None: the default model store
+    socket_path: Path = field(default_factory=default_socket_path)
+    socket_group: int | None = None
+    models: tuple[str, ...] = ()  # empty: every model in the store
+    threads: int | None = None  # per model; None lets each runtime decide
+    max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES
+    node_id: str | None = None
+
+
+def load_service(directory: Path, manifest: Manifest,
+                 threads: int | None) -> ModelService | GenerationService:
+    """Load one model with its backend; raise on any failure (the caller reports it)."""
+    if manifest.task == "text-generation":
+        from epara.models.llm import LlmEngine  # the LLM extra may be absent
+
+        return GenerationService(manifest, LlmEngine(directory, manifest, threads=threads))
+    session = get_backend(manifest.backend).load(directory, manifest, threads=threads)
+    return ModelService(manifest, session)
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.store = ModelStore(config.store)
+        self.node_id = config.node_id or _stable_node_id()
+        self.services: dict[str, ModelService | GenerationService] = {}
+        self.unavailable: dict[str, str] = {}  # model name or directory -> why not served
+        self.started = time.time()
+        self.backends: list[dict[str, Any]] = []
+        self.api = LocalApi(self.services, self.describe_models, self.status,
+                            config.max_frame_bytes)
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load_models)
+        await self.api.start(self.config.socket_path, self.config.socket_group)
+        log.info("node %s serving %d models on %s", self.node_id, len(self.services),
+                 self.config.socket_path)
+
+    def _load_models(self) -> None:
+        # Probed once: importing a runtime can take seconds (torch), too slow per request.
+        self.backends = [{"name": b.name, "available": b.available, "runtime": b.runtime,
+                          "targets": list(b.targets)} for b in all_backend_info()]
+        stored, broken = self.store.scan()
+        for bad in broken:
+            self.unavailable[bad.directory.name] = bad.reason
+            log.warning("skipping %s: %s", bad.directory, bad.reason)
+        wanted = set(self.config.models)
+        found = {m.manifest.name for m in stored}
+        for name in sorted(wanted - found):
+            self.unavailable[name] = f"not in the model store {self.store.root}"
+            log.warning("model %s is not in the store %s", name, self.store.root)
+        for model in stored:
+            if wanted and model.manifest.name not in wanted:
+                continue
+            try:
+                self.services[model.manifest.name] = load_service(
+                    model.directory, model.manifest, self.config.threads)
+            except (BackendUnavailable, ImportError, OSError, ValueError, RuntimeError) as exc:
+                self.unavailable[model.manifest.name] = str(exc)
+                log.warning("cannot serve %s: %s", model.manifest.name, exc)
+
+    async def stop(self) -> None:
+        await self.api.stop()
+        for service in self.services.values():
+            await asyncio.to_thread(service.stop)
+
+    async def run_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    def describe_models(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": name,
+                "task": service.manifest.task,
+                "backend": service.manifest.backend,
+                "target": service.target if isinstance(service, GenerationService)
+                else service.session.target,
+                "inputs": [s.to_json() for s in service.manifest.inputs],
+                "outputs": [s.to_json() for s in service.manifest.outputs],
+                "memory_mb": service.manifest.memory_mb,
+                "hints": service.manifest.hints.to_json(),
+            }
+            for name, service in sorted(self.services.items())
+        ]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "version": VERSION,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "socket": str(self.config.socket_path),
+            "model_store": str(self.store.root),
+            "connections": self.api.connections,
+            "backends": self.backends,
+            "services": [s.stats() for _, s in sorted(self.services.items())],
+            "unavailable": dict(self.unavailable),
+        }
+
+
+def _stable_node_id() -> str:
+    """A node id that survives restarts: derived from the machine id where there is one."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        with contextlib.suppress(OSError):
+            text = Path(path).read_text().strip()
+            if text:
+                return f"{socket.gethostname()}-{text[:8]}"
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+def run_node(config: NodeConfig) -> None:
+    asyncio.run(Node(config).run_until_stopped())

@@ -1,0 +1,227 @@
+"""A text-generation model served on this node, with continuous batching.
+
+One worker thread owns the engine. Between engine steps it admits new sequences (up to
+the service's max batch) and cancellations, so concurrent chats decode together and a
+sequence joins or leaves without waiting for the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from epara.node.service import LatencyTracker, ServiceError
+
+log = logging.getLogger(__name__)
+
+
+class TokenEventLike(Protocol):
+    seq_id: str
+    token_id: int
+    text: str
+    finish_reason: str | None
+
+
+class Engine(Protocol):
+    """What ``epara.models.llm.LlmEngine`` offers (kept structural to avoid a hard import)."""
+
+    def add(self, seq_id: str, prompt: str | None = ..., messages: list[dict] | None = ...,
+            params: Any = ...) -> None: ...
+
+    def cancel(self, seq_id: str) -> None: ...
+
+    def step(self) -> list[Any]: ...
+
+    @property
+    def active(self) -> int: ...
+
+
+# A sink receives each TokenEvent of its sequence, then None at the end, or a ServiceError.
+Sink = Callable[[Any], None]
+
+
+@dataclass
+class _Sequence:
+    seq_id: str
+    prompt: str | None
+    messages: list[dict] | None
+    params: Any
+    deadline: float | None
+    sink: Sink
+    submitted: float
+    first_token: float | None = None
+    tokens: int = 0
+
+
+class GenerationService:
+    def __init__(self, manifest: Any, engine: Engine, target: str = "cpu") -> None:
+        self.manifest = manifest
+        self.engine = engine
+        self.target = target
+        self.max_active = max(1, manifest.hints.max_batch)
+        self.max_queue = manifest.hints.max_queue
+        self.ttft = LatencyTracker()
+        self.counts = {"served": 0, "failed": 0, "refused": 0, "expired": 0, "cancelled": 0,
+                       "tokens": 0}
+        self._ids = itertools.count()
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._pending: list[_Sequence] = []  # admitted by submit, not yet in the engine
+        self._running: dict[str, _Sequence] = {}
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"gen-{manifest.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    def submit(self, prompt: str | None, messages: list[dict] | None, params: Any,
+               deadline: float | None, sink: Sink) -> str:
+        if self._stopping:
+            raise ServiceError("unavailable", f"model {self.manifest.name} is shutting down")
+        if (prompt is None) == (messages is None):
+            raise ServiceError("bad_request", "generate needs exactly one of prompt or messages")
+        with self._lock:
+            if self._waiting >= self.max_queue:
+                self.counts["refused"] += 1
+                raise ServiceError("overloaded", f"model {self.manifest.name}: queue is full "
+                                   f"({self.max_queue} sequences)")
+            self._waiting += 1
+        seq_id = f"s{next(self._ids)}"
+        self._commands.put(("add", _Sequence(seq_id, prompt, messages, params, deadline, sink,
+                                             time.monotonic())))
+        return seq_id
+
+    def cancel(self, seq_id: str) -> None:
+        self._commands.put(("cancel", seq_id))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "model": self.manifest.name,
+            "category": self.manifest.hints.category,
+            "target": self.target,
+            "queue_depth": self._waiting,
+            "active_sequences": len(self._running),
+            "max_batch": self.max_active,
+            "ttft_ms_p50": self.ttft.percentile(50),
+            "ttft_ms_p99": self.ttft.percentile(99),
+            **self.counts,
+        }
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        self._commands.put(("stop", None))
+        self._thread.join(timeout)
+
+    # --- worker thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            idle = not self._running and not self._pending
+            if not self._drain_commands(block=idle):
+                break
+            self._admit()
+            if self._running:
+                self._step()
+        for seq in [*self._pending, *self._running.values()]:
+            self._finish(seq, ServiceError("unavailable", "the node is shutting down"))
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Apply queued commands; False once asked to stop."""
+        try:
+            command = self._commands.get() if block else self._commands.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            kind, arg = command
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self._pending.append(arg)
+            elif kind == "cancel":
+                self._cancel(arg)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _cancel(self, seq_id: str) -> None:
+        for seq in self._pending:
+            if seq.seq_id == seq_id:
+                self._pending.remove(seq)
+                self.counts["cancelled"] += 1
+                self._finish(seq, None)
+                return
+        if seq_id in self._running:
+            self.engine.cancel(seq_id)
+            self.counts["cancelled"] += 1
+            self._finish(self._running.pop(seq_id), None)
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        while self._pending and len(self._running) < self.max_active:
+            seq = self._pending.pop(0)
+            if seq.deadline is not None and now > seq.deadline:
+                self.counts["expired"] += 1
+                self._finish(seq, ServiceError("deadline_exceeded", "deadline passed before "
+                                               "the sequence could start"))
+                continue
+            try:
+                self.engine.add(seq.seq_id, prompt=seq.prompt, messages=seq.messages,
+                                params=seq.params)
+            except (ValueError, KeyError, TypeError) as exc:
+                self.counts["failed"] += 1
+                self._finish(seq, ServiceError("bad_input", str(exc)))
+                continue
+            self._running[seq.seq_id] = seq
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as exc:  # an engine fault fails its sequences, not the node
+            log.exception("generation step failed for %s", self.manifest.name)
+            for seq_id in list(self._running):
+                self.engine.cancel(seq_id)
+                self.counts["failed"] += 1
+                self._finish(self._running.pop(seq_id),
+                             ServiceError("inference_failed", str(exc)))
+            return
+        now = time.monotonic()
+        for event in events:
+            seq = self._running.get(event.seq_id)
+            if seq is None:
+                continue
+            if seq.first_token is None:
+                seq.first_token = now
+                self.ttft.record_request((now - seq.submitted) * 1000)
+            seq.tokens += 1
+            self.counts["tokens"] += 1
+            seq.sink(event)
+            if event.finish_reason is not None:
+                del self._running[seq.seq_id]
+                self.counts["served"] += 1
+                self._finish(seq, None)
+        for seq_id, seq in list(self._running.items()):
+            if seq.deadline is not None and now > seq.deadline:
+                self.engine.cancel(seq_id)
+                del self._running[seq_id]
+                self.counts["expired"] += 1
+                self._finish(seq, ServiceError(
+                    "deadline_exceeded", f"deadline passed after {seq.tokens} tokens"))
+
+    def _finish(self, seq: _Sequence, outcome: ServiceError | None) -> None:
+        with self._lock:
+            self._waiting -= 1
+        try:
+            seq.sink(outcome)
+        except Exception:  # a sink belongs to a connection that may be gone
+            log.debug("sink of %s failed", seq.seq_id, exc_info=True)

@@ -1,0 +1,277 @@
+"""A model served on this node: one worker thread, a bounded queue, dynamic batching.
+
+Requests arrive from the event loop as ``Job``s carrying a ``concurrent.futures.Future``.
+The worker thread owns the backend session (runtimes are not thread-safe per session),
+stacks compatible jobs of a batching service along its batch axis, and refuses early a
+job that cannot meet its deadline instead of serving it late.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from epara.models.backends import Session
+from epara.models.manifest import Manifest, check_inputs
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """A request this service will not or cannot serve. ``code`` is the protocol code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class InferResult:
+    outputs: dict[str, np.ndarray]
+    queue_ms: float
+    compute_ms: float
+    batch: int
+
+
+@dataclass
+class Job:
+    inputs: dict[str, np.ndarray]
+    rows: int  # size along the batch axis (1 when the service does not batch)
+    deadline: float | None  # time.monotonic() by which the answer is useless
+    future: Future[InferResult] = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+    queued: bool = True  # still counted in the service's queue depth
+
+    def shape_key(self) -> tuple[Any, ...]:
+        """Jobs can share a batch when every non-batch dimension and dtype agree."""
+        return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(self.inputs.items()))
+
+
+class LatencyTracker:
+    """Exponentially weighted batch time plus a window of recent request latencies."""
+
+    def __init__(self, window: int = 256) -> None:
+        self.batch_seconds: float | None = None
+        self.recent_ms: deque[float] = deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def record_batch(self, seconds: float) -> None:
+        with self._lock:
+            if self.batch_seconds is None:
+                self.batch_seconds = seconds
+            else:
+                self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * seconds
+
+    def record_request(self, ms: float) -> None:
+        with self._lock:
+            self.recent_ms.append(ms)
+
+    def percentile(self, q: float) -> float | None:
+        with self._lock:
+            values = sorted(self.recent_ms)
+        if not values:
+            return None
+        return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+
+class ModelService:
+    """Serves one loaded model. ``submit`` is thread-safe and never blocks."""
+
+    def __init__(self, manifest: Manifest, session: Session) -> None:
+        self.manifest = manifest
+        self.session = session
+        hints = manifest.hints
+        self.batch_axis = hints.batch_axis if hints.max_batch > 1 else None
+        self.max_batch = hints.max_batch if self.batch_axis is not None else 1
+        self.max_wait = hints.max_wait_ms / 1000
+        self.max_queue = hints.max_queue
+        self.latency = LatencyTracker()
+        self.counts = {"served": 0, "failed": 0, "refused": 0, "expired": 0, "cancelled": 0,
+                       "batches": 0}
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._waiting = 0  # jobs submitted and not yet taken into a batch
+        self._lock = threading.Lock()
+        self._held: list[Job] = []  # taken from the queue but not batchable with the last run
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"svc-{manifest.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    def submit(self, inputs: Mapping[str, Any], deadline: float | None) -> Future[InferResult]:
+        """Validate and enqueue; raise ServiceError for what must be refused now."""
+        if self._stopping:
+            raise ServiceError("unavailable", f"model {self.manifest.name} is shutting down")
+        try:
+            checked = check_inputs(self.manifest.inputs, inputs)
+        except ValueError as exc:
+            raise ServiceError("bad_input", f"model {self.manifest.name}: {exc}") from None
+        rows = 1
+        if self.batch_axis is not None:
+            rows = next(iter(checked.values())).shape[self.batch_axis] if checked else 1
+            if rows > self.max_batch:
+                raise ServiceError("bad_input", f"batch of {rows} exceeds this service's "
+                                   f"max batch {self.max_batch}")
+        now = time.monotonic()
+        if deadline is not None:
+            expected = self.expected_completion(now)
+            if expected > deadline:
+                self.counts["refused"] += 1
+                raise ServiceError(
+                    "deadline_unmeetable",
+                    f"model {self.manifest.name}: {self._waiting} requests queued, expected "
+                    f"completion in {(expected - now) * 1000:.1f} ms, beyond the deadline in "
+                    f"{(deadline - now) * 1000:.1f} ms")
+        with self._lock:
+            if self._waiting >= self.max_queue:
+                self.counts["refused"] += 1
+                raise ServiceError("overloaded", f"model {self.manifest.name}: queue is full "
+                                   f"({self.max_queue} requests)")
+            self._waiting += 1
+        job = Job(checked, rows, deadline)
+        # A request cancelled while queued (its client left) frees its slot at once.
+        job.future.add_done_callback(lambda f: f.cancelled() and self._release([job]))
+        self._queue.put(job)
+        return job.future
+
+    def _release(self, jobs: list[Job]) -> None:
+        with self._lock:
+            for job in jobs:
+                if job.queued:
+                    job.queued = False
+                    self._waiting -= 1
+
+    def expected_completion(self, now: float) -> float:
+        """When a request submitted now would finish, from queue depth and batch time."""
+        per_batch = self.latency.batch_seconds
+        if per_batch is None:
+            return now
+        batches_ahead = self._waiting // self.max_batch + 1
+        return now + batches_ahead * per_batch
+
+    def stats(self) -> dict[str, Any]:
+        p50 = self.latency.percentile(50)
+        p99 = self.latency.percentile(99)
+        return {
+            "model": self.manifest.name,
+            "category": self.manifest.hints.category,
+            "target": self.session.target,
+            "queue_depth": self._waiting,
+            "max_batch": self.max_batch,
+            "latency_ms_p50": p50,
+            "latency_ms_p99": p99,
+            "batch_ms_ewma": None if self.latency.batch_seconds is None
+            else self.latency.batch_seconds * 1000,
+            **self.counts,
+        }
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Finish what is queued (up to ``timeout``), then release the session."""
+        self._stopping = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self.session.close()
+
+    # --- worker thread -------------------------------------------------------------
+
+    def _next_batch(self) -> list[Job] | None:
+        first = self._held.pop(0) if self._held else self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        if self.batch_axis is None:
+            return batch
+        rows = first.rows
+        key = first.shape_key()
+        until = time.monotonic() + self.max_wait
+        # Held jobs first (they were waiting longest), then whatever arrives in time.
+        for job in list(self._held):
+            if job.shape_key() == key and rows + job.rows <= self.max_batch:
+                self._held.remove(job)
+                batch.append(job)
+                rows += job.rows
+        while rows < self.max_batch:
+            remaining = until - time.monotonic()
+            try:
+                job = self._queue.get(timeout=max(0.0, remaining)) if remaining > 0 \
+                    else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)  # keep the stop marker for the loop
+                break
+            if job.shape_key() == key and rows + job.rows <= self.max_batch:
+                batch.append(job)
+                rows += job.rows
+            else:
+                self._held.append(job)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._release(batch)
+            live = self._drop_dead(batch)
+            if live:
+                self._execute(live)
+
+    def _drop_dead(self, batch: list[Job]) -> list[Job]:
+        now = time.monotonic()
+        live = []
+        for job in batch:
+            if not job.future.set_running_or_notify_cancel():
+                self.counts["cancelled"] += 1
+            elif job.deadline is not None and now > job.deadline:
+                self.counts["expired"] += 1
+                job.future.set_exception(ServiceError(
+                    "deadline_exceeded", f"model {self.manifest.name}: deadline passed after "
+                    f"{(now - job.enqueued) * 1000:.1f} ms in the queue"))
+            else:
+                live.append(job)
+        return live
+
+    def _execute(self, jobs: list[Job]) -> None:
+        start = time.monotonic()
+        try:
+            if len(jobs) == 1:
+                outputs = [self.session.run(jobs[0].inputs)]
+            else:
+                stacked = {name: np.concatenate([j.inputs[name] for j in jobs],
+                                                axis=self.batch_axis)
+                           for name in jobs[0].inputs}
+                merged = self.session.run(stacked)
+                bounds = np.cumsum([j.rows for j in jobs])[:-1]
+                split = {name: np.split(value, bounds, axis=self.batch_axis)
+                         for name, value in merged.items()}
+                outputs = [{name: parts[i] for name, parts in split.items()}
+                           for i in range(len(jobs))]
+        except Exception as exc:  # a runtime failure must not kill the worker
+            log.warning("model %s failed on a batch of %d: %s", self.manifest.name, len(jobs),
+                        exc)
+            self.counts["failed"] += len(jobs)
+            for job in jobs:
+                job.future.set_exception(ServiceError(
+                    "inference_failed", f"model {self.manifest.name}: {exc}"))
+            return
+        end = time.monotonic()
+        self.latency.record_batch(end - start)
+        self.counts["batches"] += 1
+        self.counts["served"] += len(jobs)
+        for job, out in zip(jobs, outputs, strict=True):
+            self.latency.record_request((end - job.enqueued) * 1000)
+            job.future.set_result(InferResult(out, (start - job.enqueued) * 1000,
+                                              (end - start) * 1000, len(jobs)))
