@@ -37,8 +37,9 @@ class TorchSession(Session):
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])).to(self._device)
-                for s in self._manifest.inputs]
+        # Tensors decoded from the wire are read-only views; torch needs writable memory.
+        args = [torch.from_numpy(np.require(inputs[s.name], requirements=["C", "W"]))
+                .to(self._device) for s in self._manifest.inputs]
         with torch.inference_mode():
             result = self._module(*args)
         values = [t.detach().to("cpu").numpy() for t in _flatten(result)]
