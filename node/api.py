@@ -18,6 +18,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from epara.models import imaging
 from epara.node.generation import GenerationService
 from epara.node.service import ModelService, ServiceError
 from epara.peer import wire
@@ -26,6 +29,7 @@ from epara.peer.wire import PROTOCOL_VERSION, WireError
 log = logging.getLogger(__name__)
 
 Reply = Callable[[dict[str, Any]], Awaitable[None]]
+SEGMENTATION_TASKS = ("segmentation", "text-detection")
 
 
 def default_socket_path() -> Path:
@@ -193,7 +197,8 @@ class LocalApi:
 
     def _handlers(self) -> dict[str, Callable[[Request, Reply], Awaitable[None]]]:
         return {"models": self._op_models, "status": self._op_status, "infer": self._op_infer,
-                "generate": self._op_generate, "ping": self._op_ping}
+                "segment": self._op_segment, "generate": self._op_generate,
+                "ping": self._op_ping}
 
     def _service(self, request: Request) -> ModelService | GenerationService:
         name = request.field("model", str)
@@ -228,6 +233,47 @@ class LocalApi:
                      "timing": {"queue_ms": round(result.queue_ms, 3),
                                 "compute_ms": round(result.compute_ms, 3),
                                 "batch": result.batch}})
+
+    async def _op_segment(self, request: Request, reply: Reply) -> None:
+        service = self._service(request)
+        manifest = service.manifest
+        if not isinstance(service, ModelService) or manifest.task not in SEGMENTATION_TASKS:
+            raise ServiceError("unsupported", f"model {manifest.name} ({manifest.task}) does "
+                               "not segment images: use the infer op")
+        image = request.message.get("image")
+        if not isinstance(image, (bytes, np.ndarray)):
+            raise ServiceError("bad_request", "field 'image' must be encoded image bytes or a "
+                               "uint8 [H, W, 3] tensor")
+        threshold = request.field("threshold", (int, float), required=False)
+        if threshold is None:
+            threshold = float(manifest.extra.get("threshold", 0.5))
+        want_overlay = request.message.get("overlay") is True
+        spec = manifest.inputs[0]
+        try:
+            # Decoding and resizing take milliseconds: keep them off the event loop.
+            rgb = await asyncio.to_thread(imaging.decode_image, image)
+            tensor = await asyncio.to_thread(imaging.preprocess, rgb, manifest.extra, spec.dtype)
+        except imaging.ImageError as exc:
+            raise ServiceError("bad_input", str(exc)) from None
+        future = service.submit({spec.name: tensor}, request.deadline())
+        try:
+            result = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        probabilities = imaging.probability_map(result.outputs[manifest.outputs[0].name],
+                                                manifest.extra)
+        mask = await asyncio.to_thread(imaging.mask_for_image, probabilities, rgb.shape[:2],
+                                       threshold)
+        answer: dict[str, Any] = {
+            "id": request.id, "ok": True, "mask": mask,
+            "coverage": round(float(np.count_nonzero(mask)) / mask.size, 6),
+            "timing": {"queue_ms": round(result.queue_ms, 3),
+                       "compute_ms": round(result.compute_ms, 3), "batch": result.batch}}
+        if want_overlay:
+            answer["overlay_png"] = await asyncio.to_thread(
+                lambda: imaging.encode_png(imaging.overlay(rgb, mask)))
+        await reply(answer)
 
     async def _op_generate(self, request: Request, reply: Reply) -> None:
         service = self._service(request)

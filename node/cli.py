@@ -85,6 +85,16 @@ def _parser() -> argparse.ArgumentParser:
     _socket_arg(infer)
     infer.set_defaults(run=_cmd_infer)
 
+    seg = sub.add_parser("segment", help="segment an image (person or text mask)")
+    seg.add_argument("image", type=Path)
+    seg.add_argument("--model", default="selfie-seg")
+    seg.add_argument("--out", type=Path, default=Path("mask.png"), help="mask PNG to write")
+    seg.add_argument("--overlay", type=Path, help="also write the image with the mask tinted")
+    seg.add_argument("--threshold", type=float)
+    seg.add_argument("--deadline-ms", type=float)
+    _socket_arg(seg)
+    seg.set_defaults(run=_cmd_segment)
+
     gen = sub.add_parser("generate", help="stream text from a language model")
     gen.add_argument("model")
     gen.add_argument("prompt")
@@ -258,6 +268,27 @@ def _random_inputs(specs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         else:
             inputs[spec["name"]] = rng.integers(0, 2, shape).astype(dtype)
     return inputs
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from epara.models.imaging import encode_png
+
+    try:
+        data = args.image.read_bytes()
+    except OSError as exc:
+        print(f"epara: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
+        return 1
+    with Client(args.socket) as node:
+        result = node.segment(args.model, data, overlay=args.overlay is not None,
+                              threshold=args.threshold, deadline_ms=args.deadline_ms)
+    args.out.write_bytes(encode_png(result["mask"]))
+    if args.overlay is not None:
+        args.overlay.write_bytes(result["overlay_png"])
+    timing = result["timing"]
+    height, width = result["mask"].shape
+    print(f"mask {width}x{height}, {result['coverage'] * 100:.1f}% of the image, "
+          f"compute {timing['compute_ms']:.1f} ms -> {args.out}")
+    return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

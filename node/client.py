@@ -99,6 +99,19 @@ class Client:
         reply = self._call(request)
         return reply["outputs"], reply.get("timing", {})
 
+    def segment(self, model: str, image: bytes | np.ndarray, overlay: bool = False,
+                threshold: float | None = None, deadline_ms: float | None = None
+                ) -> dict[str, Any]:
+        """Segment an encoded image (or uint8 [H, W, 3] RGB); returns ``mask`` (uint8 0/255
+        at the image's size), ``coverage``, ``timing`` and, if asked, ``overlay_png``."""
+        request: dict[str, Any] = {"op": "segment", "model": model, "image": image,
+                                   "overlay": overlay}
+        if threshold is not None:
+            request["threshold"] = threshold
+        if deadline_ms is not None:
+            request["deadline_ms"] = deadline_ms
+        return self._call(request)
+
     def generate(self, model: str, prompt: str | None = None,
                  messages: list[dict[str, str]] | None = None, deadline_ms: float | None = None,
                  **params: Any) -> Iterator[Token | Done]:
