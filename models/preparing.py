@@ -112,8 +112,9 @@ def install_model(store: ModelStore, name: str, recipe: Mapping[str, Any],
                 out.write(f"{name}: re-preparing, the copy in {target} is not usable: "
                           f"{problem}\n")
             # Partials of this name are leftovers of interrupted runs: we hold the lock.
-            for stale in store.root.glob(f"{PARTIAL_PREFIX}{name}.*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            for pattern in (f"{PARTIAL_PREFIX}{name}.*", f"{PARTIAL_PREFIX}old-{name}.*"):
+                for stale in store.root.glob(pattern):
+                    shutil.rmtree(stale, ignore_errors=True)
             staging = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{name}.", dir=store.root))
             staging.chmod(0o755)  # mkdtemp makes it private; a model dir is readable
             try:

