@@ -43,6 +43,8 @@ class ModelStore:
         if not self.root.is_dir():
             return good, broken
         for directory in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            if directory.name.startswith("."):
+                continue  # staging dirs of preparations and caches (.wheels) are not models
             if not (directory / MANIFEST_NAME).exists():
                 continue  # a preparation in progress, or not a model
             try:
