@@ -351,3 +351,24 @@ PREPARERS: dict[str, Preparer] = {
     )
 }
 
+
+
+# A real photo for demos, tests and benchmarks: any platform's matplotlib wheel carries
+# it, so pin one build and every machine fetches the same file.
+_PHOTO_PACKAGE = ("matplotlib", "3.11.2")
+_PHOTO_MEMBER = "matplotlib/mpl-data/sample_data/grace_hopper.jpg"
+_PHOTO_PIN = ("--platform", "manylinux2014_x86_64", "--python-version", "3.11",
+              "--implementation", "cp", "--abi", "cp311")
+
+
+def sample_photo(store: ModelStore) -> Path:
+    """grace_hopper.jpg (a portrait, 512x600) from matplotlib's wheel, cached in the store."""
+    target = wheel_cache_dir(store.root) / "grace_hopper.jpg"
+    if not target.exists():
+        wheel = fetch_wheel(*_PHOTO_PACKAGE, wheel_cache_dir(store.root), _PHOTO_PIN)
+        with zipfile.ZipFile(wheel) as archive:
+            data = archive.read(_PHOTO_MEMBER)
+        partial = target.with_suffix(".partial")
+        partial.write_bytes(data)
+        partial.replace(target)
+    return target

@@ -15,6 +15,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from epara.models import imaging
 from epara.node.generation import GenerationService
-from epara.node.service import ModelService, ServiceError
+from epara.node.service import InferResult, ModelService, ServiceError
 from epara.peer import wire
 from epara.peer.wire import PROTOCOL_VERSION, WireError
 
@@ -47,8 +48,20 @@ class Request:
 
     def __init__(self, message: Mapping[str, Any]) -> None:
         self.message = message
-        self.id = message.get("id")
+        raw_id = message.get("id")
+        self.id = raw_id if wire.valid_id(raw_id) else None
+        self.id_error = raw_id is not None and self.id is None
         self.received = time.monotonic()
+        self.cancelled = False  # set by a `cancel` op naming this request
+        self._on_cancel: list[Callable[[], None]] = []
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        self._on_cancel.append(callback)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for callback in self._on_cancel:
+            callback()
 
     def field(self, name: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
         value = self.message.get(name)
@@ -132,6 +145,7 @@ class LocalApi:
                                 writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         tasks: set[asyncio.Task[None]] = set()
+        inflight: dict[Any, Request] = {}  # by id, for the `cancel` op
         write_lock = asyncio.Lock()
         closed = False
 
@@ -163,9 +177,12 @@ class LocalApi:
                 try:
                     message = wire.decode(payload)
                 except WireError as exc:
-                    await reply(_error(None, exc.code, str(exc)))
+                    await reply(_error(wire.peek_id(payload), exc.code, str(exc)))
                     continue
-                task = asyncio.create_task(self._handle(Request(message), reply))
+                request = Request(message)
+                if request.id is not None:
+                    inflight[request.id] = request
+                task = asyncio.create_task(self._handle(request, reply, inflight))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         except (ConnectionError, OSError) as exc:
@@ -179,13 +196,21 @@ class LocalApi:
                 await writer.wait_closed()
             self.connections -= 1
 
-    async def _handle(self, request: Request, reply: Reply) -> None:
+    async def _handle(self, request: Request, reply: Reply,
+                      inflight: dict[Any, Request]) -> None:
         try:
+            if request.id_error:
+                raise ServiceError("bad_request", "field 'id' must be text or an integer "
+                                   "that fits in 64 bits")
             op = request.field("op", str)
+            if op == "cancel":
+                await self._op_cancel(request, reply, inflight)
+                return
             handler = self._handlers().get(op)
             if handler is None:
                 raise ServiceError("unknown_op", f"unknown op {op!r}; this node serves "
-                                   f"{', '.join(sorted(self._handlers()))}")
+                                   f"cancel, {', '.join(sorted(self._handlers()))}")
+            request.deadline()  # validated for every op, used by those that queue work
             await handler(request, reply)
         except ServiceError as exc:
             await _safe_reply(reply, _error(request.id, exc.code, str(exc)))
@@ -194,6 +219,9 @@ class LocalApi:
         except Exception as exc:  # a bug in one request must not take the node down
             log.exception("request %r failed", request.id)
             await _safe_reply(reply, _error(request.id, "internal", f"internal error: {exc}"))
+        finally:
+            if inflight.get(request.id) is request:
+                del inflight[request.id]
 
     def _handlers(self) -> dict[str, Callable[[Request, Reply], Awaitable[None]]]:
         return {"models": self._op_models, "status": self._op_status, "infer": self._op_infer,
@@ -207,6 +235,17 @@ class LocalApi:
             raise ServiceError("unknown_model", f"no model named {name!r} is served here; "
                                f"served: {', '.join(sorted(self.services)) or 'none'}")
         return service
+
+    async def _op_cancel(self, request: Request, reply: Reply,
+                         inflight: dict[Any, Request]) -> None:
+        target_id = request.message.get("target")
+        if not wire.valid_id(target_id):
+            raise ServiceError("bad_request", "field 'target' must be the id of a request "
+                               "on this connection")
+        target = inflight.get(target_id)
+        if target is not None and target is not request:
+            target.cancel()
+        await reply({"id": request.id, "ok": True, "cancelled": target is not None})
 
     async def _op_ping(self, request: Request, reply: Reply) -> None:
         await reply({"id": request.id, "ok": True})
@@ -223,12 +262,7 @@ class LocalApi:
             raise ServiceError("unsupported", f"model {service.manifest.name} generates text: "
                                "use the generate op")
         inputs = request.field("inputs", dict)
-        future = service.submit(inputs, request.deadline())
-        try:
-            result = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
+        result = await _await_result(request, service.submit(inputs, request.deadline()))
         await reply({"id": request.id, "ok": True, "outputs": result.outputs,
                      "timing": {"queue_ms": round(result.queue_ms, 3),
                                 "compute_ms": round(result.compute_ms, 3),
@@ -255,12 +289,8 @@ class LocalApi:
             tensor = await asyncio.to_thread(imaging.preprocess, rgb, manifest.extra, spec.dtype)
         except imaging.ImageError as exc:
             raise ServiceError("bad_input", str(exc)) from None
-        future = service.submit({spec.name: tensor}, request.deadline())
-        try:
-            result = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
+        result = await _await_result(request,
+                                     service.submit({spec.name: tensor}, request.deadline()))
         probabilities = imaging.probability_map(result.outputs[manifest.outputs[0].name],
                                                 manifest.extra)
         mask = await asyncio.to_thread(imaging.mask_for_image, probabilities, rgb.shape[:2],
@@ -292,6 +322,7 @@ class LocalApi:
         events: asyncio.Queue[Any] = asyncio.Queue()
         seq_id = service.submit(prompt, messages, params, request.deadline(),
                                 lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        request.on_cancel(lambda: service.cancel(seq_id))  # ends with finish "cancelled"
         finish_reason = "cancelled"
         tokens = 0
         try:
@@ -314,6 +345,19 @@ class LocalApi:
                      "finish_reason": finish_reason,
                      "usage": {"completion_tokens": tokens,
                                "elapsed_ms": round(elapsed * 1000, 3)}})
+
+
+async def _await_result(request: Request, future: Future[InferResult]) -> InferResult:
+    """Wait for a queued job; a `cancel` op or a closed connection withdraws it."""
+    request.on_cancel(future.cancel)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.cancel()
+        task = asyncio.current_task()
+        if request.cancelled and task is not None and not task.cancelling():
+            raise ServiceError("cancelled", "cancelled by the client") from None
+        raise
 
 
 def _generation_params(request: Request) -> Any:

@@ -70,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--store", type=Path)
     imp.add_argument("--input", action="append", default=[], metavar="NAME:DTYPE:SHAPE",
                      help="declare an input a torch file cannot describe, e.g. "
-                     "x:float32:?,3,224,224 (repeatable)")
-    imp.add_argument("--output", action="append", default=[], metavar="NAME:DTYPE:SHAPE")
+                     "x:float32:?x3x224x224 (repeatable)")
+    imp.add_argument("--task", default="generic", help="e.g. segmentation, embedding")
     imp.set_defaults(run=_cmd_models_import)
 
     infer = sub.add_parser("infer", help="run a model on tensors from .npy files")
@@ -211,7 +211,7 @@ def _cmd_models_import(args: argparse.Namespace) -> int:
 
     try:
         path = import_model(args.file, ModelStore(args.store), name=args.name,
-                            inputs=args.input or None, outputs=args.output or None)
+                            inputs=args.input or None, task=args.task)
     except (PrepareError, ValueError) as exc:
         print(f"epara: cannot import {args.file}: {exc}", file=sys.stderr)
         return 1

@@ -100,6 +100,8 @@ class ModelService:
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._waiting = 0  # jobs submitted and not yet taken into a batch
         self._lock = threading.Lock()
+        self._last_arrival: float | None = None
+        self._arrival_gap: float | None = None  # seconds, exponentially averaged
         self._held: list[Job] = []  # taken from the queue but not batchable with the last run
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"svc-{manifest.name}",
@@ -141,10 +143,19 @@ class ModelService:
                                    f"({self.max_queue} requests)")
             self._waiting += 1
         job = Job(checked, rows, deadline)
+        self._note_arrival(job.enqueued)
         # A request cancelled while queued (its client left) frees its slot at once.
         job.future.add_done_callback(lambda f: f.cancelled() and self._release([job]))
         self._queue.put(job)
         return job.future
+
+    def _note_arrival(self, now: float) -> None:
+        """Keep an average of the gap between arrivals, for the batching wait."""
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            self._arrival_gap = gap if self._arrival_gap is None \
+                else 0.7 * self._arrival_gap + 0.3 * gap
+        self._last_arrival = now
 
     def _release(self, jobs: list[Job]) -> None:
         with self._lock:
@@ -195,7 +206,11 @@ class ModelService:
             return batch
         rows = first.rows
         key = first.shape_key()
-        until = time.monotonic() + self.max_wait
+        # Wait for companions only when requests arrive faster than the wait would last:
+        # a lone request (or a slow stream) runs at once instead of paying max_wait.
+        gap = self._arrival_gap
+        wait = self.max_wait if gap is not None and gap < self.max_wait else 0.0
+        until = time.monotonic() + wait
         # Held jobs first (they were waiting longest), then whatever arrives in time.
         for job in list(self._held):
             if job.shape_key() == key and rows + job.rows <= self.max_batch:

@@ -11,6 +11,7 @@ bytes of one CBOR message. See docs/local-api.md for the full protocol.
 
 from __future__ import annotations
 
+import io
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -142,8 +143,12 @@ def _ndarray(value: Any) -> np.ndarray:
 
 def decode(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
     """Decode one CBOR message; raise WireError with a protocol code on any fault."""
+    stream = io.BytesIO(payload)
     try:
-        message = cbor2.loads(payload, tag_hook=_decode_tag, max_depth=MAX_NESTING)
+        # read_size=1 keeps the stream position exact, so trailing bytes are detected.
+        decoder = cbor2.CBORDecoder(stream, tag_hook=_decode_tag, max_depth=MAX_NESTING,
+                                    read_size=1)
+        message = decoder.decode()
     except WireError:
         raise
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError,
@@ -152,9 +157,32 @@ def decode(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
         if cause is not None:
             raise cause from None
         raise WireError("bad_frame", f"not a CBOR message: {exc}") from None
-    if not isinstance(message, dict):
+    if not isinstance(message, Mapping):
         raise WireError("bad_frame", f"a message must be a CBOR map, got {type(message).__name__}")
-    return message
+    if stream.tell() != len(payload):
+        raise WireError("bad_frame", f"{len(payload) - stream.tell()} bytes follow the message "
+                        "in its frame")
+    return dict(message)  # a self-described (tag 55799) map decodes as an immutable one
+
+
+def peek_id(payload: bytes | bytearray | memoryview) -> Any:
+    """The request id of a message that failed to decode fully, if it can be read at all,
+    so the error reply reaches the right in-flight request."""
+    try:
+        message = cbor2.loads(payload, max_depth=MAX_NESTING)
+    except Exception:  # the payload is already known to be bad; any failure means no id
+        return None
+    request_id = message.get("id") if isinstance(message, Mapping) else None
+    return request_id if valid_id(request_id) else None
+
+
+def valid_id(value: Any) -> bool:
+    """Request ids are text or integers that fit in 64 bits."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**64
+    return isinstance(value, str)
 
 
 def frame(payload: bytes) -> bytes:

@@ -271,3 +271,43 @@ def test_many_clients_at_once(node: Path) -> None:
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_malformed_tensor_error_carries_the_request_id(node: Path) -> None:
+    s = raw_connect(node)
+    bad = cbor2.dumps({"v": 1, "id": 41, "op": "infer", "model": "add",
+                       "inputs": {"x": cbor2.CBORTag(40, [[1, 4], cbor2.CBORTag(85, b"\0" * 8)])}})
+    s.sendall(wire.frame(bad))
+    reply = read_reply(s)
+    assert reply["id"] == 41 and reply["error"]["code"] == "bad_frame"
+    s.close()
+    still_serving(node)
+
+
+@pytest.mark.parametrize("bad_id", [1.5, True, {"a": 1}, 2**64, -(2**63) - 1])
+def test_ids_must_be_text_or_64_bit_integers(node: Path, bad_id: object) -> None:
+    s = raw_connect(node)
+    s.sendall(wire.frame(cbor2.dumps({"id": bad_id, "op": "ping"})))
+    reply = read_reply(s)
+    assert reply["id"] is None and reply["error"]["code"] == "bad_request"
+    s.close()
+
+
+def test_cancel_withdraws_a_queued_request(node: Path) -> None:
+    x = np.ones((1, 4), np.float32)
+    s = raw_connect(node)
+    for i in range(3):  # the slow model runs one at a time: the third waits in the queue
+        s.sendall(wire.frame(wire.encode({"v": 1, "id": i, "op": "infer", "model": "slow",
+                                          "inputs": {"x": x}})))
+    s.sendall(wire.frame(wire.encode({"v": 1, "id": "c", "op": "cancel", "target": 2})))
+    s.sendall(wire.frame(wire.encode({"v": 1, "id": "c2", "op": "cancel", "target": 99})))
+    replies = {}
+    for _ in range(5):
+        reply = read_reply(s)
+        replies[reply["id"]] = reply
+    s.close()
+    assert replies["c"] == {"v": 1, "id": "c", "ok": True, "cancelled": True}
+    assert replies["c2"]["cancelled"] is False
+    assert replies[0]["ok"]
+    assert replies[2]["ok"] is False and replies[2]["error"]["code"] == "cancelled"
+    still_serving(node)

@@ -120,3 +120,21 @@ def test_fuzz_mutated_valid_messages(value: object, position: int, byte: int) ->
     except WireError:
         return
     assert isinstance(message, dict)
+
+
+def test_trailing_bytes_after_the_message_are_refused() -> None:
+    with pytest.raises(WireError, match="follow the message"):
+        wire.decode(cbor2.dumps({"a": 1}) + b"\x00")
+
+
+def test_self_described_cbor_is_accepted() -> None:
+    assert wire.decode(cbor2.dumps(cbor2.CBORTag(55799, {"a": 1}))) == {"a": 1}
+
+
+def test_peek_id_recovers_the_id_of_a_message_with_a_bad_tensor() -> None:
+    bad = cbor2.dumps({"id": "r7", "t": cbor2.CBORTag(40, [[3], cbor2.CBORTag(85, b"\0" * 8)])})
+    with pytest.raises(WireError):
+        wire.decode(bad)
+    assert wire.peek_id(bad) == "r7"
+    assert wire.peek_id(b"\xff") is None
+    assert wire.peek_id(cbor2.dumps({"id": 1.5})) is None

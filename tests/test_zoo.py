@@ -18,7 +18,7 @@ from epara.models.manifest import MANIFEST_NAME, Hints, Manifest, TensorSpec, lo
 from epara.models.preparing import PARTIAL_PREFIX, check_intact, install_model
 from epara.models.store import ModelStore
 from epara.models.wheels import fetch_wheel
-from epara.models.zoo import PREPARERS, PrepareError, prepare
+from epara.models.zoo import PREPARERS, PrepareError, prepare, sample_photo
 
 
 def _pil() -> tuple[Any, Any, Any]:
@@ -30,24 +30,16 @@ def _pil() -> tuple[Any, Any, Any]:
     return Image, ImageDraw, ImageFont
 
 
-# Any platform's matplotlib wheel carries the photo: pin one so the test fetches one file.
-_MPL_PIN = ("--platform", "manylinux2014_x86_64", "--python-version", "3.11",
-            "--implementation", "cp", "--abi", "cp311")
-
-
 def _session(model_dir: Path) -> tuple[Manifest, Session]:
     manifest = load_manifest(model_dir)
     return manifest, get_backend(manifest.backend).load(model_dir, manifest, threads=2)
 
 
 @pytest.fixture(scope="session")
-def grace_hopper(wheel_cache: Path) -> np.ndarray:
+def grace_hopper(zoo_store: ModelStore) -> np.ndarray:
     """The real photo shipped in matplotlib's wheel, as RGB uint8 [H, W, 3]."""
     image, _, _ = _pil()
-    wheel = fetch_wheel("matplotlib", "3.11.2", wheel_cache, _MPL_PIN)
-    with zipfile.ZipFile(wheel) as archive:
-        data = archive.read("matplotlib/mpl-data/sample_data/grace_hopper.jpg")
-    return np.asarray(image.open(io.BytesIO(data)).convert("RGB"))
+    return np.asarray(image.open(sample_photo(zoo_store)).convert("RGB"))
 
 
 def test_registry_names_the_three_models() -> None:
