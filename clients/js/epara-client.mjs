@@ -451,9 +451,18 @@ export class EparaClient {
     });
   }
 
-  /** Send a raw frame payload (no CBOR encoding) and resolve to the next reply with id null.
-   *  Meant for testing the node's frame handling. */
-  sendRawFrame(payload, { timeoutMs = 10000 } = {}) {
+  /** Send a raw frame payload (no CBOR encoding) and resolve to its reply: the reply with
+   *  `expectId` when given (the node echoes the id of a map it could read that far),
+   *  else the next reply with id null. Meant for testing the node's frame handling. */
+  sendRawFrame(payload, { timeoutMs = 10000, expectId } = {}) {
+    if (expectId !== undefined) {
+      return new Promise((resolve, reject) => {
+        const timer = setTimeout(() => { this.pending.delete(expectId); reject(new EparaError('timeout', `no reply to raw frame within ${timeoutMs} ms`)); }, timeoutMs);
+        const done = () => { this.pending.delete(expectId); clearTimeout(timer); };
+        this.pending.set(expectId, { onReply: (r) => { done(); resolve(r); }, onClose: (e) => { done(); reject(e); } });
+        try { this._write(Buffer.from(payload)); } catch (e) { done(); reject(e); }
+      });
+    }
     return new Promise((resolve, reject) => {
       const w = { resolve: (r) => { clearTimeout(timer); resolve(r); }, reject: (e) => { clearTimeout(timer); reject(e); } };
       const timer = setTimeout(() => {
