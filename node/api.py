@@ -110,8 +110,9 @@ class LocalApi:
         await self._remove_stale(socket_path)
         old_umask = os.umask(0o177 if group is None else 0o117)
         try:
-            self._server = await asyncio.start_unix_server(self._serve_connection,
-                                                           path=str(socket_path))
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_unix_server(lambda: _Connection(self),
+                                                         path=str(socket_path))
         finally:
             os.umask(old_umask)
         if group is not None:
@@ -138,63 +139,6 @@ class LocalApi:
         if self._socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._socket_path.unlink()
-
-    # --- one connection ----------------------------------------------------------
-
-    async def _serve_connection(self, reader: asyncio.StreamReader,
-                                writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        tasks: set[asyncio.Task[None]] = set()
-        inflight: dict[Any, Request] = {}  # by id, for the `cancel` op
-        write_lock = asyncio.Lock()
-        closed = False
-
-        async def reply(message: dict[str, Any]) -> None:
-            if closed:
-                return
-            payload = wire.frame(wire.encode({"v": PROTOCOL_VERSION, **message}))
-            async with write_lock:
-                writer.write(payload)
-                await writer.drain()
-
-        try:
-            while True:
-                try:
-                    header = await reader.readexactly(wire.FRAME_HEADER.size)
-                except asyncio.IncompleteReadError:
-                    break  # clean close between frames (or a partial header)
-                try:
-                    length = wire.parse_frame_length(header, self.max_frame_bytes)
-                except WireError as exc:
-                    # The rest of the stream cannot be trusted to realign: answer, close.
-                    await reply(_error(None, exc.code, str(exc)))
-                    break
-                try:
-                    payload = await reader.readexactly(length)
-                except asyncio.IncompleteReadError:
-                    log.info("client closed mid-frame (%d bytes announced)", length)
-                    break
-                try:
-                    message = wire.decode(payload)
-                except WireError as exc:
-                    await reply(_error(wire.peek_id(payload), exc.code, str(exc)))
-                    continue
-                request = Request(message)
-                if request.id is not None:
-                    inflight[request.id] = request
-                task = asyncio.create_task(self._handle(request, reply, inflight))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-        except (ConnectionError, OSError) as exc:
-            log.info("connection dropped: %s", exc)
-        finally:
-            closed = True
-            for task in tasks:
-                task.cancel()  # the client is gone: stop its work, free its queue slots
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
-            self.connections -= 1
 
     async def _handle(self, request: Request, reply: Reply,
                       inflight: dict[Any, Request]) -> None:
@@ -381,6 +325,95 @@ def _generation_params(request: Request) -> Any:
     if values.get("max_tokens", 1) < 1 or values.get("temperature", 0) < 0:
         raise ServiceError("bad_request", "max_tokens must be >= 1 and temperature >= 0")
     return GenerationParams(**values)
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client connection. Frames are received straight into a buffer of their
+    announced size (no stream-reader copies: a 1 MB tensor arrives in one pass)."""
+
+    def __init__(self, api: LocalApi) -> None:
+        self.api = api
+        self.transport: asyncio.Transport | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.inflight: dict[Any, Request] = {}  # by id, for the `cancel` op
+        self.closed = False
+        self._header = bytearray(wire.FRAME_HEADER.size)
+        self._buffer = self._header
+        self._filled = 0
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.api.connections += 1
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._buffer)[self._filled:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._filled += nbytes
+        if self._filled < len(self._buffer):
+            return
+        self._filled = 0
+        if self._buffer is self._header:
+            try:
+                length = wire.parse_frame_length(bytes(self._header), self.api.max_frame_bytes)
+            except WireError as exc:
+                # The rest of the stream cannot be trusted to realign: answer, then close
+                # (the transport flushes the answer before closing).
+                self._write(_error(None, exc.code, str(exc)))
+                self._close()
+                return
+            self._buffer = bytearray(length)
+        else:
+            payload, self._buffer = self._buffer, self._header
+            self._dispatch(payload)
+
+    def _dispatch(self, payload: bytearray) -> None:
+        try:
+            message = wire.decode(payload)
+        except WireError as exc:
+            self._write(_error(wire.peek_id(payload), exc.code, str(exc)))
+            return
+        request = Request(message)
+        if request.id is not None:
+            self.inflight[request.id] = request
+        task = asyncio.create_task(self.api._handle(request, self.reply, self.inflight))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def reply(self, message: dict[str, Any]) -> None:
+        self._write(message)
+        await self._writable.wait()  # back-pressure from a client that reads slowly
+
+    def _write(self, message: dict[str, Any]) -> None:
+        if self.closed or self.transport is None:
+            return
+        payload = wire.encode({"v": PROTOCOL_VERSION, **message})
+        self.transport.writelines([wire.FRAME_HEADER.pack(len(payload)), payload])
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        if self._filled or self._buffer is not self._header:
+            log.info("client closed mid-frame")
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._writable.set()
+        for task in self.tasks:
+            task.cancel()  # the client is gone: stop its work, free its queue slots
+        self.api.connections -= 1
 
 
 def _error(request_id: Any, code: str, message: str) -> dict[str, Any]:
