@@ -72,8 +72,14 @@ def decide(self_id: str, state: ElectionState, candidates: Iterable[Candidate],
     if claims:
         best = max(claims, key=claim_key)
         if best.node_id == self_id:
-            # Still the leader. A higher term seen elsewhere (a member that followed a
-            # leader now gone) would make followers ignore my commands: move past it.
+            rival = [c for c in alive if c.term > state.term and c.leader not in (None, self_id)]
+            if rival:
+                # A member follows another leader in a later term (one I cannot hear yet,
+                # e.g. right after a partition heals): that leadership is newer, so step
+                # down and wait to hear it, rather than usurp it with a bigger term.
+                return replace(state, term=max_term, leader=None, leaderless_since=now)
+            # Still the leader. A higher term from a member that follows me (it saw a
+            # leader now gone) would make it ignore my commands: move past that term.
             term = state.term if state.term >= max_term else max_term + 1
             return replace(state, term=term, leader=self_id, leaderless_since=None)
         # Follow the best claimant, never lowering my own term (commands from a leader

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+class LossUnavailable(RuntimeError):
+    """This kernel/host cannot emulate packet loss."""
 
 
 @dataclass
@@ -175,10 +180,30 @@ class NamespaceLab:
     def heal(self, i: int) -> None:
         self._in(self.bridge_ns, "ip", "link", "set", f"v{i}", "up")
 
-    def loss(self, i: int, percent: float) -> None:
-        """Drop ``percent`` of packets leaving host i (netem on its eth0)."""
-        self._in(self.hosts[i], "tc", "qdisc", "replace", "dev", "eth0", "root", "netem",
-                 "loss", f"{percent}%")
+    def loss(self, i: int, percent: int) -> None:
+        """Drop ``percent`` % of the packets host i sends, at random.
+
+        ``tc ... netem loss`` where the kernel has netem; otherwise nftables' random
+        number generator (some minimal kernels, e.g. Firecracker guests, ship nf_tables
+        but not sch_netem). LossUnavailable when neither works.
+        """
+        try:
+            self._in(self.hosts[i], "tc", "qdisc", "replace", "dev", "eth0", "root", "netem",
+                     "loss", f"{percent}%")
+            return
+        except subprocess.CalledProcessError:
+            pass
+        if shutil.which("nft") is None:
+            raise LossUnavailable("no sch_netem in this kernel and no `nft` tool")
+        try:
+            self._in(self.hosts[i], "nft", "add", "table", "inet", "eplab")
+            self._in(self.hosts[i], "nft", "add", "chain", "inet", "eplab", "out",
+                     "{ type filter hook output priority 0; }")
+            self._in(self.hosts[i], "nft", "add", "rule", "inet", "eplab", "out", "oifname",
+                     "eth0", "numgen", "random", "mod", "100", "<", str(percent), "drop")
+        except subprocess.CalledProcessError as exc:
+            raise LossUnavailable(f"neither netem nor nftables loss works: {exc.stderr!r}") \
+                from None
 
     def close(self) -> None:
         for ns in reversed(self._created):

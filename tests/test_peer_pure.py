@@ -151,6 +151,16 @@ def test_leader_moves_past_a_higher_follower_term() -> None:
     assert decide("a", s, peers, now=10.0, timing=GRACE).term == 8
 
 
+def test_leader_yields_to_a_newer_leadership_it_cannot_hear_yet() -> None:
+    """After a heal, the old leader may hear a follower of the newer leader first."""
+    s = ElectionState(term=3, leader="a", started_at=0.0)
+    peers = [cand("a", 3, "a", prio=900), cand("c", 4, "x")]
+    s = decide("a", s, peers, now=10.0, timing=GRACE)
+    assert (s.leader, s.term) == (None, 4)
+    s = decide("a", s, [*peers, cand("x", 4, "x", prio=1)], now=10.2, timing=GRACE)
+    assert (s.leader, s.term) == ("x", 4)
+
+
 def test_accept_command_only_from_current_leader_and_term() -> None:
     s = ElectionState(term=5, leader="b")
     assert accept_command(s, "b", 5) and accept_command(s, "b", 6)
@@ -202,7 +212,8 @@ def test_txt_record_small_and_filtered() -> None:
     assert sum(len(k) + len(v) + 2 for k, v in props.items()) < MAX_TXT_BYTES
     raw = {k.encode(): v.encode() for k, v in props.items()}
     ok = parse_advert("x._epara._tcp.local.", raw, ["10.0.0.2"], 7370, "0123456789abcdef")
-    assert ok is not None and ok.node_id == "jetson-nano-7f3a21" and ok.headline["cls"] == "embedded"
+    assert ok is not None and ok.node_id == "jetson-nano-7f3a21"
+    assert ok.headline["cls"] == "embedded"
     assert parse_advert("x", raw, ["10.0.0.2"], 7370, "ffffffffffffffff") is None
     raw[b"pv"] = str(PROTOCOL_VERSION + 1).encode()
     assert parse_advert("x", raw, ["10.0.0.2"], 7370, "0123456789abcdef") is None
