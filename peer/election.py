@@ -3,8 +3,9 @@
 See docs/election.md for the algorithm, its guarantees and its limits. In short: every
 heartbeat carries the sender's term and whom it follows; the node that follows itself
 is a *claimant*. Among visible claimants the one with the highest (term, priority, id)
-wins and every other claimant steps down. With no visible claimant, the top eligible
-member by (priority, id) claims a term one above every term it has seen.
+wins and every other claimant steps down. With no visible claimant, and once no member
+still follows a leader it cannot hear, the top eligible member by (priority, id) claims
+a term one above every term it has seen.
 """
 
 from __future__ import annotations
@@ -90,9 +91,16 @@ def decide(self_id: str, state: ElectionState, candidates: Iterable[Candidate],
     waiting = replace(state, leader=None, leaderless_since=since)
     if me is None or not me.eligible or now - state.started_at < timing.startup_grace:
         return waiting
-    eligible = [c for c in alive if c.eligible]
-    top = max(eligible, key=lambda c: (c.priority, c.node_id))
-    if top.node_id == self_id or now - since >= timing.leaderless_timeout:
+    if now - since >= timing.leaderless_timeout:
+        # Whoever should have claimed has not (or its claim cannot reach me): claim,
+        # and let the merge rule settle it if others did the same.
+        return replace(state, term=max_term + 1, leader=self_id, leaderless_since=None)
+    # Members still following a leader I cannot hear: either it just died and they
+    # have not noticed yet (a few heartbeats), or it is alive and its claim is on the
+    # way (a healed partition). Either way, claiming now would make a second leader.
+    hidden_leader = any(c.leader not in (None, self_id) for c in alive if c.node_id != self_id)
+    top = max((c for c in alive if c.eligible), key=lambda c: (c.priority, c.node_id))
+    if top.node_id == self_id and not hidden_leader:
         return replace(state, term=max_term + 1, leader=self_id, leaderless_since=None)
     return waiting
 

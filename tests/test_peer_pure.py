@@ -132,9 +132,20 @@ def test_follow_existing_leader_even_if_better() -> None:
 
 def test_dead_leader_replaced_with_higher_term() -> None:
     s = ElectionState(term=4, leader="old", started_at=0.0)
+    # "old" is gone from my view, but b still follows it: b has not noticed yet.
     peers = [cand("a", term=4, leader="old", prio=300), cand("b", term=4, leader="old")]
-    s = decide("a", s, peers, now=10.0, timing=GRACE)  # "old" no longer among the alive
+    s = decide("a", s, peers, now=10.0, timing=GRACE)
+    assert (s.leader, s.leaderless_since) == (None, 10.0)
+    peers = [cand("a", term=4, leader=None, prio=300), cand("b", term=4, leader=None)]
+    s = decide("a", s, peers, now=10.2, timing=GRACE)  # now b has noticed too
     assert (s.leader, s.term) == ("a", 5)
+
+
+def test_claim_after_patience_even_if_a_hidden_leader_is_followed() -> None:
+    s = ElectionState(term=4, leader=None, started_at=0.0, leaderless_since=10.0)
+    peers = [cand("a", term=4, prio=300), cand("b", term=4, leader="ghost")]
+    assert decide("a", s, peers, now=12.9, timing=GRACE).leader is None
+    assert decide("a", s, peers, now=13.1, timing=GRACE).leader == "a"
 
 
 def test_merge_keeps_the_higher_term_leader() -> None:
