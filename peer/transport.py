@@ -44,7 +44,10 @@ class Transport:
 
     def start(self) -> None:
         """Start the ZAP handler; must run inside the event loop that uses the sockets."""
-        self._auth = AsyncioAuthenticator(self.context, log=logging.getLogger(__name__ + ".zap"))
+        zap_log = logging.getLogger(__name__ + ".zap")
+        # pyzmq's ZAP handler logs every client's key at debug level; keys stay out of logs.
+        zap_log.setLevel(logging.WARNING)
+        self._auth = AsyncioAuthenticator(self.context, log=zap_log)
         self._auth.start()
         self._auth.configure_curve_callback("*", credentials_provider=ClusterKeyOnly(
             self._credentials))

@@ -8,6 +8,7 @@ machine is shared.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from zeroconf import ServiceBrowser, ServiceStateChange, Zeroconf
 
-from epara.peer import capabilities
+from epara.peer import capabilities, cli
 from epara.peer.discovery import SERVICE_TYPE
 from epara.peer.security import create_cluster_credentials, load_cluster_credentials
 from epara.peer.testing import MemberProcess, agreed, claimants, views, wait_for
@@ -175,3 +176,16 @@ def test_wrong_credentials_refused(cluster: Cluster) -> None:
         assert all(c["from"] != "rogue" for c in v["commands"])
     assert cluster.leader() == leader
     rogue.stop()
+
+
+def test_status_from_any_node_via_cli_helpers(cluster: Cluster) -> None:
+    leader = cluster.leader()
+    follower = next(p for p in cluster.running() if p.node_id != leader)
+    endpoint = views(cluster.running())[follower.node_id]["endpoint"]
+    text = cli.status(cluster.creds, endpoint)
+    assert text.startswith(f"leader {leader}  term ")
+    assert f"{follower.node_id} *" in text and len(text.splitlines()) == 2 + len(IDS)
+    data = json.loads(cli.status(cluster.creds, endpoint, as_json=True))
+    assert data["leader"] == leader and len(data["members"]) == len(IDS)
+    with pytest.raises(TimeoutError):  # the wrong cluster's key gets no answer
+        cli.status(cluster.rogue_creds, endpoint, timeout=1.0)
