@@ -198,7 +198,7 @@ def jetson(model: str) -> Accelerator | None:
 
 
 def npus() -> tuple[Accelerator, ...]:
-    found = []
+    found: list[Accelerator] = []
     dev = Path("/dev")
     for pattern, name in (("apex_*", "Google Coral Edge TPU"), ("hailo*", "Hailo"),
                           ("rknpu*", "Rockchip NPU"), ("accel/accel*", "NPU (accel)")):

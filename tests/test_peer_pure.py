@@ -77,7 +77,7 @@ def test_fold_is_order_insensitive_for_the_newest_record(beats: list) -> None:
         for node, inc, seq in order:
             table, _ = apply_heartbeat(table, hb(node, inc, seq), now=0.0)
         return {k: (m.incarnation, m.seq) for k, m in table.items()}
-    expected = {}
+    expected: dict[str, tuple[int, int]] = {}
     for node, inc, seq in beats:
         expected[node] = max(expected.get(node, (0, 0)), (inc, seq))
     assert fold(beats) == expected == fold(list(reversed(beats)))
