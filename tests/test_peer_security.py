@@ -61,6 +61,10 @@ async def test_seeded_members_join_elect_and_obey(cluster_dir: Path,
         term = a.view().term
         assert term >= 1 and a.view().is_leader
         assert b.view().member("a").state == {"queue": {"svc": 1}, "util": 0.5}
+        # State records flow a few times a second (heartbeat every 0.2 s).
+        seq = b.view().member("a").seq
+        await asyncio.sleep(1.0)
+        assert b.view().member("a").seq - seq >= 3
         await until(lambda: b.view().member("a").capabilities is not None)
         assert b.view().member("a").capabilities["cpu_cores"] == 2
         await a.broadcast_command("place", {"v": 1})
