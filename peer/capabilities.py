@@ -1,0 +1,361 @@
+"""What this device can do: hardware, runtimes, and two short measured speeds.
+
+The slow parts (the matmul and copy benchmarks, importing runtimes to list providers)
+are cached per boot in ``<cache_dir>/capabilities-<boot id>.json``: hardware and
+installed packages rarely change without a reboot, and a restarting node should rejoin
+in well under a second. Free memory and battery are read live on every call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+RUNTIME_MODULES = ("onnxruntime", "ai_edge_litert", "tflite_runtime", "torch")
+
+# Runs in a child process: importing a runtime can take seconds (torch), allocate
+# hundreds of MB, or crash (tflite_runtime with numpy 2); none of that should touch the
+# node. It prints one JSON object: module -> {"version", "providers"}.
+_PROBE_SCRIPT = r"""
+import importlib, json, sys
+out = {}
+for name in sys.argv[1:]:
+    try:
+        mod = importlib.import_module(name)
+    except Exception:
+        continue
+    info = {"version": str(getattr(mod, "__version__", "") or ""), "providers": []}
+    try:
+        if name == "onnxruntime":
+            info["providers"] = list(mod.get_available_providers())
+        elif name == "torch":
+            info["providers"] = ["cpu"]
+            if mod.cuda.is_available():
+                info["providers"].append("cuda")
+            mps = getattr(getattr(mod, "backends", None), "mps", None)
+            if mps is not None and mps.is_available():
+                info["providers"].append("mps")
+        else:
+            info["providers"] = ["cpu"]
+    except Exception:
+        pass
+    out[name] = info
+print(json.dumps(out))
+"""
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    kind: str  # "cuda", "jetson", "npu"
+    name: str
+    memory_mb: int = 0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str
+    version: str
+    providers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    hostname: str
+    machine: str
+    cpu_model: str
+    cpu_cores: int
+    mem_total_mb: int
+    mem_free_mb: int
+    accelerators: tuple[Accelerator, ...]
+    runtimes: tuple[Runtime, ...]
+    gflops: float
+    mem_bandwidth_gbs: float
+    device_class: str  # "server" | "embedded" | "microcomputer"
+    power_source: str  # "mains" | "battery" | "unknown"
+    battery_percent: int | None = None
+    board_model: str = ""  # device-tree model (Jetson, Raspberry Pi), "" elsewhere
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Capabilities:
+        fields = dict(data)
+        fields["accelerators"] = tuple(Accelerator(**a) for a in data.get("accelerators", ()))
+        fields["runtimes"] = tuple(
+            Runtime(r["name"], r["version"], tuple(r.get("providers", ())))
+            for r in data.get("runtimes", ()))
+        return cls(**fields)
+
+    def headline(self) -> dict[str, Any]:
+        """The few numbers that fit an mDNS TXT record (everything else: ask the node)."""
+        return {
+            "cls": self.device_class,
+            "cpu": self.cpu_cores,
+            "mem": self.mem_total_mb,
+            "gf": round(self.gflops, 1),
+            "acc": ",".join(sorted({a.kind for a in self.accelerators})),
+        }
+
+
+# --- probes (each tolerant of missing files: embedded boards expose different things) ---
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+def boot_id() -> str:
+    return _read("/proc/sys/kernel/random/boot_id").strip() or "unknown-boot"
+
+
+def meminfo() -> tuple[int, int]:
+    """(total, available) in MiB from /proc/meminfo; (0, 0) when absent."""
+    values: dict[str, int] = {}
+    for line in _read("/proc/meminfo").splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key] = int(parts[0])  # kB
+    total = values.get("MemTotal", 0)
+    free = values.get("MemAvailable", values.get("MemFree", 0))
+    return total // 1024, free // 1024
+
+
+def cpu_model() -> str:
+    for line in _read("/proc/cpuinfo").splitlines():
+        key, _, value = line.partition(":")
+        # x86 says "model name"; many ARM kernels only say "Hardware" or "Model".
+        if key.strip() in ("model name", "Hardware", "Model", "cpu model"):
+            return value.strip()
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def board_model() -> str:
+    return _read("/proc/device-tree/model").strip("\x00\n ")
+
+
+def cuda_devices() -> tuple[Accelerator, ...]:
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=10, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        devices = []
+        for line in out.splitlines():
+            name, _, mem = line.rpartition(",")
+            if name.strip():
+                devices.append(Accelerator("cuda", name.strip(),
+                                           int(float(mem)) if mem.strip() else 0))
+        if devices:
+            return tuple(devices)
+    # Without nvidia-smi the driver still lists its GPUs (no memory size there).
+    gpus = Path("/proc/driver/nvidia/gpus")
+    found = []
+    if gpus.is_dir():
+        for entry in sorted(gpus.iterdir()):
+            info = _read(str(entry / "information"))
+            name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                         if line.startswith("Model:")), "NVIDIA GPU")
+            found.append(Accelerator("cuda", name))
+    return tuple(found)
+
+
+def jetson(model: str) -> Accelerator | None:
+    release = _read("/etc/nv_tegra_release")
+    if release or "jetson" in model.lower() or "tegra" in model.lower():
+        name = model or release.split(",")[0].strip("# \n") or "Jetson"
+        return Accelerator("jetson", name)
+    return None
+
+
+def npus() -> tuple[Accelerator, ...]:
+    found: list[Accelerator] = []
+    dev = Path("/dev")
+    for pattern, name in (("apex_*", "Google Coral Edge TPU"), ("hailo*", "Hailo"),
+                          ("rknpu*", "Rockchip NPU"), ("accel/accel*", "NPU (accel)")):
+        found.extend(Accelerator("npu", f"{name} ({p.name})") for p in sorted(dev.glob(pattern)))
+    return tuple(found)
+
+
+def power() -> tuple[str, int | None]:
+    """("mains"|"battery"|"unknown", battery percent or None) from /sys/class/power_supply."""
+    root = Path("/sys/class/power_supply")
+    if not root.is_dir():
+        return "unknown", None
+    on_mains = None
+    battery: int | None = None
+    for supply in sorted(root.iterdir()):
+        kind = _read(str(supply / "type")).strip()
+        if kind == "Battery":
+            capacity = _read(str(supply / "capacity")).strip()
+            if capacity.isdigit():
+                battery = int(capacity)
+        elif kind in ("Mains", "USB", "USB_C", "USB_PD") and _read(
+                str(supply / "online")).strip() == "1":
+            on_mains = True
+    if on_mains or (battery is None and on_mains is None):
+        return ("mains" if on_mains else "unknown"), battery
+    return "battery", battery
+
+
+def classify_device(machine: str, board: str, accelerators: tuple[Accelerator, ...],
+                    mem_total_mb: int) -> str:
+    """Device class from hardware facts (pure).
+
+    server: a discrete CUDA GPU, or an x86 machine with at least 2 GiB;
+    embedded: an edge accelerator (Jetson, NPU) or any other ARM/RISC-V board with
+    enough memory to serve a model; microcomputer: a single-board computer without an
+    accelerator and with less than 4 GiB, or any device under 2 GiB.
+    """
+    kinds = {a.kind for a in accelerators}
+    if "cuda" in kinds and "jetson" not in kinds:
+        return "server"
+    if "jetson" in kinds or "npu" in kinds:
+        return "embedded"
+    if mem_total_mb and mem_total_mb < 2048:
+        return "microcomputer"
+    if machine in ("x86_64", "AMD64", "i686"):
+        return "server"
+    if board and mem_total_mb < 4096:
+        return "microcomputer"
+    return "embedded"
+
+
+# --- measurements ---
+
+def measure_gflops(seconds: float = 0.2) -> float:
+    """Sustained float32 matmul speed (GFLOP/s), best of repeated runs in ~``seconds``."""
+    n = 256
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = a.T.copy()
+    a @ b  # warm up BLAS threads outside the timed loop
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        elapsed = time.perf_counter() - start
+        best = max(best, 2 * n**3 / elapsed / 1e9)
+    return best
+
+
+def measure_bandwidth(seconds: float = 0.1) -> float:
+    """Memory copy bandwidth (GB/s, read+write counted), 32 MiB buffers beyond caches."""
+    src = np.ones(8 * 1024 * 1024, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in before timing
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        elapsed = time.perf_counter() - start
+        best = max(best, 2 * src.nbytes / elapsed / 1e9)
+    return best
+
+
+def probe_runtimes(timeout: float = 60.0) -> tuple[Runtime, ...]:
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE_SCRIPT, *RUNTIME_MODULES],
+                             capture_output=True, text=True, timeout=timeout, check=True).stdout
+        found = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.debug("runtime probe failed: %s", exc)
+        found = {}
+    return tuple(Runtime(name, info.get("version", ""), tuple(info.get("providers", ())))
+                 for name, info in sorted(found.items()))
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "epara"
+
+
+def _measured(cache_dir: Path | None) -> dict[str, Any]:
+    """The slow, per-boot part: speeds, runtimes, accelerators (cached)."""
+    cache = (cache_dir or default_cache_dir()) / f"capabilities-{boot_id()}.json"
+    try:
+        data = json.loads(cache.read_text())
+        if data.get("cache_version") == CACHE_VERSION:
+            return data
+    except (OSError, ValueError):
+        pass
+    data = {
+        "cache_version": CACHE_VERSION,
+        "gflops": measure_gflops(),
+        "mem_bandwidth_gbs": measure_bandwidth(),
+        "runtimes": [asdict(r) for r in probe_runtimes()],
+        "accelerators": [asdict(a) for a in cuda_devices()],
+    }
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, cache)
+    except OSError as exc:
+        log.debug("cannot cache capabilities at %s: %s", cache, exc)
+    return data
+
+
+def probe(cache_dir: Path | None = None) -> Capabilities:
+    """Measure this device (fast after the first call of a boot)."""
+    measured = _measured(cache_dir)
+    board = board_model()
+    accelerators = tuple(Accelerator(**a) for a in measured["accelerators"])
+    tegra = jetson(board)
+    if tegra is not None:
+        accelerators += (tegra,)
+    accelerators += npus()
+    total, free = meminfo()
+    source, battery = power()
+    machine = platform.machine()
+    return Capabilities(
+        hostname=platform.node(),
+        machine=machine,
+        cpu_model=cpu_model(),
+        cpu_cores=usable_cores(),
+        mem_total_mb=total,
+        mem_free_mb=free,
+        accelerators=accelerators,
+        runtimes=tuple(Runtime(r["name"], r["version"], tuple(r["providers"]))
+                       for r in measured["runtimes"]),
+        gflops=round(measured["gflops"], 2),
+        mem_bandwidth_gbs=round(measured["mem_bandwidth_gbs"], 2),
+        device_class=classify_device(machine, board, accelerators, total),
+        power_source=source,
+        battery_percent=battery,
+        board_model=board,
+    )
+
+
+if __name__ == "__main__":
+    print(json.dumps(probe().to_dict(), indent=2))

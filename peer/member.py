@@ -1,0 +1,532 @@
+"""ClusterMember: discovery + membership + election + commands, on one asyncio loop.
+
+Wire (all over CurveZMQ, see security.py): every node binds one control ROUTER and keeps
+one DEALER per known peer endpoint. Through the DEALERs it sends, every
+``heartbeat_interval`` seconds, a heartbeat (membership.Heartbeat: election claim plus
+the state record from ``state_provider``) and, when leading, commands. Requests that
+need an answer (``status``, ``caps``) use a short-lived DEALER (``request``).
+
+Peers are found by mDNS adverts, static seeds (``host:port`` of a control port), the
+sender address inside every heartbeat received (so a seed learns who seeded it), and the
+endpoints of alive members that each heartbeat gossips (so seeds are transitive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from . import capabilities as caps_mod
+from . import election, membership, wire
+from .discovery import Discovery, PeerAdvert, local_ipv4_addresses
+from .membership import ClusterView, Heartbeat, Member
+from .security import ClusterCredentials, load_cluster_credentials
+from .transport import Transport, control_message, try_send
+
+log = logging.getLogger(__name__)
+
+CommandHandler = Callable[[dict[str, Any], str, int], Awaitable[None] | None]
+ViewCallback = Callable[[ClusterView], None]
+
+_LEARNED_LINK_TTL = 5.0  # seconds a gossiped/learned endpoint lives without a refresh
+_CAPS_RETRY = 2.0
+_RECENT_COMMANDS = 256
+
+
+class NotLeader(RuntimeError):
+    """broadcast_command on a node that does not hold the leader term."""
+
+
+@dataclass(frozen=True)
+class MemberConfig:
+    node_id: str | None = None  # default: hostname plus a random suffix
+    interfaces: tuple[str, ...] | None = None  # IPs for mDNS and binding; None: all
+    control_port: int = 0  # 0: any free port (advertised over mDNS)
+    advertise_host: str | None = None  # address peers dial; default: first interface
+    seeds: tuple[str, ...] = ()  # "host:port" control endpoints, for LANs without multicast
+    mdns: bool = True
+    never_lead: bool = False
+    priority: int | None = None  # override the capability-derived leadership priority
+    heartbeat_interval: float = 0.2
+    suspect_after: float = 0.75
+    remove_after: float = 1.5
+    timing: election.Timing = field(default_factory=election.Timing)
+    capabilities: caps_mod.Capabilities | None = None  # skip probing (tests, simulators)
+    cache_dir: Path | None = None  # where measured capabilities are cached per boot
+    status_file: Path | None = None  # JSON view written on change (tests, debugging)
+
+
+@dataclass
+class _Link:
+    sock: zmq.asyncio.Socket
+    sources: set[str]  # "seed", "mdns:<service>", "learned"
+    refreshed: float
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"endpoint {text!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+class ClusterMember:
+    """One node's membership in the cluster. Use from a single asyncio loop."""
+
+    def __init__(self, config: MemberConfig, credentials_dir: Path,
+                 state_provider: Callable[[], dict[str, Any]]) -> None:
+        self.config = config
+        self._credentials_dir = Path(credentials_dir)
+        self._state_provider = state_provider
+        self.node_id = config.node_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        # Wall-clock microseconds: larger on every restart (unless the clock steps back).
+        self.incarnation = time.time_ns() // 1000
+        self._seq = 0
+        self._members: dict[str, Member] = {}
+        self._election = election.ElectionState()
+        self._links: dict[tuple[str, int], _Link] = {}
+        self._handlers: dict[str, CommandHandler] = {}
+        self._subscribers: list[ViewCallback] = []
+        self._recent_commands: OrderedDict[tuple[str, int, int], None] = OrderedDict()
+        self._caps_pending: dict[tuple[str, int], float] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_summary: tuple[Any, ...] | None = None
+        self._own: Heartbeat | None = None  # my latest heartbeat, for my own view entry
+        self._view = membership.make_view(self.node_id, (), None, 0)
+        self._credentials: ClusterCredentials | None = None
+        self._transport: Transport | None = None
+        self._router: zmq.asyncio.Socket | None = None
+        self._discovery: Discovery | None = None
+        self.capabilities: caps_mod.Capabilities | None = config.capabilities
+        self.priority = 0
+        self.host = ""
+        self.port = 0
+        self.commands_received: list[dict[str, Any]] = []  # last few, for status/tests
+
+    # --- public API ---
+
+    async def start(self) -> None:
+        self._credentials = load_cluster_credentials(self._credentials_dir)
+        if self.capabilities is None:
+            self.capabilities = await asyncio.to_thread(caps_mod.probe, self.config.cache_dir)
+        caps = self.capabilities
+        self.priority = (self.config.priority if self.config.priority is not None else
+                         election.leadership_priority(caps.headline(), caps.power_source,
+                                                      caps.battery_percent))
+        self._transport = Transport(self._credentials)
+        self._transport.start()
+        interfaces = self.config.interfaces
+        bind_hosts = list(interfaces) if interfaces else ["0.0.0.0"]
+        self._router, self.port = self._transport.bind_router(bind_hosts[0],
+                                                              self.config.control_port)
+        for extra in bind_hosts[1:]:
+            self._router.bind(f"tcp://{extra}:{self.port}")
+        hosts = ([self.config.advertise_host] if self.config.advertise_host else
+                 list(interfaces) if interfaces else local_ipv4_addresses() or ["127.0.0.1"])
+        self.host = hosts[0]
+        now = time.monotonic()
+        self._election = election.ElectionState(started_at=now)
+        for seed in self.config.seeds:
+            self._ensure_link(*parse_endpoint(seed), source="seed", now=now)
+        self._spawn(self._receive_loop())
+        self._spawn(self._tick_loop())
+        if self.config.mdns:
+            self._discovery = Discovery(
+                node_id=self.node_id, cluster_id=self._credentials.cluster_id, port=self.port,
+                advertise_hosts=hosts, headline=caps.headline(), interfaces=interfaces,
+                on_peer=self._on_advert, on_gone=self._on_advert_gone)
+            await self._discovery.start()
+        log.info("node %s (incarnation %d) on %s:%d, cluster %s, priority %d", self.node_id,
+                 self.incarnation, self.host, self.port, self._credentials.cluster_id,
+                 self.priority)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._discovery is not None:
+            await self._discovery.stop()
+            self._discovery = None
+        for link in self._links.values():
+            link.sock.close(linger=0)
+        self._links.clear()
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def view(self) -> ClusterView:
+        return self._view
+
+    def subscribe(self, callback: ViewCallback) -> Callable[[], None]:
+        """Call ``callback(view)`` on every join, leave or leader/term change."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def on_command(self, kind: str, handler: CommandHandler) -> None:
+        """``handler(body, sender_id, term)``; may be a coroutine function."""
+        self._handlers[kind] = handler
+
+    async def broadcast_command(self, kind: str, body: dict[str, Any]) -> int:
+        """Send a command, stamped with my term, to every peer and to myself.
+
+        Raises NotLeader unless this node holds the leader term. Returns the number of
+        peer connections it was handed to (delivery is best effort, like heartbeats:
+        the leader re-sends desired state rather than relying on one message).
+        """
+        if self._election.leader != self.node_id:
+            raise NotLeader(f"{self.node_id} is not the leader (leader: "
+                            f"{self._election.leader})")
+        self._seq += 1
+        msg = {"kind": kind, "body": body, "term": self._election.term, "from": self.node_id,
+               "inc": self.incarnation, "seq": self._seq}
+        payload = control_message("cmd", **msg)
+        sent = sum(try_send(link.sock, payload) for link in self._links.values())
+        self._deliver(msg)
+        return sent
+
+    # --- discovery and links ---
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task failed", exc_info=task.exception())
+
+    def _ensure_link(self, host: str, port: int, *, source: str, now: float) -> None:
+        if (host, port) == (self.host, self.port):
+            return
+        link = self._links.get((host, port))
+        if link is None:
+            assert self._transport is not None
+            link = _Link(self._transport.connect_dealer(host, port), set(), now)
+            self._links[(host, port)] = link
+            log.debug("connecting to %s:%d (%s)", host, port, source)
+        link.sources.add(source)
+        link.refreshed = now
+
+    def _on_advert(self, advert: PeerAdvert) -> None:
+        self._ensure_link(advert.hosts[0], advert.port, source=f"mdns:{advert.service_name}",
+                          now=time.monotonic())
+
+    def _on_advert_gone(self, service_name: str) -> None:
+        for link in self._links.values():
+            link.sources.discard(f"mdns:{service_name}")
+
+    def _prune_links(self, now: float) -> None:
+        alive = {(m.host, m.port) for m in self._members.values()}
+        for key, link in list(self._links.items()):
+            if "learned" in link.sources and now - link.refreshed > _LEARNED_LINK_TTL:
+                link.sources.discard("learned")
+            if not link.sources and key not in alive:
+                link.sock.close(linger=0)
+                del self._links[key]
+                log.debug("dropped link %s:%d", *key)
+
+    # --- receiving ---
+
+    async def _receive_loop(self) -> None:
+        assert self._router is not None
+        while True:
+            frames = await self._router.recv_multipart()
+            if len(frames) != 2:
+                continue
+            ident, payload = frames
+            try:
+                msg = wire.decode(payload)
+            except wire.WireError as exc:
+                log.debug("undecodable control message: %s", exc)
+                continue
+            if msg.get("v") != wire.PROTOCOL_VERSION:
+                log.debug("ignoring message of protocol version %s", msg.get("v"))
+                continue
+            kind = msg.get("type")
+            if kind == "hb":
+                self._on_heartbeat(msg)
+            elif kind == "cmd":
+                self._on_command_message(msg)
+            elif kind == "status":
+                await self._router.send_multipart([ident, control_message(
+                    "status", view=self._status_dict())])
+            elif kind == "caps":
+                assert self.capabilities is not None
+                await self._router.send_multipart([ident, control_message(
+                    "caps", node=self.node_id, inc=self.incarnation,
+                    caps=self.capabilities.to_dict())])
+
+    def _on_heartbeat(self, msg: Mapping[str, Any]) -> None:
+        try:
+            hb = Heartbeat.from_wire(msg)
+        except ValueError as exc:
+            log.debug("%s", exc)
+            return
+        if hb.node_id == self.node_id:
+            return  # a seed list that names this node itself
+        now = time.monotonic()
+        self._members, news = membership.apply_heartbeat(self._members, hb, now)
+        if not news:
+            return
+        self._ensure_link(hb.host, hb.port, source="learned", now=now)
+        for entry in msg.get("peers") or ():
+            if isinstance(entry, list) and len(entry) == 2:
+                host, port = entry
+                if isinstance(host, str) and isinstance(port, int):
+                    self._ensure_link(host, port, source="learned", now=now)
+        # Fold claims at once: a leader's commands follow its heartbeat on the same
+        # connection and must find it already accepted as leader.
+        self._update(now)
+
+    def _on_command_message(self, msg: Mapping[str, Any]) -> None:
+        try:
+            key = (str(msg["from"]), int(msg["inc"]), int(msg["seq"]))
+            term = int(msg["term"])
+            str(msg["kind"])
+        except (KeyError, TypeError, ValueError):
+            log.debug("malformed command")
+            return
+        if key in self._recent_commands:
+            return  # the same command over a second endpoint of the same peer
+        self._recent_commands[key] = None
+        while len(self._recent_commands) > _RECENT_COMMANDS:
+            self._recent_commands.popitem(last=False)
+        if not election.accept_command(self._election, key[0], term):
+            log.debug("ignoring %s from %s, term %d: leader %s term %d", msg["kind"], key[0],
+                      term, self._election.leader, self._election.term)
+            return
+        self._deliver(dict(msg))
+
+    def _deliver(self, msg: dict[str, Any]) -> None:
+        record = {"kind": msg["kind"], "from": msg["from"], "term": msg["term"],
+                  "body": msg.get("body") or {}}
+        self.commands_received = [*self.commands_received[-19:], record]
+        handler = self._handlers.get(record["kind"])
+        if handler is None:
+            log.debug("no handler for command %s", record["kind"])
+            return
+        result = handler(record["body"], record["from"], record["term"])
+        if inspect.isawaitable(result):
+            self._spawn(result)
+
+    # --- the periodic tick: heartbeat out, expire, elect, publish the view ---
+
+    def _own_heartbeat(self) -> Heartbeat:
+        try:
+            state = dict(self._state_provider())
+        except Exception:
+            log.exception("state provider failed; sending an empty state record")
+            state = {}
+        assert self.capabilities is not None
+        return Heartbeat(
+            node_id=self.node_id, incarnation=self.incarnation, seq=self._seq, host=self.host,
+            port=self.port, term=self._election.term, leader=self._election.leader,
+            priority=self.priority, eligible=not self.config.never_lead, state=state,
+            headline=self.capabilities.headline())
+
+    async def _tick_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            self._seq += 1
+            hb = self._own_heartbeat()
+            self._own = hb
+            peers = sorted({(m.host, m.port) for m in self._members.values()})
+            payload = control_message("hb", **hb.to_wire(), peers=[list(p) for p in peers])
+            for link in self._links.values():
+                try_send(link.sock, payload)
+            self._members, removed = membership.expire(
+                self._members, now, self.config.suspect_after, self.config.remove_after)
+            for node_id in removed:
+                log.info("%s: removed silent member %s", self.node_id, node_id)
+            self._update(now, hb)
+            self._prune_links(now)
+            self._fetch_capabilities(now)
+            await asyncio.sleep(self.config.heartbeat_interval)
+
+    def _update(self, now: float, own: Heartbeat | None = None) -> None:
+        candidates = [election.Candidate(m.node_id, m.term, m.leader, m.priority, m.eligible)
+                      for m in self._members.values()]
+        candidates.append(election.Candidate(self.node_id, self._election.term,
+                                             self._election.leader, self.priority,
+                                             not self.config.never_lead))
+        before = (self._election.leader, self._election.term)
+        self._election = election.decide(self.node_id, self._election, candidates, now,
+                                         self.config.timing)
+        if (self._election.leader, self._election.term) != before:
+            log.info("%s: leader %s term %d", self.node_id, self._election.leader,
+                     self._election.term)
+        own = own or self._own or self._own_heartbeat()
+        me = Member(node_id=self.node_id, host=self.host, port=self.port,
+                    incarnation=self.incarnation, seq=own.seq, term=self._election.term,
+                    leader=self._election.leader, priority=self.priority,
+                    eligible=not self.config.never_lead, state=own.state,
+                    headline=own.headline, first_seen=self._election.started_at,
+                    last_seen=now,
+                    capabilities=self.capabilities.to_dict() if self.capabilities else None)
+        self._view = membership.make_view(self.node_id, [*self._members.values(), me],
+                                          self._election.leader, self._election.term)
+        summary = self._view.summary()
+        if summary != self._last_summary:
+            self._last_summary = summary
+            for callback in list(self._subscribers):
+                try:
+                    callback(self._view)
+                except Exception:
+                    log.exception("view subscriber failed")
+            self.write_status()
+
+    def _status_dict(self) -> dict[str, Any]:
+        data = self._view.to_dict()
+        data["commands"] = list(self.commands_received)
+        data["pid"] = os.getpid()
+        data["endpoint"] = f"{self.host}:{self.port}"
+        return data
+
+    def write_status(self) -> None:
+        """Write the view to ``config.status_file`` (if set), atomically."""
+        path = self.config.status_file
+        if path is None:
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self._status_dict(), default=str))
+        os.replace(tmp, path)
+
+    # --- capability records, fetched once per member incarnation ---
+
+    def _fetch_capabilities(self, now: float) -> None:
+        for member in self._members.values():
+            key = (member.node_id, member.incarnation)
+            if member.capabilities is not None or now - self._caps_pending.get(
+                    key, -_CAPS_RETRY) < _CAPS_RETRY:
+                continue
+            self._caps_pending[key] = now
+            self._spawn(self._fetch_one(member))
+        current = {(m.node_id, m.incarnation) for m in self._members.values()}
+        for key in [k for k in self._caps_pending if k not in current]:
+            del self._caps_pending[key]
+
+    async def _fetch_one(self, member: Member) -> None:
+        assert self._credentials is not None and self._transport is not None
+        try:
+            reply = await request(self._transport, member.host, member.port, "caps", timeout=2.0)
+        except asyncio.TimeoutError:
+            log.debug("no capability record from %s yet", member.node_id)
+            return
+        if reply.get("node") == member.node_id and isinstance(reply.get("caps"), dict):
+            self._members = membership.with_capabilities(
+                self._members, member.node_id, int(reply.get("inc", -1)), reply["caps"])
+
+
+async def request(transport: Transport, host: str, port: int, msg_type: str, /, *,
+                  timeout: float = 2.0, **fields: Any) -> dict[str, Any]:
+    """One request/reply over a fresh CURVE DEALER; TimeoutError when nobody answers
+    (including when the other side refuses our credentials: CURVE gives no error)."""
+    sock = transport.connect_dealer(host, port)
+    try:
+        # IMMEDIATE would refuse to queue before the handshake; a lone request may wait.
+        await asyncio.wait_for(_send_when_ready(sock, control_message(msg_type, **fields)), timeout)
+        payload = await asyncio.wait_for(sock.recv(), timeout)
+        return wire.decode(payload)
+    finally:
+        sock.close(linger=0)
+
+
+async def _send_when_ready(sock: zmq.asyncio.Socket, payload: bytes) -> None:
+    while not try_send(sock, payload):
+        await asyncio.sleep(0.01)
+
+
+async def query_status(credentials_dir: Path, host: str, port: int,
+                       timeout: float = 2.0) -> dict[str, Any]:
+    """Ask a running member (any member) for its view, as a dict (see ClusterView)."""
+    transport = Transport(load_cluster_credentials(credentials_dir))
+    try:
+        reply = await request(transport, host, port, "status", timeout=timeout)
+    finally:
+        transport.close()
+    view = reply.get("view")
+    if not isinstance(view, dict):
+        raise ValueError(f"unexpected status reply from {host}:{port}")
+    return view
+
+
+# --- a standalone member process (tests, and before the node daemon embeds it) ---
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m epara.peer.member",
+                                     description="Run one epara cluster member.")
+    parser.add_argument("--credentials", type=Path, required=True)
+    parser.add_argument("--interface", action="append",
+                        help="IP to bind and advertise on (repeatable); default: all")
+    parser.add_argument("--peer", action="append", default=[], help="seed host:port")
+    parser.add_argument("--port", type=int, default=0, help="control port (0: any)")
+    parser.add_argument("--node-id")
+    parser.add_argument("--never-lead", action="store_true")
+    parser.add_argument("--priority", type=int)
+    parser.add_argument("--no-mdns", action="store_true")
+    parser.add_argument("--status-file", type=Path)
+    parser.add_argument("--command-every", type=float, default=0.0,
+                        help="while leader, broadcast a 'ping' command this often (tests)")
+    parser.add_argument("--remove-after", type=float, default=1.5)
+    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+async def _run(args: argparse.Namespace) -> None:
+    config = MemberConfig(
+        node_id=args.node_id, interfaces=tuple(args.interface) if args.interface else None,
+        control_port=args.port, seeds=tuple(args.peer), mdns=not args.no_mdns,
+        never_lead=args.never_lead, priority=args.priority,
+        suspect_after=args.remove_after / 2, remove_after=args.remove_after,
+        cache_dir=args.cache_dir, status_file=args.status_file)
+    started = time.monotonic()
+    member = ClusterMember(config, args.credentials, lambda: {
+        "uptime_s": round(time.monotonic() - started, 1),
+        "mem_free_mb": caps_mod.meminfo()[1]})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await member.start()
+    sent = 0
+    try:
+        while not stop.is_set():
+            if args.command_every and member.view().is_leader:
+                sent += 1
+                await member.broadcast_command("ping", {"n": sent})
+            interval = args.command_every or 1.0
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except asyncio.TimeoutError:
+                member.write_status()  # keep state records in the file fresh
+    finally:
+        await member.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(_run(args))
+
+
+if __name__ == "__main__":
+    main()

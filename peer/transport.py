@@ -1,0 +1,110 @@
+"""ZeroMQ sockets for node-to-node traffic, all CurveZMQ-encrypted and authenticated.
+
+One ``Transport`` per member: it owns a private ``zmq.asyncio.Context`` because the ZAP
+authenticator is per context, and two members in one process (tests, the simulator)
+must not share one. Control messages are CBOR maps (``epara.peer.wire``) in one frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+
+from . import wire
+from .security import ClusterCredentials, ClusterKeyOnly
+
+log = logging.getLogger(__name__)
+
+# A dead peer is noticed by libzmq's own heartbeats too, so a cut link drops the TCP
+# connection (and reconnects on heal) instead of sitting on a half-open socket.
+_ZMQ_HEARTBEAT_IVL_MS = 500
+_ZMQ_HEARTBEAT_TIMEOUT_MS = 1500
+_RECONNECT_IVL_MS = 100
+_RECONNECT_IVL_MAX_MS = 1000
+# Heartbeats are only useful fresh: queue few, drop the rest rather than deliver stale.
+_SNDHWM = 50
+
+
+def control_message(msg_type: str, /, **fields: Any) -> bytes:
+    """Encode one control message (a versioned CBOR map)."""
+    return wire.encode({"v": wire.PROTOCOL_VERSION, "type": msg_type, **fields})
+
+
+class Transport:
+    """Creates CURVE server (bind) and client (connect) sockets for one member."""
+
+    def __init__(self, credentials: ClusterCredentials) -> None:
+        self._credentials = credentials
+        self.context = zmq.asyncio.Context()
+        self._auth: AsyncioAuthenticator | None = None
+
+    def start(self) -> None:
+        """Start the ZAP handler; must run inside the event loop that uses the sockets."""
+        zap_log = logging.getLogger(__name__ + ".zap")
+        # pyzmq's ZAP handler logs every client's key at debug level; keys stay out of logs.
+        zap_log.setLevel(logging.WARNING)
+        self._auth = AsyncioAuthenticator(self.context, log=zap_log)
+        self._auth.start()
+        self._auth.configure_curve_callback("*", credentials_provider=ClusterKeyOnly(
+            self._credentials))
+
+    def close(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self.context.destroy(linger=0)
+
+    def _common(self, sock: zmq.asyncio.Socket) -> None:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, _ZMQ_HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ZMQ_HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)
+        sock.setsockopt(zmq.SNDHWM, _SNDHWM)
+
+    def bind_router(self, host: str, port: int) -> tuple[zmq.asyncio.Socket, int]:
+        """Bind the control ROUTER as CURVE server; ``port=0`` picks a free port."""
+        sock = self.context.socket(zmq.ROUTER)
+        self._common(sock)
+        sock.curve_server = True
+        sock.curve_secretkey = self._credentials.secret_key
+        # Unroutable replies (the asker went away) are dropped, not raised.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if port == 0:
+            bound = sock.bind_to_random_port(f"tcp://{host}")
+        else:
+            sock.bind(f"tcp://{host}:{port}")
+            bound = port
+        return sock, bound
+
+    def connect_dealer(self, host: str, port: int) -> zmq.asyncio.Socket:
+        """Connect a DEALER as CURVE client that only talks to a cluster-key server."""
+        sock = self.context.socket(zmq.DEALER)
+        self._common(sock)
+        # Queue only on completed (authenticated) connections: a send to a dead or
+        # unreachable peer fails at once instead of piling up stale heartbeats.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.curve_serverkey = self._credentials.public_key
+        sock.curve_publickey = self._credentials.public_key
+        sock.curve_secretkey = self._credentials.secret_key
+        sock.connect(f"tcp://{_host_for_uri(host)}:{port}")
+        return sock
+
+
+def _host_for_uri(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def try_send(sock: zmq.asyncio.Socket, payload: bytes) -> bool:
+    """Send without blocking; False when the peer is not connected or its queue is full."""
+    try:
+        # The underlying sync send with NOBLOCK completes at once (or raises), so the
+        # future the asyncio socket returns is already done and need not be awaited.
+        zmq.Socket.send(sock, payload, zmq.NOBLOCK)
+    except zmq.Again:
+        return False
+    return True
