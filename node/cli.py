@@ -47,7 +47,29 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--threads", type=int, help="threads per model runtime")
     node.add_argument("--max-frame-mb", type=float, default=64.0,
                       help="largest request accepted (MiB)")
+    node.add_argument("--node-id", help="default: hostname and machine id")
+    node.add_argument("--cluster", type=Path, help="cluster credentials directory (default: "
+                      "$EPARA_CLUSTER_DIR or ~/.config/epara/cluster); without credentials "
+                      "the node runs alone")
+    node.add_argument("--standalone", action="store_true",
+                      help="do not join a cluster even if credentials exist")
+    node.add_argument("--interface", action="append", default=[], metavar="IP",
+                      help="address to advertise and listen on (repeatable; default: all)")
+    node.add_argument("--port", type=int, default=7370, help="cluster control port")
+    node.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                      help="static peer, for networks that block multicast (repeatable)")
+    node.add_argument("--no-mdns", action="store_true", help="find peers only via --peer")
+    node.add_argument("--never-lead", action="store_true",
+                      help="never become the cluster leader")
     node.set_defaults(run=_cmd_node)
+
+    cluster = sub.add_parser("cluster", help="cluster credentials")
+    csub = cluster.add_subparsers(title="cluster commands")
+    init = csub.add_parser("init", help="create the cluster's credentials")
+    init.add_argument("--dir", type=Path, help="where (default: $EPARA_CLUSTER_DIR or "
+                      "~/.config/epara/cluster)")
+    init.add_argument("--force", action="store_true", help="replace existing credentials")
+    init.set_defaults(run=_cmd_cluster_init)
 
     models = sub.add_parser("models", help="list served models; prepare or import models")
     _socket_arg(models)
@@ -128,10 +150,27 @@ def _socket_arg(parser: argparse.ArgumentParser) -> None:
 def _cmd_node(args: argparse.Namespace) -> int:
     import grp
 
-    from epara.node.daemon import NodeConfig, run_node
+    from epara.node.daemon import NodeConfig, default_cluster_dir, run_node
+    from epara.peer.member import MemberConfig
 
     config = NodeConfig(store=args.store, models=tuple(args.model), threads=args.threads,
-                        max_frame_bytes=int(args.max_frame_mb * 1024 * 1024))
+                        max_frame_bytes=int(args.max_frame_mb * 1024 * 1024),
+                        node_id=args.node_id)
+    cluster_dir = args.cluster or default_cluster_dir()
+    if args.standalone:
+        pass
+    elif (cluster_dir / "cluster.key").exists():
+        config.cluster_dir = cluster_dir
+        config.member = MemberConfig(
+            interfaces=tuple(args.interface) or None, control_port=args.port,
+            seeds=tuple(args.peer), mdns=not args.no_mdns, never_lead=args.never_lead)
+    elif args.cluster:
+        print(f"epara: no cluster credentials in {cluster_dir}; create them with "
+              f"`epara cluster init --dir {cluster_dir}`", file=sys.stderr)
+        return 1
+    else:
+        print(f"epara: no cluster credentials in {cluster_dir}: running alone "
+              "(`epara cluster init` creates them)", file=sys.stderr)
     if args.socket:
         config.socket_path = args.socket
     if args.socket_group:
@@ -139,6 +178,21 @@ def _cmd_node(args: argparse.Namespace) -> int:
     if logging.getLogger().level > logging.INFO:
         logging.getLogger("epara").setLevel(logging.INFO)
     run_node(config)
+    return 0
+
+
+def _cmd_cluster_init(args: argparse.Namespace) -> int:
+    from epara.node.daemon import default_cluster_dir
+    from epara.peer.cli import cluster_init, format_cluster_init
+    from epara.peer.security import CredentialsError
+
+    directory = args.dir or default_cluster_dir()
+    try:
+        print(format_cluster_init(cluster_init(directory, overwrite=args.force)))
+    except CredentialsError:
+        print(f"epara: {directory} already holds cluster credentials (--force replaces "
+              "them, and every node must then get the new ones)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -328,6 +382,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
               f"refused {s['refused']:<4} p50 {'-' if p50 is None else f'{p50:.1f} ms'}")
     for name, why in status["unavailable"].items():
         print(f"  not served: {name}: {why}")
+    if status.get("cluster"):
+        from epara.peer.cli import format_status
+        from epara.peer.membership import view_from_dict
+
+        print()
+        print(format_status(view_from_dict(status["cluster"])))
+    else:
+        print("not in a cluster (standalone)")
     return 0
 
 

@@ -10,7 +10,7 @@ import signal
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from epara.node.api import LocalApi, default_socket_path
 from epara.node.generation import GenerationService
 from epara.node.service import ModelService
 from epara.peer import wire
+from epara.peer.member import ClusterMember, MemberConfig
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -35,6 +36,17 @@ class NodeConfig:
     threads: int | None = None  # per model; None lets each runtime decide
     max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES
     node_id: str | None = None
+    # Cluster membership: None runs the node alone (no mDNS, no network ports).
+    cluster_dir: Path | None = None
+    member: MemberConfig | None = None
+
+
+def default_cluster_dir() -> Path:
+    """``$EPARA_CLUSTER_DIR``, else ``$XDG_CONFIG_HOME/epara/cluster`` (``~/.config/...``)."""
+    if os.environ.get("EPARA_CLUSTER_DIR"):
+        return Path(os.environ["EPARA_CLUSTER_DIR"])
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "epara" / "cluster"
 
 
 def load_service(directory: Path, manifest: Manifest,
@@ -59,6 +71,7 @@ class Node:
         self.backends: list[dict[str, Any]] = []
         self.api = LocalApi(self.services, self.describe_models, self.status,
                             config.max_frame_bytes)
+        self.member: ClusterMember | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -66,6 +79,27 @@ class Node:
         await self.api.start(self.config.socket_path, self.config.socket_group)
         log.info("node %s serving %d models on %s", self.node_id, len(self.services),
                  self.config.socket_path)
+        if self.config.cluster_dir is not None:
+            member_config = replace(self.config.member or MemberConfig(), node_id=self.node_id)
+            self.member = ClusterMember(member_config, self.config.cluster_dir,
+                                        self.cluster_state)
+            await self.member.start()
+            log.info("node %s joined cluster as %s:%d", self.node_id, self.member.host,
+                     self.member.port)
+
+    def cluster_state(self) -> dict[str, Any]:
+        """The small record this node publishes to its peers a few times a second."""
+        services = {}
+        for name, service in self.services.items():
+            stats = service.stats()
+            services[name] = {
+                "queue": stats["queue_depth"],
+                "p50_ms": stats.get("latency_ms_p50") or stats.get("ttft_ms_p50"),
+                "served": stats["served"],
+            }
+        load1, _, _ = os.getloadavg()
+        return {"services": services, "mem_free_mb": _mem_available_mb(),
+                "load": round(load1 / (os.cpu_count() or 1), 3)}
 
     def _load_models(self) -> None:
         # Probed once: importing a runtime can take seconds (torch), too slow per request.
@@ -91,6 +125,8 @@ class Node:
                 log.warning("cannot serve %s: %s", model.manifest.name, exc)
 
     async def stop(self) -> None:
+        if self.member is not None:
+            await self.member.stop()
         await self.api.stop()
         for service in self.services.values():
             await asyncio.to_thread(service.stop)
@@ -134,7 +170,16 @@ class Node:
             "backends": self.backends,
             "services": [s.stats() for _, s in sorted(self.services.items())],
             "unavailable": dict(self.unavailable),
+            "cluster": self.member.view().to_dict() if self.member is not None else None,
         }
+
+
+def _mem_available_mb() -> float | None:
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as meminfo:
+            line = next(line for line in meminfo if line.startswith("MemAvailable:"))
+        return round(int(line.split()[1]) / 1024, 1)
+    return None
 
 
 def _stable_node_id() -> str:

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,26 +79,42 @@ def wait_for_socket(path: Path, process: subprocess.Popen[bytes], timeout: float
     raise TimeoutError(f"node did not open {path} in {timeout} s")
 
 
-@contextlib.contextmanager
-def running_node(store: Path, socket_path: Path, *extra: str,
-                 env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``epara node`` as a real process; stop it (and check it stops) afterwards."""
-    command = [sys.executable, "-m", "epara.node.cli", "--log-level", "info", "node",
+def start_node(store: Path, socket_path: Path, *extra: str, prefix: Sequence[str] = (),
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``epara node`` as a real process (``prefix``: e.g. ``ip netns exec NS``).
+
+    Without ``--cluster`` in ``extra`` the node runs alone: tests never multicast from
+    the machine's own network namespace by accident."""
+    if "--cluster" not in extra:
+        extra = (*extra, "--standalone")
+    command = [*prefix, sys.executable, "-m", "epara.node.cli", "--log-level", "info", "node",
                "--store", str(store), "--socket", str(socket_path), *extra]
     log_path = socket_path.parent.parent / f"{socket_path.parent.name}-node.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})})
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+
+
+def stop_node(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def running_node(store: Path, socket_path: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``epara node`` as a real process; stop it afterwards."""
+    process = start_node(store, socket_path, *extra, env=env)
     try:
         wait_for_socket(socket_path, process)
         yield process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_node(process)
         if os.environ.get("EPARA_TEST_SHOW_LOGS"):
+            log_path = socket_path.parent.parent / f"{socket_path.parent.name}-node.log"
             sys.stderr.write(log_path.read_text())
