@@ -132,6 +132,14 @@ def _parser() -> argparse.ArgumentParser:
     _socket_arg(gen)
     gen.set_defaults(run=_cmd_generate)
 
+    demo = sub.add_parser("demo", help="run a small cluster on this machine with a workload")
+    demo.add_argument("--nodes", type=int, default=3)
+    demo.add_argument("--seconds", type=float, default=15.0)
+    demo.add_argument("--out", type=Path, default=Path("epara-demo"))
+    demo.add_argument("--store", type=Path)
+    demo.set_defaults(run=lambda a: __import__("epara.node.demo", fromlist=["run_demo"])
+                      .run_demo(a.nodes, a.seconds, a.out, a.store))
+
     status = sub.add_parser("status", help="show the node's state")
     status.add_argument("--json", action="store_true")
     _socket_arg(status)
