@@ -239,8 +239,9 @@ def unpack(frames: list[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     header = decode(bytes(frames[0].buffer) if hasattr(frames[0], "buffer") else frames[0])
     specs = header.pop("tensors", [])
     if not isinstance(specs, list) or len(specs) != len(frames) - 1:
-        raise WireError("bad_frame", f"header lists {len(specs) if isinstance(specs, list) else '?'}"
-                        f" tensors, {len(frames) - 1} frames follow")
+        listed = len(specs) if isinstance(specs, list) else "?"
+        raise WireError("bad_frame", f"header lists {listed} tensors, {len(frames) - 1} "
+                        "frames follow")
     tensors: dict[str, np.ndarray] = {}
     for spec, frame in zip(specs, frames[1:], strict=True):
         try:
