@@ -58,7 +58,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -500,7 +500,8 @@ def split_onnx(model_dir: Path, manifest: Manifest, cuts: Sequence[int],
     count = len(bounds) - 1
     boundary = {p: g.crossing(p) for p in ordered}
     crossing_names = {n for names in boundary.values() for n in names}
-    analysis, every = _analyse_graph(g, manifest.inputs, None)
+    analysis, every = _analyse_graph(g, manifest.inputs,
+                                     manifest.extra.get("reference_shapes"))
     at = {c.position: c for c in every}
     sizes = {t.name: t for p in ordered for t in at[p].crossing}
     dims = _dynamic_dims(g, manifest.inputs, crossing_names) if crossing_names else {}
@@ -581,6 +582,11 @@ def _load_bert(path: Path) -> Any:
     return module
 
 
+def _bert_layers(encoder: Any) -> list[Any]:
+    """The layers of a loaded encoder: a scripted ModuleList does not iterate in Python."""
+    return [module for _, module in encoder.layers.named_children()]
+
+
 def _bert_stage_classes() -> tuple[type, type, type]:
     """The three stage modules. Defined on first use: this module must import without
     torch (a device splitting ONNX models may not have it)."""
@@ -599,7 +605,7 @@ def _bert_stage_classes() -> tuple[type, type, type]:
             super().__init__()
             self.word, self.position = encoder.word, encoder.position
             self.token_type, self.emb_norm = encoder.token_type, encoder.emb_norm
-            self.layers = nn.ModuleList(list(encoder.layers)[:stop])
+            self.layers = nn.ModuleList(_bert_layers(encoder)[:stop])
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -618,7 +624,7 @@ def _bert_stage_classes() -> tuple[type, type, type]:
 
         def __init__(self, encoder: Any, start: int, stop: int) -> None:
             super().__init__()
-            self.layers = nn.ModuleList(list(encoder.layers)[start:stop])
+            self.layers = nn.ModuleList(_bert_layers(encoder)[start:stop])
 
         def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -633,7 +639,7 @@ def _bert_stage_classes() -> tuple[type, type, type]:
 
         def __init__(self, encoder: Any, start: int) -> None:
             super().__init__()
-            self.layers = nn.ModuleList(list(encoder.layers)[start:])
+            self.layers = nn.ModuleList(_bert_layers(encoder)[start:])
 
         def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor
                     ) -> torch.Tensor:
@@ -653,7 +659,7 @@ def analyse_bert(model_path: Path, batch: int = 1,
                  sequence: int = _REFERENCE_SEQUENCE) -> StageAnalysis:
     """Cuts between the layers of a models/bert.py encoder, sized at [batch, sequence]."""
     encoder = _load_bert(Path(model_path))
-    layers = list(encoder.layers)
+    layers = _bert_layers(encoder)
     width = int(encoder.word.weight.shape[1])
 
     def param_bytes(module: Any) -> int:
@@ -689,7 +695,7 @@ def split_torchscript(model_dir: Path, manifest: Manifest, cuts: Sequence[int],
 
     model_path = Path(model_dir) / manifest.model_file
     encoder = _load_bert(model_path)
-    layers = len(list(encoder.layers))
+    layers = len(_bert_layers(encoder))
     ordered = _check_cuts(cuts, layers, f"{model_path.name} has {layers} layers")
     bounds = [0, *ordered, layers]
     count = len(bounds) - 1
@@ -781,7 +787,7 @@ def _analysis_for(model_dir: Path, manifest: Manifest) -> StageAnalysis:
         return onnx_stage_analysis(path, manifest.extra.get("reference_shapes"))
     if manifest.backend == "torch":
         return analyse_bert(path)
-    return split_tflite(model_dir, manifest, [], model_dir)  # raises SplitUnavailable
+    raise SplitError(f"{manifest.name}: no cut analysis for backend {manifest.backend!r}")
 
 
 _SPLITTERS = {"onnx": split_onnx, "torch": split_torchscript, "tflite": split_tflite}
@@ -800,7 +806,7 @@ def split_model(store: ModelStore, name: str, cuts: int | Sequence[int], *,
     parent = store.get(name)
     manifest = parent.manifest
     if manifest.backend == "tflite":
-        split_tflite(parent.directory, manifest, [], parent.directory)
+        split_tflite(parent.directory, manifest, [], parent.directory)  # says what to install
     analysis = _analysis_for(parent.directory, manifest)
     if manifest.extra.get("stages") != json.loads(json.dumps(analysis.to_json())):
         manifest = replace(manifest, extra={**manifest.extra, "stages": analysis.to_json()})
@@ -811,6 +817,8 @@ def split_model(store: ModelStore, name: str, cuts: int | Sequence[int], *,
         positions = balanced_cuts(analysis, cuts + 1)
     else:
         positions = sorted(set(int(c) for c in cuts))
+        if not positions:
+            raise SplitError("give at least one cut position")
     count = len(positions) + 1
     recipe = {"kind": "split", "of": name,
               "parent_sha256": file_sha256(parent.directory / manifest.model_file),
@@ -818,7 +826,7 @@ def split_model(store: ModelStore, name: str, cuts: int | Sequence[int], *,
     with tempfile.TemporaryDirectory(prefix=f".split-{name}.", dir=store.root) as tmp:
         made: list[Path] | None = None
 
-        def build_stage(index: int) -> Any:
+        def build_stage(index: int) -> Callable[[Path], Manifest]:
             def build(staging: Path) -> Manifest:
                 nonlocal made
                 if made is None:  # one split writes every stage; made only if needed
