@@ -176,7 +176,7 @@ def _import_onnx() -> Any:
         import onnx
     except ImportError as exc:
         raise SplitUnavailable("splitting an ONNX model needs the onnx package: "
-                               "pip install onnx") from exc
+                               "pip install 'epara[split]' (or pip install onnx)") from exc
     return onnx
 
 
@@ -376,7 +376,6 @@ def _node_flops(node: Any, sizes: Mapping[str, TensorSize],
     a, b, out = shape(node.input[0]), shape(node.input[1]), shape(node.output[0])
     if a is None or b is None or out is None:
         return 0
-    group = next((int(x.i) for x in node.attribute if x.name == "group"), 1)
     if node.op_type == "Conv":  # weight [Cout, Cin/group, k...]: each output, Cin/g x k
         return 2 * math.prod(out) * math.prod(b[1:])
     if node.op_type == "ConvTranspose":  # weight [Cin, Cout/group, k...]: each input
@@ -384,7 +383,7 @@ def _node_flops(node: Any, sizes: Mapping[str, TensorSize],
     if node.op_type == "MatMul":
         return 2 * math.prod(out) * a[-1]
     trans_a = next((int(x.i) for x in node.attribute if x.name == "transA"), 0)
-    return 2 * math.prod(out) * (a[0] if trans_a else a[-1]) // max(group, 1)
+    return 2 * math.prod(out) * (a[0] if trans_a else a[-1])  # Gemm: [M, K] x [K, N]
 
 
 def _analyse_graph(g: _OnnxGraph, specs: Sequence[TensorSpec],
