@@ -86,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("--store", type=Path)
     prepare.add_argument("--force", action="store_true", help="prepare again from scratch")
     prepare.set_defaults(run=_cmd_models_prepare)
+    split = msub.add_parser("split", help="cut a prepared model into pipeline stages")
+    split.add_argument("name")
+    how = split.add_mutually_exclusive_group(required=True)
+    how.add_argument("--cuts", type=int, help="number of cuts, placed to balance compute")
+    how.add_argument("--at", type=int, nargs="+", metavar="POS", help="cut positions")
+    split.add_argument("--store", type=Path)
+    split.set_defaults(run=_cmd_models_split)
     imp = msub.add_parser("import", help="import your own .onnx, .tflite or torch file")
     imp.add_argument("file", type=Path)
     imp.add_argument("--name", help="model name (default: the file's stem)")
@@ -263,6 +270,20 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
             print(f"epara: cannot prepare {name}: {exc}", file=sys.stderr)
             return 1
         print(f"{name}: ready in {path}")
+    return 0
+
+
+def _cmd_models_split(args: argparse.Namespace) -> int:
+    from epara.models.split import SplitError, SplitUnavailable, split_model
+    from epara.models.store import ModelStore
+
+    try:
+        stages = split_model(ModelStore(args.store), args.name, args.cuts or args.at)
+    except (SplitError, SplitUnavailable, FileNotFoundError) as exc:
+        print(f"epara: cannot split {args.name}: {exc}", file=sys.stderr)
+        return 1
+    for path in stages:
+        print(f"stage {path.name}: {path}")
     return 0
 
 

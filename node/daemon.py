@@ -117,6 +117,8 @@ class Node:
         for model in stored:
             if wanted and model.manifest.name not in wanted:
                 continue
+            if model.manifest.task == "stage":
+                continue  # a part of a split model: loaded on demand as a pipeline stage
             try:
                 self.services[model.manifest.name] = load_service(
                     model.directory, model.manifest, self.config.threads)

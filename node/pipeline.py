@@ -135,7 +135,7 @@ class StageHost:
         key = str(header["stage"])
         stage = self.stages.get(key)
         if stage is None:
-            self._fail(origin, header, f"stage {key} is not loaded on {self.node_id}")
+            await self._fail(origin, header, f"stage {key} is not loaded on {self.node_id}")
             return
         loop = asyncio.get_running_loop()
         try:
@@ -143,7 +143,7 @@ class StageHost:
                                                  tensors)
         except Exception as exc:  # report to the origin, which replays or fails cleanly
             log.warning("stage %s failed: %s", key, exc)
-            self._fail(origin, header, f"stage {key} on {self.node_id}: {exc}")
+            await self._fail(origin, header, f"stage {key} on {self.node_id}: {exc}")
             return
         route = [StageRef.from_wire(r) for r in header.get("route", [])]
         compress = str(header.get("compress", "none"))
@@ -152,17 +152,18 @@ class StageHost:
                        "route": [r.to_wire() for r in route[1:]]}
             if not await self.dataplane.send_when_connected(route[0].endpoint, forward,
                                                             outputs, compress):
-                self._fail(origin, header, f"next stage {route[0].key} on "
+                await self._fail(origin, header, f"next stage {route[0].key} on "
                            f"{route[0].node_id} is unreachable", route[0].node_id)
             return
         result = {"kind": "result", "req": header["req"]}
         if not await self.dataplane.send_when_connected(origin, result, outputs):
             log.warning("origin %s:%d of %s is unreachable", *origin, header["req"])
 
-    def _fail(self, origin: Endpoint, header: Mapping[str, Any], message: str,
-              node: str | None = None) -> None:
-        self.dataplane.send(origin, {"kind": "error", "req": header["req"], "message": message,
-                                     "node": node or self.node_id})
+    async def _fail(self, origin: Endpoint, header: Mapping[str, Any], message: str,
+                    node: str | None = None) -> None:
+        await self.dataplane.send_when_connected(
+            origin, {"kind": "error", "req": header["req"], "message": message,
+                     "node": node or self.node_id})
 
     async def _on_drop(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         stage = self.stages.get(str(header["stage"]))
