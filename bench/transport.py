@@ -133,7 +133,8 @@ def main() -> None:
           f"{'vs raw+curve':>12}")
     for r in rows:
         print(f"{r['bytes'] // 1024:>6}KB {r['raw_gbs']:>9.2f} {r['raw_curve_gbs']:>10.2f} "
-              f"{r['epara_gbs']:>8.2f} {r['vs_raw'] * 100:>6.0f}% {r['vs_raw_curve'] * 100:>11.0f}%")
+              f"{r['epara_gbs']:>8.2f} {r['vs_raw'] * 100:>6.0f}% "
+              f"{r['vs_raw_curve'] * 100:>11.0f}%")
 
 
 if __name__ == "__main__":
