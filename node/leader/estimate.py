@@ -64,7 +64,15 @@ class UnitPerf:
     first_pass_s: float  # time to the first result (prefill for an LLM)
     pass_s: float  # each further pass (an LLM token) at batch 1
     capacity_hz: float  # requests per second with full batches and the pipeline full
-    use: Mapping[str, float]  # device -> busy seconds per request at full batches
+    stage_use: tuple[float, ...]  # per stage: busy seconds per request at full batches
+
+    def use(self, unit: Unit) -> dict[str, float]:
+        """Busy seconds per request on each device of ``unit`` (a device may hold two
+        stages). Kept per stage so one estimate serves every unit of the same shape."""
+        out: dict[str, float] = {}
+        for stage, busy in zip(unit.stages, self.stage_use, strict=True):
+            out[stage.device] = out.get(stage.device, 0.0) + busy
+        return out
 
 
 def unit_perf(spec: ServiceSpec, unit: Unit, devices: Mapping[str, DeviceProfile],
@@ -100,10 +108,8 @@ def unit_perf(spec: ServiceSpec, unit: Unit, devices: Mapping[str, DeviceProfile
         [0.0 for _ in costs]
     passes = decode if decode else 1.0
     per_request = cycle * passes / batch + max(extra)
-    use = {}
-    for stage, c, e in zip(unit.stages, costs, extra, strict=True):
-        busy = c.time(batch * gpt) * passes / batch + e
-        use[stage.device] = use.get(stage.device, 0.0) + busy
+    use = tuple(c.time(batch * gpt) * passes / batch + e
+                for c, e in zip(costs, extra, strict=True))
     return UnitPerf(latency, first, per, 1.0 / per_request, use)
 
 
@@ -151,6 +157,19 @@ def attainment(rho: float, slack_s: float, service_s: float, cv: float) -> float
     return _attain(rho, slack_s / (k * service_s))
 
 
+def admitted_load(slack_s: float, service_s: float, cv: float) -> float:
+    """The utilisation a unit accepts before early refusal turns requests away."""
+    if slack_s <= 0:
+        return 0.0
+    k = max(MIN_VARIABILITY, cv * cv / 2)
+    return _best_load(_quantise(slack_s / (k * service_s)))
+
+
+def _quantise(z: float) -> float:
+    # Few distinct keys for the cache; the optimum moves slowly with z.
+    return min(1e4, float(f"{z:.2g}"))
+
+
 def unit_goodput(rate_hz: float, rho: float, slack_s: float, service_s: float,
                  cv: float) -> float:
     """Requests per second that meet their deadline when ``rate_hz`` is offered to a unit
@@ -162,8 +181,8 @@ def unit_goodput(rate_hz: float, rho: float, slack_s: float, service_s: float,
     if rate_hz <= 0 or slack_s <= 0:
         return 0.0
     k = max(MIN_VARIABILITY, cv * cv / 2)
-    z = round(slack_s / (k * service_s), 2)
-    best = _best_load(min(z, 1e4))
+    z = slack_s / (k * service_s)
+    best = _best_load(_quantise(z))
     if rho <= best:
         return rate_hz * _attain(rho, z)
     return rate_hz * best / rho * _attain(best, z)

@@ -38,8 +38,11 @@ class Partition:
 
 def link_s(a: DeviceProfile, b: DeviceProfile, mb: float) -> float:
     """Moving ``mb`` megabytes from ``a`` to ``b``: the slower link and latency decide."""
-    if a.id == b.id:
-        return 0.0
+    return 0.0 if a.id == b.id else _hop(a, b, mb)
+
+
+def _hop(a: DeviceProfile, b: DeviceProfile, mb: float) -> float:
+    # Between two distinct devices (in the DP, two members of one group share a profile).
     return max(a.link_latency_ms, b.link_latency_ms) / 1000 + \
         mb * 8 / min(a.link_mbps, b.link_mbps)
 
@@ -67,11 +70,17 @@ def plan_value(spec: ServiceSpec, stages: Sequence[tuple[DeviceProfile, int, int
 
 def partition(spec: ServiceSpec, devices: Sequence[DeviceProfile],
               free_mb: Mapping[str, float], objective: Objective, batch: int = 1,
-              max_stages: int = 6) -> Partition | None:
-    """The best plan for ``spec`` over (a subset of) ``devices``; None if nothing fits."""
+              max_stages: int = 6, max_cuts: int | None = None) -> Partition | None:
+    """The best plan for ``spec`` over (a subset of) ``devices``; None if nothing fits.
+
+    ``max_cuts`` limits the candidate cut points to about that many evenly spaced ones
+    (exact over those): a 60-layer model need not be cut between every pair of layers
+    to find a good plan, and the DP's time grows with the square of the cut points.
+    """
     n = len(spec.layers)
     if n == 0:
         return None
+    stride = 1 if max_cuts is None or n <= max_cuts else -(-n // max_cuts)
     b = batch if objective == "throughput" else 1
     # Interchangeable devices form one group; the DP counts how many of each it uses.
     groups: dict[tuple[object, ...], list[DeviceProfile]] = {}
@@ -89,10 +98,11 @@ def partition(spec: ServiceSpec, devices: Sequence[DeviceProfile],
 
     # Stage times per group and range, computed once: the DP revisits them many times.
     times: list[dict[tuple[int, int], float]] = []
+    cuts = [*range(0, n, stride), n]
     for g, rep in enumerate(reps):
         table = {}
-        for first in range(n):
-            for end in range(first + 1, n + 1):
+        for first in cuts[:-1]:
+            for end in (c for c in cuts if c > first):
                 if memory(first, end) > free[g] + EPS:
                     break
                 table[first, end] = stage_time(spec, rep, first, end, b)
@@ -104,7 +114,7 @@ def partition(spec: ServiceSpec, devices: Sequence[DeviceProfile],
     start_counts = tuple(0 for _ in reps)
     frontier: dict[int, list[State]] = {0: []}
     # Layer index grows along every transition, so processing states by it is topological.
-    for first in range(n):
+    for first in cuts[:-1]:
         states: list[State | None] = [None] if first == 0 else list(frontier.get(first, []))
         for state in states:
             if state is None:
@@ -117,10 +127,10 @@ def partition(spec: ServiceSpec, devices: Sequence[DeviceProfile],
             for g in range(len(reps)):
                 if counts[g] >= sizes[g]:
                     continue
-                hop = 0.0 if last < 0 else link_s(
+                hop = 0.0 if last < 0 else _hop(
                     reps[last], reps[g], spec.layers[first - 1].out_mb * b)
                 new_counts = (*counts[:g], counts[g] + 1, *counts[g + 1:])
-                for end in range(first + 1, n + 1):
+                for end in (c for c in cuts if c > first):
                     t = times[g].get((first, end))
                     if t is None:
                         break  # longer ranges need even more memory

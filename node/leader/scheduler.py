@@ -28,7 +28,7 @@ from epara.node.leader.allocate import (
     categorise,
     uniform_allocation,
 )
-from epara.node.leader.estimate import UnitPerf, unit_goodput, unit_perf
+from epara.node.leader.estimate import UnitPerf, admitted_load, unit_goodput, unit_perf
 from epara.node.leader.model import (
     ClusterState,
     Demand,
@@ -55,7 +55,9 @@ class SchedulerConfig:
     max_units_per_service: int = 256
     pipeline_pool: int = 8  # devices offered to the partitioner per candidate
     max_stages: int = 4
+    max_cuts: int = 16  # cut points the partitioner considers (evenly spaced)
     standby: bool = True  # keep one replica of an idle service where memory is free
+    sweeps: int = 3  # greedy passes at most per decision
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class _Live:
     unit: Unit
     perf: UnitPerf
     slack_s: float  # deadline minus a lone request's time: what queueing may take
+    use: dict[str, float]  # device -> busy seconds per request
     rate_hz: float = 0.0  # share of its service's demand routed here
 
 
@@ -140,7 +143,7 @@ class _Planner:
         head = self.devices[unit.head]
         network = 2 * head.transfer_s(svc.spec.input_mb)  # request in, answer out
         slack = svc.spec.deadline_ms() / 1000 - perf.latency_s - network
-        return _Live(unit, perf, slack)
+        return _Live(unit, perf, slack, perf.use(unit))
 
     def evaluate(self, svc: _Service, units: list[_Live],
                  shift: Mapping[str, float] | None = None
@@ -152,15 +155,20 @@ class _Planner:
         total = sum(feasible)
         rates = [svc.demand.rate_hz * c / total if total else 0.0 for c in feasible]
         contrib: dict[str, float] = {}
-        for u, r in zip(units, rates, strict=True):
-            for d, busy in u.perf.use.items():
-                contrib[d] = contrib.get(d, 0.0) + r * busy
+        # Early refusal caps what a unit takes on: beyond that, requests are turned away
+        # instead of loading the device for its neighbours.
+        admitted = [min(r, admitted_load(u.slack_s, 1.0 / u.perf.capacity_hz, svc.demand.cv)
+                        * u.perf.capacity_hz) if r > 0 else 0.0
+                    for u, r in zip(units, rates, strict=True)]
+        for u, a in zip(units, admitted, strict=True):
+            for d, busy in u.use.items():
+                contrib[d] = contrib.get(d, 0.0) + a * busy
         goodput = 0.0
-        for u, r in zip(units, rates, strict=True):
+        for u, r in zip(units, admitted, strict=True):
             if r <= 0:
                 continue
             rho = max(self.util[d] - svc.contrib.get(d, 0.0) + (shift or {}).get(d, 0.0)
-                      + contrib[d] for d in u.perf.use)
+                      + contrib[d] for d in u.use)
             goodput += unit_goodput(r, rho, u.slack_s, 1.0 / u.perf.capacity_hz,
                                     svc.demand.cv)
         return goodput, contrib, rates
@@ -178,6 +186,14 @@ class _Planner:
         return gain
 
     # --- device choice -------------------------------------------------------------
+
+    def thrift(self, key: tuple[Any, ...] | None) -> float:
+        """Ordering weight: equal gains go to slower devices first (at most 2% apart),
+        keeping fast devices for the services only they can serve."""
+        if key is None:
+            return 1.0
+        fastest = max(r.gflops for r in self.reps)
+        return 1.0 - 0.02 * self.devices[self.groups[key][0]].gflops / fastest
 
     def _entry(self, device: str) -> tuple[float, float, str, int]:
         return (round(self.util[device], 2), -self.free[device], device,
@@ -252,7 +268,7 @@ class _Planner:
             ids = self.pick(rep.profile_key(), smallest, min(room, per_group))
             pool += [self.devices[i] for i in ids]
         plan = partition(svc.spec, pool, self.free, objective, svc.allocation.max_batch,
-                         self.config.max_stages)
+                         self.config.max_stages, self.config.max_cuts)
         if plan is None:
             return None
         unit = Unit(svc.spec.name, plan.stages, svc.allocation.max_batch)
@@ -297,7 +313,31 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
                                           f"SLO (alone it takes "
                                           f"{u.perf.latency_s * 1000:.0f} ms)"))
             p.commit(svc, [u for u in svc.units if u.slack_s > 0])
-    # Lazy greedy over (service, device group) candidates; None stands for a pipeline.
+    # Lazy greedy sweeps until one adds nothing: interactions between services on shared
+    # devices make gains not strictly diminishing, so one sweep can leave a gain behind.
+    for _ in range(config.sweeps):
+        if not _sweep(p, config, decisions):
+            break
+    _prune(p, config, decisions)
+    if config.standby:
+        for svc in p.services.values():
+            if svc.units or svc.demand.rate_hz > 0 or \
+                    svc.allocation.mode.startswith("pipeline"):
+                continue
+            for rep in sorted(p.reps, key=lambda r: (-r.gflops, r.id)):
+                found = p.candidate(svc, rep.profile_key())
+                if found is not None and found[0].slack_s > 0:
+                    p.commit(svc, [found[0]])
+                    decisions.append(Decision("standby", found[0].unit.id, 0.0,
+                                              "no recent demand: one replica kept ready"))
+                    break
+    return _placement(current, p), tuple(decisions)
+
+
+def _sweep(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -> int:
+    """One lazy-greedy pass over (service, device group) candidates (None stands for a
+    pipeline); returns how many units it added."""
+    added = 0
     heap: list[tuple[float, int, str, tuple[Any, ...] | None]] = []
     order = 0
     for name, svc in p.services.items():
@@ -313,7 +353,7 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
                 continue
             g = p.gain(svc, found[0])
             if g > config.min_gain_hz:
-                heap.append((-g, order, name, key))
+                heap.append((-g * p.thrift(key), order, name, key))
                 order += 1
     heapq.heapify(heap)
     while heap:
@@ -329,29 +369,44 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
                                     config.horizon_s)
         if g <= config.min_gain_hz:
             continue  # gains only shrink as the placement grows: drop it for good
-        if heap and g < -heap[0][0]:
-            heapq.heappush(heap, (-g, order, name, key))  # stale: let the better one go
+        if heap and g * p.thrift(key) < -heap[0][0]:
+            # Stale: let the better one go first.
+            heapq.heappush(heap, (-g * p.thrift(key), order, name, key))
             order += 1
             continue
         p.commit(svc, [*svc.units, live])
+        added += 1
         gained = (f"+{g:.2f} req/s within SLO, net of "
                   f"{load_time_s(live.unit, config):.1f} s loading")
         decisions.append(Decision("add", live.unit.id, g,
                                   f"{gained}; {why}" if why else gained))
-        heapq.heappush(heap, (-g, order, name, key))  # maybe one more of the same
+        heapq.heappush(heap, (-g * p.thrift(key), order, name, key))  # one more of it?
         order += 1
-    if config.standby:
-        for svc in p.services.values():
-            if svc.units or svc.allocation.mode.startswith("pipeline"):
-                continue
-            for rep in sorted(p.reps, key=lambda r: (-r.gflops, r.id)):
-                found = p.candidate(svc, rep.profile_key())
-                if found is not None and found[0].slack_s > 0:
-                    p.commit(svc, [found[0]])
-                    decisions.append(Decision("standby", found[0].unit.id, 0.0,
-                                              "no recent demand: one replica kept ready"))
-                    break
-    return _placement(current, p), tuple(decisions)
+    return added
+
+
+def _prune(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -> None:
+    """Remove replicas whose removal raises goodput (they crowd a shared device more
+    than they serve), keeping at least one unit per service."""
+    for svc in p.services.values():
+        for live in sorted(svc.units, key=lambda u: u.unit.id):
+            if len(svc.units) < 2:
+                break
+            rest = [u for u in svc.units if u is not live]
+            new, contrib, _ = p.evaluate(svc, rest)
+            gain = new - svc.goodput
+            # Its load moves to the service's other units: count every device it moves to.
+            moved = set(contrib) | set(svc.contrib)
+            shift = {d: contrib.get(d, 0.0) - svc.contrib.get(d, 0.0) for d in moved}
+            for name in sorted({n for d in moved for n in p.hosted[d]}):
+                if name != svc.spec.name:
+                    other = p.services[name]
+                    gain += p.evaluate(other, other.units, shift)[0] - other.goodput
+            if gain > config.min_gain_hz:
+                p.commit(svc, rest)
+                decisions.append(Decision("remove", live.unit.id, gain,
+                                          f"+{gain:.2f} req/s within SLO elsewhere: it "
+                                          f"crowds a shared device more than it serves"))
 
 
 def _placement(current: Placement, p: _Planner) -> Placement:

@@ -252,6 +252,8 @@ class _Sim:
         if not st.device.alive or st.unit.broken:
             self.end(rid, "lost")
             return
+        if st not in st.device.stages:  # a retired unit still draining its requests
+            st.device.stages.append(st)
         st.queue.append(rid)
         if st.device.batch is None:
             self.start(st.device)
@@ -538,6 +540,20 @@ def simulate(system: str, requests: Sequence[Request], services: Mapping[str, Se
                 sim.push(t + config.period_s, 6, None)
     return _result(system, sim, requests, config, duration, decisions_ms,
                    sum(len(u) for u in sim.units.values()))
+
+
+def demand_of(requests: Sequence[Request], start: float, end: float
+              ) -> dict[str, ServiceDemand]:
+    """Observed demand over [start, end) of a trace, as the leader would measure it."""
+    seen: dict[str, list[float]] = {}
+    tokens: dict[str, list[int]] = {}
+    for r in requests:
+        if start <= r.t < end:
+            seen.setdefault(r.service, []).append(r.t)
+            tokens.setdefault(r.service, [])
+            if r.output_tokens:
+                tokens[r.service].append(r.output_tokens)
+    return _demand(seen, tokens, end, end - start)
 
 
 def _demand(seen: dict[str, list[float]], tokens: dict[str, list[int]], now: float,
