@@ -1,0 +1,144 @@
+"""Categorisation and the allocator: which kind of service this is, and so which parallel
+mode serves it (pure).
+
+Request level: latency-sensitive (each request has its own tight deadline) or
+frequency-sensitive (a steady stream at a target rate, where throughput and batching
+matter more than any one request). Service level: single-device (it fits and meets its
+SLO on one device at hand) or multi-device (it has to be split to fit or to be fast
+enough). The allocator maps the four combinations to modes, each with its reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from epara.node.leader.estimate import latency_at_batch, stage_cost
+from epara.node.leader.model import (
+    DeviceProfile,
+    Mode,
+    RequestCategory,
+    ServiceCategory,
+    ServiceDemand,
+    ServiceSpec,
+)
+from epara.node.leader.partition import Objective
+
+# Inter-arrival variability below this (and a rate worth batching) reads as a stream:
+# cameras and sensors send frames on a clock, people send requests at random (cv ~1).
+STEADY_CV = 0.5
+STREAM_MIN_HZ = 1.0
+# A latency-sensitive request may spend at most this share of its deadline computing,
+# leaving the rest for queueing and the network: it caps the batch such services run.
+LATENCY_BATCH_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Category:
+    request: RequestCategory
+    service: ServiceCategory
+    reason: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.request}/{self.service}"
+
+
+@dataclass(frozen=True)
+class Allocation:
+    mode: Mode
+    max_batch: int
+    objective: Objective | None  # for pipelines: what the partitioner minimises
+    reason: str
+
+
+def _fits(spec: ServiceSpec, device: DeviceProfile) -> bool:
+    return spec.memory_mb <= device.mem_mb
+
+
+def best_single_latency(spec: ServiceSpec,
+                        devices: Sequence[DeviceProfile]) -> tuple[DeviceProfile, float] | None:
+    """The device where a lone request finishes soonest, among those it fits on."""
+    options = [(latency_at_batch(spec, d, 1), d.id, d) for d in devices if _fits(spec, d)]
+    if not options:
+        return None
+    latency, _, device = min(options)
+    return device, latency
+
+
+def categorise(spec: ServiceSpec, devices: Sequence[DeviceProfile],
+               demand: ServiceDemand | None) -> Category:
+    """Classify ``spec`` from its hints, its observed traffic and the devices at hand."""
+    if demand is not None and demand.rate_hz >= STREAM_MIN_HZ and demand.cv < STEADY_CV:
+        request: RequestCategory = "frequency"
+        why = (f"frequency-sensitive: a steady stream ({demand.rate_hz:.1f} req/s, "
+               f"inter-arrival cv {demand.cv:.2f})")
+    elif spec.category == "frequency" or spec.target_rate_hz:
+        request = "frequency"
+        rate = f" at {spec.target_rate_hz:g} Hz" if spec.target_rate_hz else ""
+        why = f"frequency-sensitive: the manifest asks for a stream{rate}"
+    else:
+        request = "latency"
+        why = f"latency-sensitive: each request has a {spec.deadline_ms():.0f} ms deadline"
+    deadline = spec.deadline_ms() / 1000
+    best = best_single_latency(spec, devices)
+    if best is None:
+        largest = max((d.mem_mb for d in devices), default=0.0)
+        return Category(request, "multi", f"{why}; multi-device: needs {spec.memory_mb:.0f} "
+                        f"MB, the largest device offers {largest:.0f} MB")
+    device, latency = best
+    if latency > deadline:
+        return Category(request, "multi", f"{why}; multi-device: its fastest single device "
+                        f"({device.id}) takes {latency * 1000:.0f} ms, over the "
+                        f"{deadline * 1000:.0f} ms SLO")
+    if request == "frequency" and spec.target_rate_hz:
+        cost = stage_cost(spec, device)
+        rate = spec.max_batch / cost.time(spec.max_batch * spec.gflop)
+        if rate < spec.target_rate_hz:
+            return Category(request, "multi", f"{why}; multi-device: one {device.id} "
+                            f"sustains {rate:.1f} Hz, under the {spec.target_rate_hz:g} Hz "
+                            f"target")
+    return Category(request, "single", f"{why}; single-device: fits {device.id} and takes "
+                    f"{latency * 1000:.0f} ms of its {deadline * 1000:.0f} ms SLO")
+
+
+def latency_batch(spec: ServiceSpec, device: DeviceProfile) -> int:
+    """Largest batch keeping a request within its share of the deadline on ``device``."""
+    budget = spec.deadline_ms() / 1000 * LATENCY_BATCH_SHARE
+    batch = 1
+    while batch < spec.max_batch and latency_at_batch(spec, device, batch * 2) <= budget:
+        batch *= 2
+    return min(batch, spec.max_batch)
+
+
+def allocate(spec: ServiceSpec, category: Category,
+             devices: Sequence[DeviceProfile]) -> Allocation:
+    """The parallel mode for a category, with the batch it runs and why."""
+    if category.service == "multi":
+        if not spec.layers:
+            return Allocation("replicas", spec.max_batch, None,
+                              "replicas: needs more than one device but its manifest "
+                              "declares no layers to cut, so it runs where it fits best")
+        if category.request == "frequency":
+            return Allocation("pipeline_throughput", spec.max_batch, "throughput",
+                              f"pipeline, micro-batched ({spec.max_batch} per stage): "
+                              f"stages cut to minimise the slowest stage, for rate")
+        return Allocation("pipeline_latency", 1, "latency",
+                          "pipeline over the fewest fast devices: stages cut to minimise "
+                          "one request's end-to-end time")
+    if category.request == "frequency":
+        return Allocation("data_parallel", spec.max_batch, None,
+                          f"data-parallel replicas with dynamic batching (up to "
+                          f"{spec.max_batch}), load spread by expected completion")
+    best = best_single_latency(spec, devices)
+    batch = latency_batch(spec, best[0]) if best else 1
+    return Allocation("replicas", batch, None,
+                      f"replicas with least-expected-completion routing, batch up to "
+                      f"{batch} (keeps a request within {LATENCY_BATCH_SHARE:.0%} of its "
+                      f"SLO)")
+
+
+def uniform_allocation(spec: ServiceSpec) -> Allocation:
+    """Categorisation switched off: one mode for every service (the ablation baseline)."""
+    return Allocation("replicas", spec.max_batch, None,
+                      "categorisation off: replicas for every service")

@@ -1,0 +1,188 @@
+"""Analytical estimates: step times, a unit's latency and capacity, goodput under load.
+
+These are deliberately simple closed forms (a roofline per step, a Kingman-style queue
+per device): the scheduler evaluates them thousands of times per decision. Their
+assumptions are listed in docs/epara-core.md; the simulator measures what they predict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+from epara.node.leader.model import DeviceProfile, ServiceSpec, Unit
+
+# Below this, a burst never queues behind more than a handful of requests; treating even a
+# perfectly periodic stream as slightly variable keeps the estimate away from 100% use.
+MIN_VARIABILITY = 0.05
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Step time of one stage on one device: max(gflop * per_gflop_s, read_s) + fixed_s."""
+
+    per_gflop_s: float  # seconds per GFLOP of the whole model's pass routed to this stage
+    read_s: float  # reading this stage's weights once per step
+    fixed_s: float
+
+    def time(self, gflop: float) -> float:
+        return max(gflop * self.per_gflop_s, self.read_s) + self.fixed_s
+
+
+def stage_cost(spec: ServiceSpec, device: DeviceProfile, first: int = 0,
+               end: int | None = None) -> StageCost:
+    """Cost model of layers [first, end) of ``spec`` on ``device`` (all layers by default).
+
+    A measured batch-1 latency for the device's class, when the spec has one, rescales the
+    roofline so that the whole model's first pass takes exactly the measured time.
+    """
+    if spec.layers:
+        end = len(spec.layers) if end is None else end
+        share = sum(layer.compute_share for layer in spec.layers[first:end])
+        weights = sum(layer.weight_mb for layer in spec.layers[first:end])
+    else:
+        share, weights = 1.0, spec.weights
+    per_gflop = share / device.gflops
+    read = weights / 1024 / device.mem_bandwidth_gbs
+    measured = spec.measured_ms.get(device.device_class)
+    if measured is not None:
+        roofline = max(spec.gflop / device.gflops, spec.weights / 1024 /
+                       device.mem_bandwidth_gbs)
+        scale = max(0.0, measured / 1000 - spec.overhead_ms / 1000) / roofline \
+            if roofline > 0 else 1.0
+        per_gflop, read = per_gflop * scale, read * scale
+    return StageCost(per_gflop, read, spec.overhead_ms / 1000)
+
+
+@dataclass(frozen=True)
+class UnitPerf:
+    """What a unit offers: a lone request's time, throughput at full batches, device use."""
+
+    latency_s: float  # one typical request, alone, including transfers between stages
+    first_pass_s: float  # time to the first result (prefill for an LLM)
+    pass_s: float  # each further pass (an LLM token) at batch 1
+    capacity_hz: float  # requests per second with full batches and the pipeline full
+    stage_use: tuple[float, ...]  # per stage: busy seconds per request at full batches
+
+    def use(self, unit: Unit) -> dict[str, float]:
+        """Busy seconds per request on each device of ``unit`` (a device may hold two
+        stages). Kept per stage so one estimate serves every unit of the same shape."""
+        out: dict[str, float] = {}
+        for stage, busy in zip(unit.stages, self.stage_use, strict=True):
+            out[stage.device] = out.get(stage.device, 0.0) + busy
+        return out
+
+
+def unit_perf(spec: ServiceSpec, unit: Unit, devices: Mapping[str, DeviceProfile],
+              tokens: float | None = None) -> UnitPerf:
+    """Latency and capacity of ``unit`` for requests of ``tokens`` output tokens."""
+    tokens = spec.mean_output_tokens if tokens is None else tokens
+    decode = tokens if spec.is_llm else 0.0
+    batch = max(1, unit.max_batch)
+    costs = []
+    links = []
+    for i, stage in enumerate(unit.stages):
+        device = devices[stage.device]
+        costs.append(stage_cost(spec, device, stage.first, stage.end or None))
+        nxt = unit.stages[(i + 1) % len(unit.stages)]
+        if len(unit.stages) > 1 and (i + 1 < len(unit.stages) or decode):
+            out = spec.layers[stage.end - 1].out_mb if spec.layers and stage.end else 0.0
+            links.append((device, out, nxt.device))
+    def link_s(b: int) -> list[float]:
+        return [dev.transfer_s(out * b) for dev, out, _ in links]
+    # A pass goes through every stage in turn; an LLM's token returns to the head.
+    first = sum(c.time(spec.gflop) for c in costs) + sum(link_s(1))
+    per = sum(c.time(spec.gflop_per_token) for c in costs) + sum(link_s(1)) if decode else 0.0
+    latency = first + decode * per
+    # Throughput: each stage works on one micro-batch of `batch` passes while the others
+    # work on theirs; with len(stages) micro-batches in flight the slowest resource (a
+    # stage or a link) sets the pace, unless one round through all stages is slower still.
+    gpt = spec.gflop_per_token if decode else spec.gflop
+    cycles = [c.time(batch * gpt) for c in costs] + link_s(batch)
+    round_trip = sum(cycles)
+    cycle = max(max(cycles), round_trip / len(unit.stages))
+    # Each request adds its first pass's extra compute to one step of each stage.
+    extra = [max(0.0, c.time(spec.gflop) - c.time(0)) for c in costs] if decode else \
+        [0.0 for _ in costs]
+    passes = decode if decode else 1.0
+    per_request = cycle * passes / batch + max(extra)
+    use = tuple(c.time(batch * gpt) * passes / batch + e
+                for c, e in zip(costs, extra, strict=True))
+    return UnitPerf(latency, first, per, 1.0 / per_request, use)
+
+
+def latency_at_batch(spec: ServiceSpec, device: DeviceProfile, batch: int) -> float:
+    """A request's time on one device when every step runs ``batch`` requests."""
+    cost = stage_cost(spec, device)
+    if spec.is_llm:
+        return cost.time(spec.gflop + (batch - 1) * spec.gflop_per_token) + \
+            spec.mean_output_tokens * cost.time(batch * spec.gflop_per_token)
+    return cost.time(batch * spec.gflop)
+
+
+@lru_cache(maxsize=4096)
+def _best_load(z: float) -> float:
+    """Utilisation maximising rho * attainment(rho) for slack ``z`` (see ``attainment``)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # golden-section search: the product is unimodal in rho
+        a = lo + (hi - lo) * 0.382
+        b = lo + (hi - lo) * 0.618
+        if a * _attain(a, z) < b * _attain(b, z):
+            lo = a
+        else:
+            hi = b
+    return (lo + hi) / 2
+
+
+def _attain(rho: float, z: float) -> float:
+    return max(0.0, 1.0 - rho * math.exp(-z * (1.0 - rho)))
+
+
+def attainment(rho: float, slack_s: float, service_s: float, cv: float) -> float:
+    """Fraction of requests whose queueing wait stays under ``slack_s``.
+
+    Kingman's heavy-traffic wait for a G/D/1 queue, W = cv²/2 · rho/(1-rho) · S, with an
+    exponential tail: P(wait > t) = rho · exp(-t · rho / W) = rho · exp(-z (1 - rho)),
+    z = t / (cv²/2 · S). Batching and continuous batching fold into S = 1 / capacity.
+    """
+    if slack_s <= 0:
+        return 0.0
+    if rho <= 0:
+        return 1.0
+    if rho >= 1:
+        return 0.0
+    k = max(MIN_VARIABILITY, cv * cv / 2)
+    return _attain(rho, slack_s / (k * service_s))
+
+
+def admitted_load(slack_s: float, service_s: float, cv: float) -> float:
+    """The utilisation a unit accepts before early refusal turns requests away."""
+    if slack_s <= 0:
+        return 0.0
+    k = max(MIN_VARIABILITY, cv * cv / 2)
+    return _best_load(_quantise(slack_s / (k * service_s)))
+
+
+def _quantise(z: float) -> float:
+    # Few distinct keys for the cache; the optimum moves slowly with z.
+    return min(1e4, float(f"{z:.2g}"))
+
+
+def unit_goodput(rate_hz: float, rho: float, slack_s: float, service_s: float,
+                 cv: float) -> float:
+    """Requests per second that meet their deadline when ``rate_hz`` is offered to a unit
+    whose devices are at utilisation ``rho`` (all their units together).
+
+    Early refusal means the unit never admits more than the load that maximises goodput:
+    above that load, the excess is refused rather than allowed to make everything late.
+    """
+    if rate_hz <= 0 or slack_s <= 0:
+        return 0.0
+    k = max(MIN_VARIABILITY, cv * cv / 2)
+    z = slack_s / (k * service_s)
+    best = _best_load(_quantise(z))
+    if rho <= best:
+        return rate_hz * _attain(rho, z)
+    return rate_hz * best / rho * _attain(best, z)

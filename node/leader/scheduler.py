@@ -1,0 +1,442 @@
+"""The state-aware scheduler: a greedy marginal-gain search for a better placement (pure).
+
+``schedule(current, state, demand, services, now)`` starts from the current placement,
+drops what sits on dead devices, then repeatedly adds the candidate with the largest
+estimated goodput gain (requests meeting their SLO per second): a replica of a service on
+a device, or a pipeline plan over a device set. Gains count the effect on every service
+sharing the chosen device, and a new unit's gain is charged its model-load time over the
+planning horizon, so nothing moves unless it pays for its move. Lazy greedy: candidates
+sit in a heap keyed by their last known gain (an upper bound when gains diminish, as
+they do for replicas of one service) and are re-evaluated only when they reach the top.
+
+Devices with equal profiles are interchangeable, so candidates are (service, profile
+group) pairs and the group picks its least-loaded device that fits: 200 services over
+1,000 devices of a few kinds make about a thousand candidates, not two hundred thousand.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from epara.node.leader.allocate import (
+    Allocation,
+    Category,
+    allocate,
+    categorise,
+    uniform_allocation,
+)
+from epara.node.leader.estimate import UnitPerf, admitted_load, unit_goodput, unit_perf
+from epara.node.leader.model import (
+    ClusterState,
+    Demand,
+    DeviceProfile,
+    Placement,
+    ServiceDemand,
+    ServicePlan,
+    ServiceSpec,
+    Stage,
+    Unit,
+)
+from epara.node.leader.partition import partition
+
+NO_DEMAND = ServiceDemand(0.0)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    horizon_s: float = 60.0  # a move must pay for its load time within this
+    load_mb_per_s: float = 200.0  # reading weights from local storage into memory
+    load_fixed_s: float = 0.5  # runtime start, session creation
+    min_gain_hz: float = 0.01  # below this a change is noise, not worth a version
+    categorise: bool = True  # False: one mode for every service (the ablation)
+    max_units_per_service: int = 256
+    pipeline_pool: int = 8  # devices offered to the partitioner per candidate
+    max_stages: int = 4
+    max_cuts: int = 16  # cut points the partitioner considers (evenly spaced)
+    standby: bool = True  # keep one replica of an idle service where memory is free
+    sweeps: int = 3  # greedy passes at most per decision
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "add" | "remove" | "drop" | "standby"
+    unit: str
+    gain_hz: float  # estimated goodput change (requests meeting SLO per second)
+    reason: str
+
+
+@dataclass
+class _Live:
+    """A unit in the placement being built, with its estimates."""
+
+    unit: Unit
+    perf: UnitPerf
+    slack_s: float  # deadline minus a lone request's time: what queueing may take
+    use: dict[str, float]  # device -> busy seconds per request
+    rate_hz: float = 0.0  # share of its service's demand routed here
+
+
+@dataclass
+class _Service:
+    spec: ServiceSpec
+    demand: ServiceDemand
+    category: Category
+    allocation: Allocation
+    units: list[_Live] = field(default_factory=list)
+    contrib: dict[str, float] = field(default_factory=dict)  # device -> utilisation
+    goodput: float = 0.0
+
+
+def load_time_s(unit: Unit, config: SchedulerConfig) -> float:
+    """A new unit serves only after every stage has read its weights (in parallel)."""
+    return config.load_fixed_s + max(s.memory_mb for s in unit.stages) / config.load_mb_per_s
+
+
+class _Planner:
+    """The working state of one ``schedule`` call (never escapes it)."""
+
+    def __init__(self, state: ClusterState, demand: Demand,
+                 services: Mapping[str, ServiceSpec], config: SchedulerConfig) -> None:
+        self.config = config
+        self.devices: dict[str, DeviceProfile] = {p.id: p for p in state.alive()}
+        self.groups: dict[tuple[Any, ...], list[str]] = {}
+        for d in self.devices.values():
+            self.groups.setdefault(d.profile_key(), []).append(d.id)
+        self.reps = [self.devices[ids[0]] for ids in self.groups.values()]
+        self.free = {d.id: d.mem_mb for d in self.devices.values()}
+        self.util = dict.fromkeys(self.devices, 0.0)
+        self.hosted: dict[str, set[str]] = {d: set() for d in self.devices}
+        self.version = dict.fromkeys(self.devices, 0)
+        self.heaps: dict[tuple[Any, ...], list[tuple[float, float, str, int]]] = {}
+        self.perf_cache: dict[tuple[Any, ...], UnitPerf] = {}
+        self.services: dict[str, _Service] = {}
+        for name in sorted(services):
+            spec = services[name]
+            d = demand.get(name, NO_DEMAND)
+            if d.mean_output_tokens is not None and spec.is_llm:
+                spec = _with_tokens(spec, d.mean_output_tokens)
+            category = categorise(spec, self.reps, d)
+            allocation = allocate(spec, category, self.reps) if config.categorise \
+                else uniform_allocation(spec)
+            self.services[name] = _Service(spec, d, category, allocation)
+        for key, ids in self.groups.items():
+            self.heaps[key] = [self._entry(i) for i in sorted(ids)]
+            heapq.heapify(self.heaps[key])
+
+    # --- estimates ---------------------------------------------------------------
+
+    def perf(self, spec: ServiceSpec, unit: Unit) -> UnitPerf:
+        key = (spec.name, spec.mean_output_tokens, unit.max_batch,
+               tuple((self.devices[s.device].profile_key(), s.first, s.end)
+                     for s in unit.stages))
+        perf = self.perf_cache.get(key)
+        if perf is None:
+            perf = unit_perf(spec, unit, self.devices)
+            self.perf_cache[key] = perf
+        return perf
+
+    def live(self, svc: _Service, unit: Unit) -> _Live:
+        perf = self.perf(svc.spec, unit)
+        head = self.devices[unit.head]
+        network = 2 * head.transfer_s(svc.spec.input_mb)  # request in, answer out
+        slack = svc.spec.deadline_ms() / 1000 - perf.latency_s - network
+        return _Live(unit, perf, slack, perf.use(unit))
+
+    def evaluate(self, svc: _Service, units: list[_Live],
+                 shift: Mapping[str, float] | None = None
+                 ) -> tuple[float, dict[str, float], list[float]]:
+        """Goodput of ``svc`` over ``units``: returns (goodput, its utilisation per
+        device, rate per unit). Demand splits over units that can meet the deadline in
+        proportion to capacity, as least-expected-completion routing tends to."""
+        feasible = [u.perf.capacity_hz if u.slack_s > 0 else 0.0 for u in units]
+        total = sum(feasible)
+        rates = [svc.demand.rate_hz * c / total if total else 0.0 for c in feasible]
+        contrib: dict[str, float] = {}
+        # Early refusal caps what a unit takes on: beyond that, requests are turned away
+        # instead of loading the device for its neighbours.
+        admitted = [min(r, admitted_load(u.slack_s, 1.0 / u.perf.capacity_hz, svc.demand.cv)
+                        * u.perf.capacity_hz) if r > 0 else 0.0
+                    for u, r in zip(units, rates, strict=True)]
+        for u, a in zip(units, admitted, strict=True):
+            for d, busy in u.use.items():
+                contrib[d] = contrib.get(d, 0.0) + a * busy
+        goodput = 0.0
+        for u, r in zip(units, admitted, strict=True):
+            if r <= 0:
+                continue
+            rho = max(self.util[d] - svc.contrib.get(d, 0.0) + (shift or {}).get(d, 0.0)
+                      + contrib[d] for d in u.use)
+            goodput += unit_goodput(r, rho, u.slack_s, 1.0 / u.perf.capacity_hz,
+                                    svc.demand.cv)
+        return goodput, contrib, rates
+
+    def gain(self, svc: _Service, candidate: _Live) -> float:
+        """Total goodput change if ``candidate`` joins ``svc``, neighbours included."""
+        new, contrib, _ = self.evaluate(svc, [*svc.units, candidate])
+        gain = new - svc.goodput
+        shift = {d: contrib.get(d, 0.0) - svc.contrib.get(d, 0.0)
+                 for d in candidate.unit.devices}
+        for name in sorted({n for d in candidate.unit.devices for n in self.hosted[d]}):
+            if name != svc.spec.name:
+                other = self.services[name]
+                gain += self.evaluate(other, other.units, shift)[0] - other.goodput
+        return gain
+
+    # --- device choice -------------------------------------------------------------
+
+    def thrift(self, key: tuple[Any, ...] | None) -> float:
+        """Ordering weight: equal gains go to slower devices first (at most 2% apart),
+        keeping fast devices for the services only they can serve."""
+        if key is None:
+            return 1.0
+        fastest = max(r.gflops for r in self.reps)
+        return 1.0 - 0.02 * self.devices[self.groups[key][0]].gflops / fastest
+
+    def _entry(self, device: str) -> tuple[float, float, str, int]:
+        return (round(self.util[device], 2), -self.free[device], device,
+                self.version[device])
+
+    def _touch(self, device: str) -> None:
+        self.version[device] += 1
+        heapq.heappush(self.heaps[self.devices[device].profile_key()], self._entry(device))
+
+    def pick(self, key: tuple[Any, ...], memory_mb: float, count: int = 1,
+             exclude: frozenset[str] = frozenset()) -> list[str]:
+        """Up to ``count`` least-loaded devices of a group with ``memory_mb`` free."""
+        heap = self.heaps[key]
+        found: list[str] = []
+        aside = []
+        while heap and len(found) < count:
+            entry = heapq.heappop(heap)
+            _, _, device, version = entry
+            if version != self.version[device]:
+                continue  # superseded by a newer entry for the same device
+            aside.append(entry)
+            if self.free[device] >= memory_mb and device not in exclude:
+                found.append(device)
+        for entry in aside:
+            heapq.heappush(heap, entry)
+        return found
+
+    # --- changes -------------------------------------------------------------------
+
+    def commit(self, svc: _Service, units: list[_Live]) -> None:
+        """Make ``units`` the service's units and refresh every estimate they touch."""
+        old_devices = set(svc.contrib)
+        for u in svc.units:
+            for s in u.unit.stages:
+                self.free[s.device] += s.memory_mb
+                self.hosted[s.device].discard(svc.spec.name)
+        for u in units:
+            for s in u.unit.stages:
+                self.free[s.device] -= s.memory_mb
+                self.hosted[s.device].add(svc.spec.name)
+        goodput, contrib, rates = self.evaluate(svc, units)
+        for d in old_devices | set(contrib):
+            self.util[d] += contrib.get(d, 0.0) - svc.contrib.get(d, 0.0)
+        svc.units, svc.contrib, svc.goodput = units, contrib, goodput
+        for u, r in zip(units, rates, strict=True):
+            u.rate_hz = r
+        touched = old_devices | set(contrib) | {s.device for u in units for s in u.unit.stages}
+        for name in sorted({n for d in touched for n in self.hosted[d]} - {svc.spec.name}):
+            other = self.services[name]
+            other.goodput = self.evaluate(other, other.units)[0]
+        for d in sorted(touched):
+            self._touch(d)
+
+    def replica(self, svc: _Service, key: tuple[Any, ...]) -> _Live | None:
+        device = self.pick(key, svc.spec.memory_mb)
+        if not device:
+            return None
+        unit = Unit(svc.spec.name, (Stage(device[0], 0, len(svc.spec.layers),
+                                          svc.spec.memory_mb),), svc.allocation.max_batch)
+        return self.live(svc, unit)
+
+    def pipeline(self, svc: _Service) -> tuple[_Live, str] | None:
+        """A pipeline over a pool of the fastest lightly loaded devices with room."""
+        objective = svc.allocation.objective or "latency"
+        smallest = min(svc.spec.stage_memory_mb(i, i + 1) for i in range(len(svc.spec.layers)))
+        pool: list[DeviceProfile] = []
+        per_group = max(1, self.config.pipeline_pool // 2)
+        for rep in sorted(self.reps, key=lambda r: (-r.gflops, r.id)):
+            room = self.config.pipeline_pool - len(pool)
+            if room <= 0:
+                break
+            ids = self.pick(rep.profile_key(), smallest, min(room, per_group))
+            pool += [self.devices[i] for i in ids]
+        plan = partition(svc.spec, pool, self.free, objective, svc.allocation.max_batch,
+                         self.config.max_stages, self.config.max_cuts)
+        if plan is None:
+            return None
+        unit = Unit(svc.spec.name, plan.stages, svc.allocation.max_batch)
+        return self.live(svc, unit), plan.reason
+
+    def candidate(self, svc: _Service, key: tuple[Any, ...] | None
+                  ) -> tuple[_Live, str] | None:
+        if key is None:
+            return self.pipeline(svc)
+        live = self.replica(svc, key)
+        return None if live is None else (live, "")
+
+
+def _with_tokens(spec: ServiceSpec, tokens: float) -> ServiceSpec:
+    return replace(spec, mean_output_tokens=tokens)
+
+
+def schedule(current: Placement, state: ClusterState, demand: Demand,
+             services: Mapping[str, ServiceSpec], now: float,
+             config: SchedulerConfig | None = None
+             ) -> tuple[Placement, tuple[Decision, ...]]:
+    """The next desired placement and the decisions that lead from ``current`` to it."""
+    config = config or SchedulerConfig()
+    p = _Planner(state, demand, services, config)
+    decisions: list[Decision] = []
+    # Keep what still stands; what touched a lost device (or a retired service) goes.
+    for unit in current.units():
+        svc = p.services.get(unit.service)
+        lost = [d for d in unit.devices if d not in p.devices]
+        if svc is None or lost:
+            why = f"device {', '.join(lost)} is gone" if lost else "service retired"
+            decisions.append(Decision("drop", unit.id, 0.0, why))
+            continue
+        p.commit(svc, [*svc.units, p.live(svc, unit)])
+    # Units that cannot meet their SLO only take memory and routing attempts.
+    for svc in p.services.values():
+        doomed = [u for u in svc.units if u.slack_s <= 0]
+        if doomed:
+            for u in doomed:
+                decisions.append(Decision("remove", u.unit.id, 0.0,
+                                          f"cannot meet the {svc.spec.deadline_ms():.0f} ms "
+                                          f"SLO (alone it takes "
+                                          f"{u.perf.latency_s * 1000:.0f} ms)"))
+            p.commit(svc, [u for u in svc.units if u.slack_s > 0])
+    # Lazy greedy sweeps until one adds nothing: interactions between services on shared
+    # devices make gains not strictly diminishing, so one sweep can leave a gain behind.
+    for _ in range(config.sweeps):
+        if not _sweep(p, config, decisions):
+            break
+    _prune(p, config, decisions)
+    if config.standby:
+        for svc in p.services.values():
+            if svc.units or svc.demand.rate_hz > 0 or \
+                    svc.allocation.mode.startswith("pipeline"):
+                continue
+            for rep in sorted(p.reps, key=lambda r: (-r.gflops, r.id)):
+                found = p.candidate(svc, rep.profile_key())
+                if found is not None and found[0].slack_s > 0:
+                    p.commit(svc, [found[0]])
+                    decisions.append(Decision("standby", found[0].unit.id, 0.0,
+                                              "no recent demand: one replica kept ready"))
+                    break
+    return _placement(current, p), tuple(decisions)
+
+
+def _sweep(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -> int:
+    """One lazy-greedy pass over (service, device group) candidates (None stands for a
+    pipeline); returns how many units it added."""
+    added = 0
+    heap: list[tuple[float, int, str, tuple[Any, ...] | None]] = []
+    order = 0
+    for name, svc in p.services.items():
+        if svc.demand.rate_hz <= 0:
+            continue
+        keys: list[tuple[Any, ...] | None] = []
+        if svc.allocation.mode.startswith("pipeline"):
+            keys.append(None)
+        keys += [r.profile_key() for r in p.reps if r.mem_mb >= svc.spec.memory_mb]
+        for key in keys:
+            found = p.candidate(svc, key)
+            if found is None:
+                continue
+            g = p.gain(svc, found[0])
+            if g > config.min_gain_hz:
+                heap.append((-g * p.thrift(key), order, name, key))
+                order += 1
+    heapq.heapify(heap)
+    while heap:
+        _, _, name, key = heapq.heappop(heap)
+        svc = p.services[name]
+        if len(svc.units) >= config.max_units_per_service:
+            continue
+        found = p.candidate(svc, key)
+        if found is None:
+            continue
+        live, why = found
+        g = p.gain(svc, live) * max(0.0, 1 - load_time_s(live.unit, config) /
+                                    config.horizon_s)
+        if g <= config.min_gain_hz:
+            continue  # gains only shrink as the placement grows: drop it for good
+        if heap and g * p.thrift(key) < -heap[0][0]:
+            # Stale: let the better one go first.
+            heapq.heappush(heap, (-g * p.thrift(key), order, name, key))
+            order += 1
+            continue
+        p.commit(svc, [*svc.units, live])
+        added += 1
+        gained = (f"+{g:.2f} req/s within SLO, net of "
+                  f"{load_time_s(live.unit, config):.1f} s loading")
+        decisions.append(Decision("add", live.unit.id, g,
+                                  f"{gained}; {why}" if why else gained))
+        heapq.heappush(heap, (-g * p.thrift(key), order, name, key))  # one more of it?
+        order += 1
+    return added
+
+
+def _prune(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -> None:
+    """Remove replicas whose removal raises goodput (they crowd a shared device more
+    than they serve), keeping at least one unit per service."""
+    for svc in p.services.values():
+        for live in sorted(svc.units, key=lambda u: u.unit.id):
+            if len(svc.units) < 2:
+                break
+            rest = [u for u in svc.units if u is not live]
+            new, contrib, _ = p.evaluate(svc, rest)
+            gain = new - svc.goodput
+            # Its load moves to the service's other units: count every device it moves to.
+            moved = set(contrib) | set(svc.contrib)
+            shift = {d: contrib.get(d, 0.0) - svc.contrib.get(d, 0.0) for d in moved}
+            for name in sorted({n for d in moved for n in p.hosted[d]}):
+                if name != svc.spec.name:
+                    other = p.services[name]
+                    gain += p.evaluate(other, other.units, shift)[0] - other.goodput
+            if gain > config.min_gain_hz:
+                p.commit(svc, rest)
+                decisions.append(Decision("remove", live.unit.id, gain,
+                                          f"+{gain:.2f} req/s within SLO elsewhere: it "
+                                          f"crowds a shared device more than it serves"))
+
+
+def _placement(current: Placement, p: _Planner) -> Placement:
+    plans = {}
+    for name, svc in p.services.items():
+        units = tuple(sorted((u.unit for u in svc.units), key=lambda u: u.id))
+        plans[name] = ServicePlan(name, svc.category.label, svc.allocation.mode, units,
+                                  _explain(p, svc))
+    same = sorted((u.id, u.max_batch) for u in current.units()) == \
+        sorted((u.id, u.max_batch) for plan in plans.values() for u in plan.units)
+    return Placement(current.version if same else current.version + 1, plans)
+
+
+def _explain(p: _Planner, svc: _Service) -> str:
+    parts = [svc.category.reason, svc.allocation.reason]
+    if not svc.units:
+        parts.append("not placed: " + ("no recent demand and no free memory"
+                                       if svc.demand.rate_hz <= 0 else
+                                       "no device (or device set) can meet its SLO with "
+                                       "the memory left"))
+        return "; ".join(parts)
+    where = ", ".join(u.unit.id.split("@", 1)[1] for u in svc.units[:6])
+    more = f" and {len(svc.units) - 6} more" if len(svc.units) > 6 else ""
+    parts.append(f"{len(svc.units)} unit(s) on {where}{more} for "
+                 f"{svc.demand.rate_hz:.2f} req/s (estimated {svc.goodput:.2f} req/s "
+                 f"within SLO)")
+    shared = sorted({d for u in svc.units for d in u.unit.devices
+                     if len(p.hosted[d]) > 1})
+    if shared:
+        others = max(len(p.hosted[d]) - 1 for d in shared)
+        parts.append(f"shares {len(shared)} device(s) with up to {others} other "
+                     f"service(s)")
+    return "; ".join(parts)

@@ -1,0 +1,143 @@
+"""Categorisation, allocation and the partitioner (pure functions of plain values)."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from epara.node.leader.allocate import allocate, categorise, uniform_allocation
+from epara.node.leader.model import DeviceProfile, Layer, ServiceDemand, ServiceSpec
+from epara.node.leader.partition import partition, plan_value, proportional_split
+from epara.node.leader.workloads import DEVICE_KINDS, TEMPLATES
+
+SERVER, JETSON, PI = (DEVICE_KINDS[k] for k in ("server", "jetson", "pi"))
+
+
+def test_a_steady_stream_is_frequency_sensitive_whatever_the_hint() -> None:
+    cat = categorise(TEMPLATES["classify"], [JETSON], ServiceDemand(30.0, cv=0.1))
+    assert cat.request == "frequency" and "steady stream" in cat.reason
+
+
+def test_random_requests_keep_the_latency_hint() -> None:
+    cat = categorise(TEMPLATES["classify"], [JETSON], ServiceDemand(30.0, cv=1.0))
+    assert cat.label == "latency/single"
+    assert "100 ms deadline" in cat.reason
+
+
+def test_a_frequency_hint_makes_a_stream() -> None:
+    cat = categorise(TEMPLATES["seg-stream"], [JETSON], None)
+    assert cat.label == "frequency/single" and "15 Hz" in cat.reason
+
+
+def test_too_big_for_any_device_is_multi_device() -> None:
+    cat = categorise(TEMPLATES["chat-30b"], [SERVER, JETSON], None)
+    assert cat.service == "multi" and "needs 20000 MB" in cat.reason
+
+
+def test_too_slow_on_every_device_is_multi_device() -> None:
+    # An 8.7 GFLOP detector takes ~350 ms on a Pi 5: over its 200 ms SLO.
+    cat = categorise(TEMPLATES["detect"], [PI], None)
+    assert cat.service == "multi" and "over the 200 ms SLO" in cat.reason
+    assert categorise(TEMPLATES["detect"], [PI, JETSON], None).service == "single"
+
+
+def test_allocator_maps_each_category_to_its_mode_with_a_reason() -> None:
+    devices = [SERVER, JETSON, PI]
+    cases = {
+        "classify": "replicas", "seg-stream": "data_parallel", "chat-30b": "pipeline_latency"}
+    for name, mode in cases.items():
+        spec = TEMPLATES[name]
+        got = allocate(spec, categorise(spec, devices, None), devices)
+        assert got.mode == mode, (name, got)
+        assert got.reason
+    stream = TEMPLATES["chat-30b"]
+    frequency = categorise(stream, devices, ServiceDemand(5.0, cv=0.1))
+    assert allocate(stream, frequency, devices).mode == "pipeline_throughput"
+    assert uniform_allocation(stream).mode == "replicas"
+
+
+def test_latency_batch_is_capped_by_the_deadline() -> None:
+    # On a Pi every classify step is compute-bound: batching only adds latency.
+    spec = TEMPLATES["classify"]
+    on_pi = allocate(spec, categorise(spec, [PI], None), [PI])
+    assert on_pi.max_batch < spec.max_batch
+    on_gpu = allocate(spec, categorise(spec, [SERVER], None), [SERVER])
+    assert on_gpu.max_batch == spec.max_batch
+
+
+def _device(i: int, gflops: float, mem: float, mbps: float = 1000.0) -> DeviceProfile:
+    return DeviceProfile(f"d{i}", "embedded", gflops, gflops / 50, mem, "", mbps, 0.5)
+
+
+def _brute(spec: ServiceSpec, devices: list[DeviceProfile], objective: str,
+           batch: int) -> float | None:
+    n = len(spec.layers)
+    best = None
+    for k in range(1, len(devices) + 1):
+        for order in itertools.permutations(devices, k):
+            for cuts in itertools.combinations(range(1, n), k - 1):
+                bounds = [0, *cuts, n]
+                stages = [(d, bounds[i], bounds[i + 1]) for i, d in enumerate(order)]
+                if any(spec.stage_memory_mb(a, e) > d.mem_mb + 1e-9 for d, a, e in stages):
+                    continue
+                value = plan_value(spec, stages, objective, batch)  # type: ignore[arg-type]
+                best = value if best is None else min(best, value)
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(layers=st.lists(st.tuples(st.floats(10, 500), st.floats(0.01, 2.0)), min_size=1,
+                       max_size=5),
+       speeds=st.lists(st.tuples(st.sampled_from([20.0, 200.0, 2000.0]),
+                                 st.floats(100, 1500)), min_size=1, max_size=3),
+       objective=st.sampled_from(["throughput", "latency"]))
+def test_partitioner_matches_brute_force(layers: list[tuple[float, float]],
+                                         speeds: list[tuple[float, float]],
+                                         objective: str) -> None:
+    total = sum(w for w, _ in layers)
+    spec = ServiceSpec("m", memory_mb=total * 1.2, weight_mb=total, gflop=40.0, max_batch=4,
+                       layers=tuple(Layer(w, 1 / len(layers), out) for w, out in layers))
+    devices = [_device(i, g, m) for i, (g, m) in enumerate(speeds)]
+    plan = partition(spec, devices, {d.id: d.mem_mb for d in devices},
+                     objective, 4)  # type: ignore[arg-type]
+    expected = _brute(spec, devices, objective, 4)
+    if expected is None:
+        assert plan is None
+        return
+    assert plan is not None
+    assert abs(plan.value_s - expected) <= 1e-9 * max(1.0, expected)
+    by_id = {d.id: d for d in devices}
+    for stage in plan.stages:
+        assert stage.memory_mb <= by_id[stage.device].mem_mb + 1e-9
+    assert plan.stages[0].first == 0 and plan.stages[-1].end == len(layers)
+
+
+def test_partitioner_leaves_out_a_device_that_would_slow_the_pipeline() -> None:
+    spec = ServiceSpec("m", memory_mb=1000, gflop=50.0, layers=tuple(
+        Layer(100, 0.1, 1.0) for _ in range(10)))
+    fast, slow = _device(0, 2000.0, 4000), _device(1, 20.0, 4000)
+    plan = partition(spec, [slow, fast], {"d0": 4000, "d1": 4000}, "latency")
+    assert plan is not None
+    assert [s.device for s in plan.stages] == ["d0"]
+    assert plan.left_out == ("d1",) and "left out d1" in plan.reason
+
+
+def test_partitioner_splits_when_memory_forces_it() -> None:
+    spec = ServiceSpec("m", memory_mb=3000, gflop=50.0, layers=tuple(
+        Layer(300, 0.1, 0.5) for _ in range(10)))
+    devices = [_device(i, 2000.0, 1600) for i in range(3)]
+    plan = partition(spec, devices, {d.id: d.mem_mb for d in devices}, "throughput", 4)
+    assert plan is not None and len(plan.stages) >= 2
+    assert all(s.memory_mb <= 1600 for s in plan.stages)
+    assert partition(spec, devices[:1], {"d0": 1600}, "throughput") is None
+
+
+def test_proportional_split_follows_memory() -> None:
+    spec = ServiceSpec("m", memory_mb=1000, gflop=50.0, layers=tuple(
+        Layer(100, 0.1, 0.5) for _ in range(10)))
+    devices = [_device(0, 20.0, 3000), _device(1, 2000.0, 1000)]
+    stages = proportional_split(spec, devices, {"d0": 3000, "d1": 1000})
+    assert stages is not None
+    assert [(s.device, s.first, s.end) for s in stages] == [("d0", 0, 8), ("d1", 8, 10)]

@@ -1,0 +1,128 @@
+"""The scheduler and the router: pure functions of placements, state and demand."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from epara.node.leader.model import (
+    ClusterState,
+    DeviceState,
+    Placement,
+    ServiceDemand,
+    Stage,
+    Unit,
+)
+from epara.node.leader.routing import Target, route, targets_for
+from epara.node.leader.scheduler import SchedulerConfig, schedule
+from epara.node.leader.workloads import catalogue, fleet
+
+DEVICES = fleet(20)
+SERVICES = catalogue(12, 2, (("classify", 0.4), ("detect", 0.3), ("chat-1b", 0.3)))
+DEMAND = {name: ServiceDemand(rate, 1.0) for name, rate in zip(
+    sorted(SERVICES), [40.0, 5.0, 2.0, 30.0, 1.0, 8.0, 0.5, 12.0, 3.0, 6.0, 20.0, 0.0],
+    strict=True)}
+
+
+def state(dead: frozenset[str] = frozenset()) -> ClusterState:
+    return ClusterState({d.id: DeviceState(d, alive=d.id not in dead) for d in DEVICES})
+
+
+def test_fresh_schedule_places_services_within_memory_or_says_why_not() -> None:
+    placement, decisions = schedule(Placement(), state(), DEMAND, SERVICES, 0.0)
+    assert placement.version == 1
+    # 78 chats/s need more GPUs than 20 devices hold: the smallest chat stream is left
+    # out rather than crowding the busy ones; everything else has a place.
+    unplaced = [n for n in SERVICES if not placement.units_of(n)]
+    assert unplaced == ["chat-1b-008"]
+    assert "not placed" in placement.plans["chat-1b-008"].reason
+    top = placement.units_of("chat-1b-002")
+    assert len(top) > 1
+    used = placement.memory_used()
+    for d in DEVICES:
+        assert used.get(d.id, 0.0) <= d.mem_mb
+    assert {d.action for d in decisions} <= {"add", "standby"}
+    for name, plan in placement.plans.items():
+        assert plan.reason and plan.category in ("latency/single", "frequency/single",
+                                                 "latency/multi", "frequency/multi"), name
+
+
+def test_schedule_is_deterministic_and_stable() -> None:
+    first, _ = schedule(Placement(), state(), DEMAND, SERVICES, 0.0)
+    again, _ = schedule(Placement(), state(), DEMAND, SERVICES, 0.0)
+    assert first == again
+    steady, decisions = schedule(first, state(), DEMAND, SERVICES, 5.0)
+    assert steady.version == first.version and decisions == ()
+
+
+def test_moves_only_what_pays_for_its_load_time() -> None:
+    first, _ = schedule(Placement(), state(), DEMAND, SERVICES, 0.0)
+    busier = dict(DEMAND)
+    top = "detect-001"
+    busier[top] = ServiceDemand(DEMAND[top].rate_hz * 100, 1.0)
+    # A horizon shorter than any model's load time: no new unit can pay for itself.
+    short = SchedulerConfig(horizon_s=0.5)
+    kept, decisions = schedule(first, state(), busier, SERVICES, 5.0, short)
+    assert not [d for d in decisions if d.action == "add"]
+    assert len(kept.units_of(top)) <= len(first.units_of(top))
+    grown, decisions = schedule(first, state(), busier, SERVICES, 5.0)
+    assert len(grown.units_of(top)) > len(first.units_of(top))
+    assert any(d.action == "add" and d.unit.startswith(top) for d in decisions)
+
+
+def test_device_loss_is_repaired() -> None:
+    first, _ = schedule(Placement(), state(), DEMAND, SERVICES, 0.0)
+    victim = next(iter(first.units())).head
+    repaired, decisions = schedule(first, state(frozenset({victim})), DEMAND, SERVICES, 5.0)
+    assert any(d.action == "drop" and victim in d.unit for d in decisions)
+    assert all(victim not in u.devices for u in repaired.units())
+    assert all(repaired.units_of(name) for name in SERVICES if first.units_of(name))
+    assert repaired.version == first.version + 1
+
+
+def test_placement_round_trips_through_its_wire_form() -> None:
+    placement, _ = schedule(Placement(), state(), DEMAND, SERVICES, 0.0)
+    assert Placement.from_dict(placement.to_dict()) == placement
+
+
+def _target(unit: str, wait: float, local: bool = False) -> Target:
+    return Target(unit, unit.split("@")[1], local, 0.0 if local else 0.002, wait, 0.010)
+
+
+def test_route_picks_the_least_expected_completion() -> None:
+    targets = [_target("s@a", 0.050), _target("s@b", 0.005), _target("s@c", 0.020)]
+    decision = route("s", targets, 0.1)
+    assert decision.target is not None and decision.target.unit == "s@b"
+    assert [t.unit for t in decision.fallbacks] == ["s@c", "s@a"]
+    # Within the deadline only: the fallback list drops what would be late.
+    assert [t.unit for t in route("s", targets, 0.04).fallbacks] == ["s@c"]
+
+
+def test_route_prefers_local_on_a_tie() -> None:
+    decision = route("s", [Target("s@b", "b", False, 0.0, 0.0, 0.01),
+                           Target("s@a", "a", True, 0.0, 0.0, 0.01)], None)
+    assert decision.target is not None and decision.target.local
+
+
+def test_route_refuses_early_with_a_reason() -> None:
+    decision = route("s", [_target("s@a", 0.5)], 0.1)
+    assert decision.refused and "no target can answer within 100 ms" in decision.reason
+    assert "s@a" in decision.reason
+    assert "not placed" in route("s", [], 0.1).reason
+
+
+def test_targets_come_from_the_synced_state() -> None:
+    spec = SERVICES[sorted(SERVICES)[0]]
+    a, b = DEVICES[0], DEVICES[1]
+    units = tuple(Unit(spec.name, (Stage(d.id, 0, len(spec.layers), spec.memory_mb),),
+                       spec.max_batch) for d in (a, b))
+    placement = Placement(1, {spec.name: replace(
+        schedule(Placement(), state(), DEMAND, SERVICES, 0.0)[0].plans[spec.name],
+        units=units)})
+    synced = state().with_device(DeviceState(a, queues={spec.name: 500}))
+    targets = targets_for(spec, placement, synced, a.id)
+    by_device = {t.device: t for t in targets}
+    assert by_device[a.id].local and by_device[a.id].wait_s > by_device[b.id].wait_s
+    decision = route(spec.name, targets, 10.0)
+    assert decision.target is not None and decision.target.device == b.id
+    gone = state(frozenset({b.id})).with_device(DeviceState(a, queues={spec.name: 500}))
+    assert [t.device for t in targets_for(spec, placement, gone, a.id)] == [a.id]
