@@ -147,6 +147,19 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=lambda a: __import__("epara.node.demo", fromlist=["run_demo"])
                       .run_demo(a.nodes, a.seconds, a.out, a.store))
 
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(title="benchmarks")
+    goodput = bsub.add_parser("goodput", help="epara vs baseline serving strategies "
+                              "(simulator), goodput and SLO attainment")
+    goodput.add_argument("--trace", type=Path, help="replay this JSONL trace "
+                         "(docs/trace-format.md) instead of the built-in workload suite")
+    goodput.add_argument("--json", action="store_true")
+    goodput.add_argument("--plot", type=Path, help="write a PNG plot here")
+    goodput.add_argument("--quick", action="store_true", help="a shorter suite")
+    goodput.add_argument("--devices", type=int, default=40)
+    goodput.add_argument("--services", type=int, default=40)
+    goodput.set_defaults(run=_cmd_bench_goodput)
+
     status = sub.add_parser("status", help="show the node's state")
     status.add_argument("--json", action="store_true")
     _socket_arg(status)
@@ -390,6 +403,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                       f"in {item.usage.get('elapsed_ms', 0) / 1000:.2f} s]", file=sys.stderr)
             else:
                 print(item.text, end="", flush=True)
+    return 0
+
+
+def _cmd_bench_goodput(args: argparse.Namespace) -> int:
+    from epara.node.leader.sim import run_goodput_bench
+
+    print(run_goodput_bench(args.trace, args.json, args.plot, args.quick, args.devices,
+                            args.services))
     return 0
 
 
