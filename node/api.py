@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 Reply = Callable[[dict[str, Any]], Awaitable[None]]
 SEGMENTATION_TASKS = ("segmentation", "text-detection")
+ROUTED_OPS = ("infer", "segment", "generate")
 
 
 def default_socket_path() -> Path:
@@ -53,6 +54,8 @@ class Request:
         self.id_error = raw_id is not None and self.id is None
         self.received = time.monotonic()
         self.cancelled = False  # set by a `cancel` op naming this request
+        # Forwarded by a peer: serve it here, never forward it again.
+        self.forwarded = message.get("forwarded") is True
         self._on_cancel: list[Callable[[], None]] = []
 
     def on_cancel(self, callback: Callable[[], None]) -> None:
@@ -95,6 +98,7 @@ class LocalApi:
         self.status = status
         self.max_frame_bytes = max_frame_bytes
         self.connections = 0
+        self.router: Any = None  # the node's ClusterRuntime, when it is in a cluster
         self._server: asyncio.AbstractServer | None = None
         self._socket_path: Path | None = None
 
@@ -154,7 +158,12 @@ class LocalApi:
             if handler is None:
                 raise ServiceError("unknown_op", f"unknown op {op!r}; this node serves "
                                    f"cancel, {', '.join(sorted(self._handlers()))}")
-            request.deadline()  # validated for every op, used by those that queue work
+            deadline = request.deadline()  # validated for every op
+            if op in ROUTED_OPS and self.router is not None and not request.forwarded:
+                peer = self.router.should_forward(request.field("model", str), deadline)
+                if peer is not None:
+                    await self.router.forward(peer, dict(request.message), reply)
+                    return
             await handler(request, reply)
         except ServiceError as exc:
             await _safe_reply(reply, _error(request.id, exc.code, str(exc)))

@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--no-mdns", action="store_true", help="find peers only via --peer")
     node.add_argument("--never-lead", action="store_true",
                       help="never become the cluster leader")
+    node.add_argument("--memory-budget-mb", type=float,
+                      help="memory models may use on this device (default: free memory)")
     node.set_defaults(run=_cmd_node)
 
     cluster = sub.add_parser("cluster", help="cluster credentials")
@@ -183,7 +185,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
     config = NodeConfig(store=args.store, models=tuple(args.model), threads=args.threads,
                         max_frame_bytes=int(args.max_frame_mb * 1024 * 1024),
-                        node_id=args.node_id)
+                        node_id=args.node_id, memory_budget_mb=args.memory_budget_mb)
     cluster_dir = args.cluster or default_cluster_dir()
     if args.standalone:
         pass

@@ -19,6 +19,7 @@ from epara.models.manifest import Manifest
 from epara.models.store import ModelStore
 from epara.node.api import LocalApi, default_socket_path
 from epara.node.generation import GenerationService
+from epara.node.runtime import ClusterRuntime
 from epara.node.service import ModelService
 from epara.peer import wire
 from epara.peer.member import ClusterMember, MemberConfig
@@ -39,6 +40,7 @@ class NodeConfig:
     # Cluster membership: None runs the node alone (no mDNS, no network ports).
     cluster_dir: Path | None = None
     member: MemberConfig | None = None
+    memory_budget_mb: float | None = None  # what models may use here (default: free memory)
 
 
 def default_cluster_dir() -> Path:
@@ -72,10 +74,14 @@ class Node:
         self.api = LocalApi(self.services, self.describe_models, self.status,
                             config.max_frame_bytes)
         self.member: ClusterMember | None = None
+        self.runtime: ClusterRuntime | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._load_models)
+        in_cluster = self.config.cluster_dir is not None
+        # Alone, a node serves its whole store; in a cluster, the leader's placement
+        # decides what each node loads.
+        await asyncio.to_thread(self._load_models, not in_cluster)
         await self.api.start(self.config.socket_path, self.config.socket_group)
         log.info("node %s serving %d models on %s", self.node_id, len(self.services),
                  self.config.socket_path)
@@ -84,8 +90,12 @@ class Node:
             self.member = ClusterMember(member_config, self.config.cluster_dir,
                                         self.cluster_state)
             await self.member.start()
-            log.info("node %s joined cluster as %s:%d", self.node_id, self.member.host,
-                     self.member.port)
+            self.runtime = ClusterRuntime(self, self.member, self.config.cluster_dir,
+                                          self.config.memory_budget_mb)
+            await self.runtime.start()
+            self.api.router = self.runtime
+            log.info("node %s joined cluster as %s:%d (data port %d)", self.node_id,
+                     self.member.host, self.member.port, self.runtime.dataplane.port)
 
     def cluster_state(self) -> dict[str, Any]:
         """The small record this node publishes to its peers a few times a second."""
@@ -98,10 +108,13 @@ class Node:
                 "served": stats["served"],
             }
         load1, _, _ = os.getloadavg()
-        return {"services": services, "mem_free_mb": _mem_available_mb(),
-                "load": round(load1 / (os.cpu_count() or 1), 3)}
+        record = {"services": services, "mem_free_mb": _mem_available_mb(),
+                  "load": round(load1 / (os.cpu_count() or 1), 3)}
+        if self.runtime is not None:
+            record.update(self.runtime.state())
+        return record
 
-    def _load_models(self) -> None:
+    def _load_models(self, load: bool = True) -> None:
         # Probed once: importing a runtime can take seconds (torch), too slow per request.
         self.backends = [{"name": b.name, "available": b.available, "runtime": b.runtime,
                           "targets": list(b.targets)} for b in all_backend_info()]
@@ -117,8 +130,8 @@ class Node:
         for model in stored:
             if wanted and model.manifest.name not in wanted:
                 continue
-            if model.manifest.task == "stage":
-                continue  # a part of a split model: loaded on demand as a pipeline stage
+            if model.manifest.task == "stage" or not load:
+                continue  # stages (and, in a cluster, every model) load on placement
             try:
                 self.services[model.manifest.name] = load_service(
                     model.directory, model.manifest, self.config.threads)
@@ -127,6 +140,8 @@ class Node:
                 log.warning("cannot serve %s: %s", model.manifest.name, exc)
 
     async def stop(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.stop()
         if self.member is not None:
             await self.member.stop()
         await self.api.stop()
@@ -173,6 +188,7 @@ class Node:
             "services": [s.stats() for _, s in sorted(self.services.items())],
             "unavailable": dict(self.unavailable),
             "cluster": self.member.view().to_dict() if self.member is not None else None,
+            "plan": self.runtime.status() if self.runtime is not None else None,
         }
 
 

@@ -109,6 +109,21 @@ def _wait_for_cluster(nodes: list[NodeHandle], timeout: float) -> dict[str, Any]
     raise RuntimeError(f"the cluster did not form in {timeout:.0f} s")
 
 
+def _wait_for_placement(node: NodeHandle, models: tuple[str, ...], timeout: float) -> dict:
+    """Until the leader's placement has a ready unit of every model somewhere."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(NodeUnreachable, EparaError), Client(node.socket) as client:
+            status = client.status()
+            ready = {unit for m in status["cluster"]["members"]
+                     for unit in (m.get("state") or {}).get("ready") or ()}
+            placed = {unit.split("@")[0] for unit in ready}
+            if set(models) <= placed:
+                return status["plan"]["placement"]
+        time.sleep(0.25)
+    raise RuntimeError(f"the leader did not place {', '.join(models)} in {timeout:.0f} s")
+
+
 def _drive(nodes: list[NodeHandle], photo: bytes, seconds: float, clients_per_node: int,
            slo_ms: dict[str, float]) -> dict[str, dict[str, Tally]]:
     tallies = {n.name: {m: Tally() for m in DEMO_MODELS} for n in nodes}
@@ -195,6 +210,13 @@ def run_demo(nodes: int = 3, seconds: float = 15.0, out_dir: Path = Path("epara-
         try:
             view = _wait_for_cluster(handles, timeout=60)
             print(f"   cluster formed: leader {view['leader']}, term {view['term']}")
+            placement = _wait_for_placement(handles[0], DEMO_MODELS, timeout=60)
+            print(f"   placement v{placement['version']}:")
+            for plan in placement["services"]:
+                units = ", ".join("+".join(stage[0] for stage in u["stages"])
+                                  for u in plan["units"])
+                print(f"     {plan['service']:<12} {plan['category']:<16} {plan['mode']:<10}"
+                      f" on {units}")
             print(f"3. driving segmentation requests at every node for {seconds:.0f} s "
                   f"(SLOs: {', '.join(f'{k} {v:.0f} ms' for k, v in slo_ms.items())})")
             tallies = _drive(handles, photo, seconds, clients_per_node=1, slo_ms=slo_ms)

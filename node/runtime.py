@@ -1,0 +1,435 @@
+"""A node's life as a cluster member: placement, stages, and requests served by peers.
+
+- Every node publishes, in its synced state record, the models it can load (catalogue),
+  its data-plane port, its memory budget, the units it has ready and the demand it sees.
+- The leader runs the state-aware scheduler every few seconds and on membership change,
+  and broadcasts the versioned placement (best effort, so it re-sends it periodically).
+- Each node's reconciler loads exactly the replicas and stages the placement gives it
+  and unloads the rest.
+- A request for a model is routed by the pure routing policy: the local replica, a peer
+  replica (the request is forwarded over the data plane and its replies relayed back),
+  or a pipeline's head; it is refused early when no target can meet its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from epara.models.manifest import Manifest
+from epara.node import planning
+from epara.node.dataplane import DataPlane, Endpoint
+from epara.node.generation import GenerationService
+from epara.node.leader.model import Placement, Unit
+from epara.node.leader.routing import route, targets_for
+from epara.node.leader.scheduler import SchedulerConfig, schedule
+from epara.node.pipeline import (
+    LlmStageAdapter,
+    PipelineClient,
+    RemoteLlmChain,
+    StageFailed,
+    StageHost,
+    StageRef,
+)
+from epara.node.service import ServiceError
+from epara.peer import wire
+from epara.peer.member import ClusterMember, NotLeader
+
+if TYPE_CHECKING:
+    from epara.node.daemon import Node
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_PERIOD_S = 3.0  # re-plan at least this often (and on membership change)
+TICK_S = 0.5  # how often the leader checks that every member applied its placement
+REBROADCAST_S = 5.0
+FORWARD_TIMEOUT_S = 120.0
+Reply = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class RateMeter:
+    """Requests per second per service over a sliding window, for the demand record."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self._arrivals: dict[str, list[float]] = {}
+
+    def hit(self, service: str) -> None:
+        self._arrivals.setdefault(service, []).append(time.monotonic())
+
+    def rates(self) -> dict[str, float]:
+        cutoff = time.monotonic() - self.window_s
+        out = {}
+        for name, times in self._arrivals.items():
+            times[:] = [t for t in times if t >= cutoff]
+            if times:
+                out[name] = round(len(times) / self.window_s, 3)
+        return out
+
+
+def stage_key(service: str, first: int, end: int) -> str:
+    return f"{service}#{first}-{end}"
+
+
+class ClusterRuntime:
+    def __init__(self, node: Node, member: ClusterMember, credentials_dir: Path,
+                 budget_mb: float | None = None,
+                 config: SchedulerConfig | None = None) -> None:
+        self.node = node
+        self.member = member
+        self.budget_mb = budget_mb
+        self.scheduler_config = config or SchedulerConfig()
+        self.dataplane = DataPlane(credentials_dir, member.host)
+        self.stages = StageHost(self.dataplane, node.node_id)
+        self.pipeline = PipelineClient(self.dataplane, node.node_id)
+        self.placement = Placement()
+        self.decisions: tuple[Any, ...] = ()
+        self.demand = RateMeter()
+        self.catalogue: dict[str, dict[str, Any]] = {}
+        self.ready_units: set[str] = set()
+        self._manifests: dict[str, tuple[Path, Manifest]] = {}
+        self._placement_dirty = asyncio.Event()
+        self._applied = False
+        self._applied_version = -1
+        self._wake_scheduler = asyncio.Event()
+        self._last_broadcast = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._forwards: dict[str, tuple[asyncio.Queue[Any], str]] = {}
+        self._ids = itertools.count()
+        self._members: set[str] = set()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        stored, _ = self.node.store.scan()
+        for model in stored:
+            if model.manifest.task == "stage":
+                continue
+            if self.node.config.models and model.manifest.name not in self.node.config.models:
+                continue
+            self._manifests[model.manifest.name] = (model.directory, model.manifest)
+            self.catalogue[model.manifest.name] = planning.catalogue_entry(model.manifest)
+        await self.dataplane.start()
+        self.dataplane.on("api", self._on_api)
+        self.dataplane.on("api_reply", self._on_api_reply)
+        self.member.on_command("placement", self._on_placement)
+        self.member.subscribe(self._on_view)
+        self._tasks = [asyncio.create_task(self._scheduler_loop()),
+                       asyncio.create_task(self._reconcile_loop())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.stages.close()
+        await self.dataplane.stop()
+
+    def state(self) -> dict[str, Any]:
+        """This node's part of the synced state record."""
+        return {"data_port": self.dataplane.port, "catalogue": self.catalogue,
+                "ready": sorted(self.ready_units), "demand": self.demand.rates(),
+                "budget_mb": self.budget_mb, "placement_version": self._applied_version}
+
+    def status(self) -> dict[str, Any]:
+        return {"placement": self.placement.to_dict(),
+                "decisions": [d.__dict__ for d in self.decisions],
+                "ready": sorted(self.ready_units), "stages": self.stages.ready()}
+
+    def _on_view(self, view: Any) -> None:
+        members = {m.node_id for m in view.members}
+        gone = self._members - members
+        self._members = members
+        if gone:
+            self.pipeline.nodes_lost(gone)
+            for queue, node_id in list(self._forwards.values()):
+                if node_id in gone:
+                    queue.put_nowait(StageFailed(f"node {node_id} left the cluster", node_id))
+        self._wake_scheduler.set()
+
+    # --- the leader: schedule and publish -------------------------------------------
+
+    async def _scheduler_loop(self) -> None:
+        last_run = 0.0
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake_scheduler.wait(), TICK_S)
+            woken = self._wake_scheduler.is_set()
+            self._wake_scheduler.clear()
+            view = self.member.view()
+            if not view.is_leader:
+                continue
+            try:
+                now = time.monotonic()
+                if woken or now - last_run >= SCHEDULE_PERIOD_S:
+                    last_run = now
+                    await self._schedule_once(view)
+                elif self._lagging(view) or now - self._last_broadcast > REBROADCAST_S:
+                    await self._broadcast()
+            except NotLeader:
+                continue
+            except Exception:  # a planning bug must not stop the leader's loop
+                log.exception("scheduling failed")
+
+    def _lagging(self, view: Any) -> bool:
+        """Some live member has not applied the current placement (commands are best
+        effort: one sent before a follower adopted this leader's term is ignored)."""
+        return any((m.state or {}).get("placement_version", -1) < self.placement.version
+                   for m in view.members if m.status != "suspect" and m.state)
+
+    async def _schedule_once(self, view: Any) -> None:
+        members = [m for m in view.members if m.status != "suspect"]
+        models = planning.catalogue(members)
+        specs = {name: planning.service_spec(name, known["entry"])
+                 for name, known in models.items()}
+        state = planning.cluster_state(members, time.time())
+        demand = planning.demand(members)
+        placement, decisions = await asyncio.to_thread(
+            schedule, self.placement, state, demand, specs, time.time(),
+            self.scheduler_config)
+        if placement.version != self.placement.version:
+            if decisions:
+                self.decisions = decisions
+                log.info("placement v%d: %s", placement.version,
+                         "; ".join(f"{d.action} {d.unit}" for d in decisions))
+            self.placement = placement
+            self._placement_dirty.set()
+            await self._broadcast()
+        elif self._lagging(view) or time.monotonic() - self._last_broadcast > REBROADCAST_S:
+            await self._broadcast()
+
+    async def _broadcast(self) -> None:
+        await self.member.broadcast_command("placement", self.placement.to_dict())
+        self._last_broadcast = time.monotonic()
+
+    # --- every node: reconcile to the placement --------------------------------------
+
+    async def _on_placement(self, body: dict[str, Any], sender: str, term: int) -> None:
+        placement = Placement.from_dict(body)
+        if placement.version < self.placement.version:
+            return  # an older plan (re-sent, or from a deposed leader's last words)
+        if placement != self.placement or not self._applied:
+            self.placement = placement
+            self._placement_dirty.set()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._placement_dirty.wait()
+            self._placement_dirty.clear()
+            try:
+                placement = self.placement
+                await self._reconcile(placement)
+                self._applied = True
+                self._applied_version = placement.version
+            except Exception:  # keep reconciling later placements
+                log.exception("reconciling placement v%d failed", self.placement.version)
+
+    async def _reconcile(self, placement: Placement) -> None:
+        me = self.node.node_id
+        replicas = {u.service for u in placement.units() if not u.is_pipeline and u.head == me}
+        heads = {u.service: u for u in placement.units() if u.is_pipeline and u.head == me}
+        stages = {stage_key(u.service, s.first, s.end): (u.service, s.first, s.end)
+                  for u in placement.units() if u.is_pipeline
+                  for s in u.stages[1:] if s.device == me}
+        for name in sorted(set(self.node.services) - replicas - set(heads)):
+            service = self.node.services.pop(name)
+            await asyncio.to_thread(service.stop)
+            log.info("unloaded %s", name)
+        for key in sorted(set(self.stages.stages) - set(stages)):
+            self.stages.remove(key)
+        for name in sorted(replicas - set(self.node.services)):
+            await self._load_replica(name)
+        for key, (name, first, end) in sorted(stages.items()):
+            if key not in self.stages.stages:
+                await self._load_stage(key, name, first, end)
+        for name, unit in sorted(heads.items()):
+            current = self.node.services.get(name)
+            if getattr(current, "unit_id", None) != unit.id:
+                if current is not None:
+                    self.node.services.pop(name)
+                    await asyncio.to_thread(current.stop)
+                await self._load_head(unit)
+        self.ready_units = {u.id for u in placement.units()
+                            if self._unit_ready_here(u)}
+
+    def _unit_ready_here(self, unit: Unit) -> bool:
+        """This node's part of ``unit`` is loaded (the head also needs its peers)."""
+        me = self.node.node_id
+        for index, stage in enumerate(unit.stages):
+            if stage.device != me:
+                continue
+            if index == 0 and unit.service not in self.node.services:
+                return False
+            if index > 0 and stage_key(unit.service, stage.first, stage.end) \
+                    not in self.stages.stages:
+                return False
+        return True
+
+    async def _load_replica(self, name: str) -> None:
+        from epara.node.daemon import load_service
+
+        known = self._manifests.get(name)
+        if known is None:
+            log.warning("placement gives %s to this node, which does not have it", name)
+            return
+        directory, manifest = known
+        try:
+            self.node.services[name] = await asyncio.to_thread(
+                load_service, directory, manifest, self.node.config.threads)
+            self.node.unavailable.pop(name, None)
+            log.info("loaded %s", name)
+        except Exception as exc:  # report and go on: the leader sees it is not ready
+            self.node.unavailable[name] = str(exc)
+            log.warning("cannot load %s: %s", name, exc)
+
+    def _positions(self, name: str, first: int, end: int) -> tuple[int, int]:
+        cuts = planning.cut_map(self.catalogue[name])
+        if cuts is None:
+            raise ValueError(f"{name} has no cut points")
+        return cuts.positions(first, end)
+
+    async def _llm_stage(self, name: str, first: int, end: int) -> Any:
+        from epara.models.llm import LlmStage
+        from epara.models.llm_graph import build_stages, load_config
+
+        directory, _ = self._manifests[name]
+        lo, hi = self._positions(name, first, end)
+        layers = load_config(directory).layers
+        cuts = [c for c in (lo, hi) if 0 < c < layers]
+        paths = await asyncio.to_thread(build_stages, directory, cuts)
+        path = next(p for p in paths if p.name.startswith(f"stage_{lo:02d}_{hi:02d}"))
+        return await asyncio.to_thread(LlmStage, path, self.node.config.threads)
+
+    async def _load_stage(self, key: str, name: str, first: int, end: int) -> None:
+        known = self._manifests.get(name)
+        if known is None or known[1].task != "text-generation":
+            log.warning("stage %s: only LLM pipelines are served across nodes so far", key)
+            return
+        try:
+            self.stages.add(key, LlmStageAdapter(await self._llm_stage(name, first, end)))
+            log.info("loaded stage %s", key)
+        except Exception as exc:
+            log.warning("cannot load stage %s: %s", key, exc)
+
+    async def _load_head(self, unit: Unit) -> None:
+        from epara.models.llm import LlmEngine
+
+        known = self._manifests.get(unit.service)
+        if known is None or known[1].task != "text-generation":
+            log.warning("pipeline head for %s: only LLM pipelines are served across nodes",
+                        unit.service)
+            return
+        directory, manifest = known
+        head = unit.stages[0]
+        try:
+            local = await self._llm_stage(unit.service, head.first, head.end)
+            rest = [StageRef(s.device, self._endpoint(s.device),
+                             stage_key(unit.service, s.first, s.end)) for s in unit.stages[1:]]
+            lo, _ = self._positions(unit.service, unit.stages[1].first, unit.stages[1].end)
+            _, hi = self._positions(unit.service, unit.stages[-1].first, unit.stages[-1].end)
+            chain = RemoteLlmChain(self.pipeline, rest, range(lo, hi),
+                                   asyncio.get_running_loop(), lambda: 30.0)
+            engine = await asyncio.to_thread(LlmEngine, directory, manifest,
+                                             self.node.config.threads, [local, chain])
+        except Exception as exc:
+            log.warning("cannot set up the pipeline head of %s: %s", unit.id, exc)
+            return
+        service = GenerationService(manifest, engine, target=f"pipeline:{unit.id}")
+        service.unit_id = unit.id  # type: ignore[attr-defined]
+        self.node.services[unit.service] = service
+        log.info("pipeline head %s ready", unit.id)
+
+    def _endpoint(self, node_id: str) -> Endpoint:
+        member = self.member.view().member(node_id)
+        if member is None or not (member.state or {}).get("data_port"):
+            raise StageFailed(f"node {node_id} is not in the cluster view", node_id)
+        return (member.host, int(member.state["data_port"]))
+
+    # --- per request: route, forward, relay ------------------------------------------
+
+    def should_forward(self, name: str, deadline: float | None) -> str | None:
+        """The peer to send a request for ``name`` to, None to serve it here; raises
+        ServiceError when the cluster cannot serve it (in time)."""
+        self.demand.hit(name)
+        view = self.member.view()
+        members = [m for m in view.members if m.status != "suspect"]
+        ready = {u for m in members for u in (m.state or {}).get("ready") or ()} \
+            | self.ready_units
+        placement = Placement(self.placement.version, {
+            n: plan.__class__(plan.service, plan.category, plan.mode,
+                              tuple(u for u in plan.units if u.id in ready), plan.reason)
+            for n, plan in self.placement.plans.items()})
+        entry = self.catalogue.get(name) or next(
+            ((m.state or {}).get("catalogue", {}).get(name) for m in members
+             if name in ((m.state or {}).get("catalogue") or {})), None)
+        if entry is None:
+            if name in self.node.services:
+                return None
+            raise ServiceError("unknown_model", f"no node of the cluster has a model named "
+                               f"{name!r}")
+        spec = planning.service_spec(name, entry)
+        state = planning.cluster_state(members, time.time())
+        targets = targets_for(spec, placement, state, self.node.node_id)
+        budget = None if deadline is None else max(0.0, deadline - time.monotonic())
+        decision = route(name, targets, budget)
+        if decision.target is None:
+            if name in self.node.services:
+                return None  # not placed anywhere yet: the local copy still serves
+            code = "deadline_unmeetable" if targets else "unavailable"
+            raise ServiceError(code, decision.reason)
+        return None if decision.target.local else decision.target.device
+
+    async def forward(self, node_id: str, message: dict[str, Any], reply: Reply) -> None:
+        """Send an API request to a peer and relay its replies (one, or a token stream)."""
+        req = f"{self.node.node_id}-{next(self._ids)}"
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._forwards[req] = (queue, node_id)
+        encoded = np.frombuffer(wire.encode({**message, "forwarded": True}), np.uint8)
+        try:
+            sent = await self.dataplane.send_when_connected(
+                self._endpoint(node_id), {"kind": "api", "req": req,
+                                          "origin": list(self.dataplane.endpoint)},
+                {"msg": encoded})
+            if not sent:
+                raise StageFailed(f"node {node_id} is unreachable", node_id)
+            while True:
+                item = await asyncio.wait_for(queue.get(), FORWARD_TIMEOUT_S)
+                if isinstance(item, Exception):
+                    raise item
+                await reply({**item, "id": message.get("id"), "served_by": node_id})
+                if not item.get("ok") or item.get("event") in (None, "done"):
+                    return
+        except (StageFailed, asyncio.TimeoutError) as exc:
+            raise ServiceError("unavailable", f"forwarding to {node_id} failed: "
+                               f"{exc or 'no reply'}") from None
+        finally:
+            self._forwards.pop(req, None)
+
+    async def _on_api(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        from epara.node.api import Request
+
+        origin = (str(header["origin"][0]), int(header["origin"][1]))
+        message = wire.decode(tensors["msg"].tobytes())
+        request = Request({**message, "forwarded": True})
+
+        async def reply(answer: dict[str, Any]) -> None:
+            body = np.frombuffer(wire.encode({"v": wire.PROTOCOL_VERSION, **answer}), np.uint8)
+            await self.dataplane.send_when_connected(
+                origin, {"kind": "api_reply", "req": header["req"]}, {"msg": body})
+
+        await self.node.api._handle(request, reply, {})
+
+    async def _on_api_reply(self, header: dict[str, Any],
+                            tensors: dict[str, np.ndarray]) -> None:
+        entry = self._forwards.get(str(header.get("req")))
+        if entry is not None:
+            entry[0].put_nowait(wire.decode(tensors["msg"].tobytes()))
