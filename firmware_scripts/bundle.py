@@ -27,7 +27,7 @@ import epara.node
 from epara.firmware import install
 from epara.firmware.profiles import Profile, parse_wheel_name, wheel_fits
 from epara.models.manifest import ManifestError
-from epara.models.store import ModelStore
+from epara.models.store import ModelStore, StoredModel
 
 try:
     from packaging.requirements import Requirement
@@ -98,6 +98,8 @@ def build_bundle(profile: Profile, store: ModelStore, out: Path | None = None,
     if any(not f or any(c.isspace() or c in "\"'$\\" for c in f) for f in flags):
         raise BundleError(f"node flags must be single words without quotes or $: {flags}")
     model_names = list(models if models is not None else profile.models)
+    # Checked before any download: a wrong model name should fail in a second.
+    chosen = [_model(store, name, extras) for name in model_names]
     with tempfile.TemporaryDirectory(prefix="epara-bundle-") as tmp:
         top = f"epara-{profile.name}-{VERSION}"
         root = Path(tmp) / top
@@ -124,8 +126,8 @@ def build_bundle(profile: Profile, store: ModelStore, out: Path | None = None,
                    if (why := wheel_fits(w, profile))}
         if misfits:
             raise BundleError(f"wheels that would not install on {profile.name}: {misfits}")
-        for name in model_names:
-            _add_model(store, name, extras, root / "models")
+        for model in chosen:
+            shutil.copytree(model.directory, root / "models" / model.manifest.name)
         if cluster is not None:
             key = cluster / "cluster.key"
             if not key.is_file():
@@ -235,7 +237,7 @@ def missing_requirements(wheel_dir: Path, profile: Profile,
     return sorted(set(missing))
 
 
-def _add_model(store: ModelStore, name: str, extras: Sequence[str], dest: Path) -> None:
+def _model(store: ModelStore, name: str, extras: Sequence[str]) -> StoredModel:
     try:
         model = store.get(name)
     except (ManifestError, OSError):
@@ -245,7 +247,7 @@ def _add_model(store: ModelStore, name: str, extras: Sequence[str], dest: Path) 
     if need is not None and need not in extras:
         raise BundleError(f"model {name} needs the {need} runtime, which this profile does "
                           f"not install (extras: {', '.join(extras)})")
-    shutil.copytree(model.directory, dest / name)
+    return model
 
 
 def content_hash(root: Path) -> str:
@@ -270,8 +272,9 @@ def _tar(root: Path, top: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     # Level 1: the wheels inside are zip files already; harder compression buys ~1 %.
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1,
-                                               mtime=0) as gz, \
+    # No file name or time in the gzip header either: the same content, the same bytes.
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb",
+                                               compresslevel=1, mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         tar.add(root, arcname=top, recursive=False, filter=normalise)
         for path in sorted(root.rglob("*")):

@@ -119,7 +119,7 @@ def _run(args: argparse.Namespace, bundle: Path | None, install_args: list[str])
         if args.ssh:
             target = SshTarget(args.ssh, args.ssh_port, args.ssh_identity,
                                tuple(args.ssh_option))
-            return run_ssh(target, bundle, ["--root", args.target_root, *install_args])
+            return run_ssh(target, bundle, install_args, args.target_root)
         return run_local(bundle, ["--root", str(args.root or "/"), *install_args])
     except FlashError as exc:
         print(f"epara: {exc}", file=sys.stderr)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from epara.firmware import install
 
-REMOTE_DIR = "/var/tmp/epara-flash"
+STAGING = "/var/tmp/epara-flash"  # on the device, under the target root
 
 
 class FlashError(RuntimeError):
@@ -83,22 +83,24 @@ def run_local(bundle: Path | None, args: Sequence[str]) -> int:
         return subprocess.run([sys.executable, str(script), *extra, *args]).returncode
 
 
-def run_ssh(target: SshTarget, bundle: Path | None, args: Sequence[str]) -> int:
+def run_ssh(target: SshTarget, bundle: Path | None, args: Sequence[str],
+            target_root: str = "/") -> int:
     if bundle is None:
         # Uninstall needs no bundle: the installer itself travels on stdin.
-        remote = f"python3 - {' '.join(map(shlex.quote, args))}"
+        remote = f"python3 - {' '.join(map(shlex.quote, ['--root', target_root, *args]))}"
         return target.run(remote, stdin=Path(install.__file__).read_bytes(), check=False,
                           stream=True).returncode
+    staging = shlex.quote(f"{target_root.rstrip('/')}{STAGING}")
     digest = hashlib.sha256(bundle.read_bytes()).hexdigest()
     name = shlex.quote(bundle.name)
-    there = target.run(f"mkdir -p {REMOTE_DIR} && cd {REMOTE_DIR} && "
+    there = target.run(f"mkdir -p {staging} && cd {staging} && "
                        f"(sha256sum {name} 2>/dev/null || true)").stdout.decode()
     if not there.startswith(digest):
         # Streamed through ssh: works where sftp/scp is disabled, writes atomically.
-        target.run(f"cat > {REMOTE_DIR}/.{name}.partial && "
-                   f"mv {REMOTE_DIR}/.{name}.partial {REMOTE_DIR}/{name}",
+        target.run(f"cat > {staging}/.{name}.partial && "
+                   f"mv {staging}/.{name}.partial {staging}/{name}",
                    stdin=bundle.read_bytes())
     top = shlex.quote(_top_dir(bundle).rstrip("/"))
-    remote = (f"cd {REMOTE_DIR} && rm -rf {top} && tar -xzf {name} && "
-              f"sh {top}/install.sh {' '.join(map(shlex.quote, args))}")
+    remote = (f"cd {staging} && rm -rf {top} && tar -xzf {name} && "
+              f"sh {top}/install.sh {' '.join(map(shlex.quote, ['--root', target_root, *args]))}")
     return target.run(remote, check=False, stream=True).returncode
