@@ -33,8 +33,8 @@ try:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 except ImportError:  # not installed here: pip, which builds every bundle, carries a copy
-    from pip._vendor.packaging.requirements import Requirement
-    from pip._vendor.packaging.utils import canonicalize_name
+    from pip._vendor.packaging.requirements import Requirement  # type: ignore[assignment]
+    from pip._vendor.packaging.utils import canonicalize_name  # type: ignore[assignment]
 
 # Which extra a model's backend needs on the device.
 BACKEND_EXTRA = {"onnx": "onnx", "tflite": "tflite", "torch": "torch"}

@@ -20,6 +20,7 @@ import sys
 import tarfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -176,6 +177,10 @@ def test_aarch64_bundle_holds_only_wheels_for_the_device(
     manifest = json.loads((top / "bundle.json").read_text())
     assert manifest["profile"]["arch"] == "aarch64" and manifest["release"] == summary.release
     assert os.access(top / "install.sh", os.X_OK)
+    # The installer and the profiles travel inside the epara wheel too (package data).
+    (epara_wheel,) = (top / "wheels").glob("epara-*.whl")
+    names = set(zipfile.ZipFile(epara_wheel).namelist())
+    assert {"epara/firmware/install.py", "epara/firmware/profiles/rpi.toml"} <= names
 
 
 def test_a_bundle_refuses_a_model_its_device_cannot_run(work: Path, store: ModelStore) -> None:
