@@ -33,6 +33,13 @@ class SshTarget:
     identity: Path | None = None
     options: tuple[str, ...] = field(default_factory=tuple)  # ssh -o values
 
+    @property
+    def sudo(self) -> str:
+        """Installing needs root on the device: a non-root login goes through sudo (-n:
+        fail at once rather than wait for a password nobody can type)."""
+        user = self.destination.split("@")[0] if "@" in self.destination else ""
+        return "" if user == "root" else "sudo -n "
+
     def command(self, remote: str) -> list[str]:
         cmd = ["ssh", "-p", str(self.port), "-o", "BatchMode=yes"]
         if self.identity is not None:
@@ -85,9 +92,10 @@ def run_local(bundle: Path | None, args: Sequence[str]) -> int:
 
 def run_ssh(target: SshTarget, bundle: Path | None, args: Sequence[str],
             target_root: str = "/") -> int:
+    words = " ".join(map(shlex.quote, ["--root", target_root, *args]))
     if bundle is None:
         # Uninstall needs no bundle: the installer itself travels on stdin.
-        remote = f"python3 - {' '.join(map(shlex.quote, ['--root', target_root, *args]))}"
+        remote = f"{target.sudo}python3 - {words}"
         return target.run(remote, stdin=Path(install.__file__).read_bytes(), check=False,
                           stream=True).returncode
     staging = shlex.quote(f"{target_root.rstrip('/')}{STAGING}")
@@ -102,5 +110,5 @@ def run_ssh(target: SshTarget, bundle: Path | None, args: Sequence[str],
                    stdin=bundle.read_bytes())
     top = shlex.quote(_top_dir(bundle).rstrip("/"))
     remote = (f"cd {staging} && rm -rf {top} && tar -xzf {name} && "
-              f"sh {top}/install.sh {' '.join(map(shlex.quote, ['--root', target_root, *args]))}")
+              f"{target.sudo}sh {top}/install.sh {words}")
     return target.run(remote, check=False, stream=True).returncode

@@ -281,14 +281,18 @@ def test_installed_node_joins_a_cluster_and_serves_a_model(
                     "(apt install systemd)")
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare is not installed")
 def test_installed_units_pass_systemd_analyze_verify(
-        work: Path, server_bundle: BundleSummary) -> None:
+        work: Path, server_bundle: BundleSummary,
+        device_bundle: Callable[[str], BundleSummary]) -> None:
     root = work / "verify-root"
     assert flash(str(server_bundle.path), "--root", str(root), "--mode", "full").returncode == 0
     (root / "etc/systemd/system" / install.FIRSTBOOT_UNIT).write_text(
         _bundle_file(server_bundle.path, f"systemd/{install.FIRSTBOOT_UNIT}"))
+    # The Pi's unit (CPUQuota, never-lead flags) runs the same ExecStart path.
+    (root / "etc/systemd/system/epara-rpi.service").write_text(
+        _bundle_file(device_bundle("rpi").path, f"systemd/{install.UNIT}"))
     # verify also checks that ExecStart exists: show it the installed /opt in a private
     # mount namespace (the machine's own /opt is untouched).
-    for unit in (install.UNIT, install.FIRSTBOOT_UNIT):
+    for unit in (install.UNIT, install.FIRSTBOOT_UNIT, "epara-rpi.service"):
         result = subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c",
              'mount --bind "$1/opt" /opt && exec systemd-analyze verify --man=no "$2"',
