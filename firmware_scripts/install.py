@@ -99,10 +99,18 @@ class Installer:
         self.put_bytes(target, source.read_bytes(),
                        mode if mode is not None else source.stat().st_mode & 0o777)
 
-    def put_tree(self, source: Path, target: str) -> None:
-        for path in sorted(source.rglob("*")):
-            if path.is_file():
-                self.put_file(path, f"{target}/{path.relative_to(source).as_posix()}")
+    def put_tree(self, source: Path, target: str, prune: bool = False) -> None:
+        """Copy ``source`` over ``target``; with ``prune`` also delete files that
+        ``source`` lacks (a staged bundle must not keep an older bundle's wheels, which
+        pip could prefer)."""
+        wanted = {p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()}
+        for relative in sorted(wanted):
+            self.put_file(source / relative, f"{target}/{relative}")
+        if prune and self.at(target).is_dir():
+            for path in sorted(self.at(target).rglob("*")):
+                relative = path.relative_to(self.at(target)).as_posix()
+                if (path.is_file() or path.is_symlink()) and relative not in wanted:
+                    self.remove(f"{target}/{relative}")
 
     def put_link(self, target: str, points_to: str) -> None:
         path = self.at(target)
@@ -227,7 +235,11 @@ class Installer:
                 self.say("keeping the cluster credentials already installed (the bundle's "
                          "differ; `epara firmware uninstall --purge` first to replace them)")
         identity = self.at(f"{ETC}/identity.env")
-        if node_id and not identity.exists():
+        if node_id and identity.exists() and \
+                identity.read_text().strip() != f"EPARA_NODE_ID={node_id}":
+            self.say(f"keeping the node id in {ETC}/identity.env; --node-id {node_id} is "
+                     "ignored (a node's identity outlives reinstalls)")
+        elif node_id and not identity.exists():
             self.put_bytes(f"{ETC}/identity.env", f"EPARA_NODE_ID={node_id}\n".encode())
         elif self.live and not identity.exists():
             # Pinned at first install so that renaming the host later keeps the node's
@@ -261,7 +273,7 @@ class Installer:
 
     def stage_firstboot(self) -> None:
         self.say(f"staging for first boot: {self.can_build_venv()}")
-        self.put_tree(self.bundle, f"{PREFIX}/firstboot")
+        self.put_tree(self.bundle, f"{PREFIX}/firstboot", prune=True)
         self.put_file(self.bundle / "systemd" / FIRSTBOOT_UNIT, f"{UNIT_DIR}/{FIRSTBOOT_UNIT}",
                       0o644)
         self.put_link(f"{WANTS}/{FIRSTBOOT_UNIT}", f"{UNIT_DIR}/{FIRSTBOOT_UNIT}")

@@ -204,6 +204,18 @@ def test_foreign_root_is_staged_and_installed_at_first_boot(
     assert not (pi_root / "opt/epara/current").exists()
     wants = pi_root / "etc/systemd/system/multi-user.target.wants"
     assert {p.name for p in wants.iterdir()} == {install.UNIT, install.FIRSTBOOT_UNIT}
+    # Staging again changes nothing, except that it drops files the bundle lacks (an
+    # older bundle's wheel there could win pip's resolution at first boot).
+    stale = pi_root / "opt/epara/firstboot/wheels/numpy-9.9-cp311-cp311-manylinux_2_17_aarch64.whl"
+    stale.write_bytes(b"")
+    def files() -> dict[str, tuple[str, int, float]]:
+        # Directories left out: removing the stale file rightly touches its directory.
+        return {k: v for k, v in tree_state(pi_root).items() if v[0] != "dir"}
+
+    before = {k: v for k, v in files().items() if "numpy-9.9" not in k}
+    again = flash(str(device_bundle("rpi").path), "--root", str(pi_root))
+    assert "1 change(s)" in again.stdout and "removed" in again.stdout, again.stdout
+    assert files() == before
 
     root = work / "firstboot-root"
     assert flash(str(server_bundle.path), "--root", str(root), "--mode",
