@@ -296,7 +296,13 @@ def test_installed_units_pass_systemd_analyze_verify(
         work: Path, server_bundle: BundleSummary,
         device_bundle: Callable[[str], BundleSummary]) -> None:
     root = work / "verify-root"
-    assert flash(str(server_bundle.path), "--root", str(root), "--mode", "full").returncode == 0
+    # This device already belongs to a cluster: installing must not swap its credentials.
+    create_cluster_credentials(root / "etc/epara/cluster")
+    theirs = (root / "etc/epara/cluster/cluster.key").read_bytes()
+    result = flash(str(server_bundle.path), "--root", str(root), "--mode", "full")
+    assert result.returncode == 0, result.stderr
+    assert "keeping the cluster credentials" in result.stdout
+    assert (root / "etc/epara/cluster/cluster.key").read_bytes() == theirs
     (root / "etc/systemd/system" / install.FIRSTBOOT_UNIT).write_text(
         _bundle_file(server_bundle.path, f"systemd/{install.FIRSTBOOT_UNIT}"))
     # The Pi's unit (CPUQuota, never-lead flags) runs the same ExecStart path.
