@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--threads", type=int, help="threads per model runtime")
     node.add_argument("--max-frame-mb", type=float, default=64.0,
                       help="largest request accepted (MiB)")
-    node.add_argument("--node-id", help="default: hostname and machine id")
+    node.add_argument("--node-id", default=os.environ.get("EPARA_NODE_ID") or None,
+                      help="default: $EPARA_NODE_ID, else hostname and machine id")
     node.add_argument("--cluster", type=Path, help="cluster credentials directory (default: "
                       "$EPARA_CLUSTER_DIR or ~/.config/epara/cluster); without credentials "
                       "the node runs alone")
@@ -166,6 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     _socket_arg(status)
     status.set_defaults(run=_cmd_status)
+
+    from epara.firmware.cli import add_parser as add_firmware_parser
+
+    add_firmware_parser(sub)
     return parser
 
 
