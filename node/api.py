@@ -160,7 +160,8 @@ class LocalApi:
                                    f"cancel, {', '.join(sorted(self._handlers()))}")
             deadline = request.deadline()  # validated for every op
             if op in ROUTED_OPS and self.router is not None and not request.forwarded:
-                peer = self.router.should_forward(request.field("model", str), deadline)
+                peer = await self.router.should_forward(request.field("model", str),
+                                                        deadline)
                 if peer is not None:
                     await self.router.forward(peer, dict(request.message), reply)
                     return

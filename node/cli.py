@@ -151,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=lambda a: __import__("epara.node.demo", fromlist=["run_demo"])
                       .run_demo(a.nodes, a.seconds, a.out, a.store))
 
+    plan = sub.add_parser("plan", help="the leader's placement: per service its category, "
+                          "parallel mode, where it runs, and why")
+    plan.add_argument("--json", action="store_true")
+    _socket_arg(plan)
+    plan.set_defaults(run=_cmd_plan)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(title="benchmarks")
     goodput = bsub.add_parser("goodput", help="epara vs baseline serving strategies "
@@ -411,6 +417,36 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                       f"in {item.usage.get('elapsed_ms', 0) / 1000:.2f} s]", file=sys.stderr)
             else:
                 print(item.text, end="", flush=True)
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    with Client(args.socket) as node:
+        status = node.status()
+    plan = status.get("plan")
+    if plan is None:
+        print("epara: this node is not in a cluster: there is no placement", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return 0
+    placement = plan["placement"]
+    cluster = status["cluster"] or {}
+    ready = {unit for m in cluster.get("members", [])
+             for unit in (m.get("state") or {}).get("ready") or ()}
+    print(f"placement v{placement['version']} (leader {cluster.get('leader')}, "
+          f"term {cluster.get('term')})")
+    if not placement["services"]:
+        print("  nothing placed yet")
+    for service in placement["services"]:
+        print(f"\n{service['service']}: {service['category']}, {service['mode']}")
+        for unit in service["units"]:
+            stages = " -> ".join(f"{device}[{first}:{end}]" if end else device
+                                 for device, first, end, _ in unit["stages"])
+            unit_id = f"{service['service']}@{'+'.join(s[0] for s in unit['stages'])}"
+            state = "ready" if unit_id in ready else "loading"
+            print(f"  {stages:<40} batch {unit['max_batch']:<3} {state}")
+        print(f"  why: {service['reason']}")
     return 0
 
 

@@ -105,6 +105,7 @@ class ClusterRuntime:
         self._forwards: dict[str, tuple[asyncio.Queue[Any], str]] = {}
         self._ids = itertools.count()
         self._members: set[str] = set()
+        self._loading: dict[str, asyncio.Lock] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -275,6 +276,12 @@ class ClusterRuntime:
         return True
 
     async def _load_replica(self, name: str) -> None:
+        # One load per model at a time: a placement and a request may both ask for it.
+        async with self._loading.setdefault(name, asyncio.Lock()):
+            if name not in self.node.services:
+                await self._load_replica_now(name)
+
+    async def _load_replica_now(self, name: str) -> None:
         from epara.node.daemon import load_service
 
         known = self._manifests.get(name)
@@ -356,7 +363,7 @@ class ClusterRuntime:
 
     # --- per request: route, forward, relay ------------------------------------------
 
-    def should_forward(self, name: str, deadline: float | None) -> str | None:
+    async def should_forward(self, name: str, deadline: float | None) -> str | None:
         """The peer to send a request for ``name`` to, None to serve it here; raises
         ServiceError when the cluster cannot serve it (in time)."""
         self.demand.hit(name)
@@ -382,8 +389,13 @@ class ClusterRuntime:
         budget = None if deadline is None else max(0.0, deadline - time.monotonic())
         decision = route(name, targets, budget)
         if decision.target is None:
-            if name in self.node.services:
-                return None  # not placed anywhere yet: the local copy still serves
+            if not targets and name in self._manifests:
+                # Not placed anywhere (yet): this device has the model, so serve it here
+                # rather than fail; the leader sees the demand and places it next round.
+                if name not in self.node.services:
+                    await self._load_replica(name)
+                if name in self.node.services:
+                    return None
             code = "deadline_unmeetable" if targets else "unavailable"
             raise ServiceError(code, decision.reason)
         return None if decision.target.local else decision.target.device
