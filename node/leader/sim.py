@@ -702,7 +702,7 @@ def run_goodput_bench(trace: Path | None = None, json_out: bool = False,
 
     With ``trace``, that JSONL file (docs/trace-format.md) replaces the built-in
     production mix; its services must name entries of the built-in catalogue for
-    ``services`` services (``catalogue(services)``), its origins index the fleet.
+    ``services`` services (``catalogue(services, 1)``), its origins index the fleet.
     """
     if trace is not None:
         base = production_workload(devices=devices, services=services)
