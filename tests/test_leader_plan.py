@@ -7,8 +7,22 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from epara.node.leader.allocate import allocate, categorise, uniform_allocation
-from epara.node.leader.model import DeviceProfile, Layer, ServiceDemand, ServiceSpec
+from epara.node.leader.allocate import (
+    DEFAULT_BATCH,
+    allocate,
+    categorise,
+    choose_batch,
+    uniform_allocation,
+)
+from epara.node.leader.estimate import stage_cost, unit_perf
+from epara.node.leader.model import (
+    DeviceProfile,
+    Layer,
+    ServiceDemand,
+    ServiceSpec,
+    Stage,
+    Unit,
+)
 from epara.node.leader.partition import partition, plan_value, proportional_split
 from epara.node.leader.workloads import DEVICE_KINDS, TEMPLATES
 
@@ -32,39 +46,63 @@ def test_a_frequency_hint_makes_a_stream() -> None:
 
 
 def test_too_big_for_any_device_is_multi_device() -> None:
-    cat = categorise(TEMPLATES["chat-30b"], [SERVER, JETSON], None)
-    assert cat.service == "multi" and "needs 20000 MB" in cat.reason
+    cat = categorise(TEMPLATES["chat-32b"], [SERVER, JETSON], None)
+    assert cat.service == "multi" and "needs 22000 MB" in cat.reason
 
 
 def test_too_slow_on_every_device_is_multi_device() -> None:
-    # An 8.7 GFLOP detector takes ~350 ms on a Pi 5: over its 200 ms SLO.
-    cat = categorise(TEMPLATES["detect"], [PI], None)
-    assert cat.service == "multi" and "over the 200 ms SLO" in cat.reason
-    assert categorise(TEMPLATES["detect"], [PI, JETSON], None).service == "single"
+    # A 28.6 GFLOP YOLOv8s takes ~480 ms on a Pi 5: over its 300 ms SLO.
+    cat = categorise(TEMPLATES["det-stream"], [PI], None)
+    assert cat.service == "multi" and "over the 300 ms SLO" in cat.reason
+    assert categorise(TEMPLATES["det-stream"], [PI, JETSON], None).service == "single"
 
 
 def test_allocator_maps_each_category_to_its_mode_with_a_reason() -> None:
     devices = [SERVER, JETSON, PI]
     cases = {
-        "classify": "replicas", "seg-stream": "data_parallel", "chat-30b": "pipeline_latency"}
+        "classify": "replicas", "seg-stream": "data_parallel", "chat-32b": "pipeline_latency"}
     for name, mode in cases.items():
         spec = TEMPLATES[name]
         got = allocate(spec, categorise(spec, devices, None), devices)
         assert got.mode == mode, (name, got)
         assert got.reason
-    stream = TEMPLATES["chat-30b"]
+    stream = TEMPLATES["chat-32b"]
     frequency = categorise(stream, devices, ServiceDemand(5.0, cv=0.1))
     assert allocate(stream, frequency, devices).mode == "pipeline_throughput"
     assert uniform_allocation(stream).mode == "replicas"
 
 
-def test_latency_batch_is_capped_by_the_deadline() -> None:
-    # On a Pi every classify step is compute-bound: batching only adds latency.
-    spec = TEMPLATES["classify"]
-    on_pi = allocate(spec, categorise(spec, [PI], None), [PI])
-    assert on_pi.max_batch < spec.max_batch
-    on_gpu = allocate(spec, categorise(spec, [SERVER], None), [SERVER])
-    assert on_gpu.max_batch == spec.max_batch
+def _batch(name: str, device: DeviceProfile, categorised: bool = True) -> int:
+    spec = TEMPLATES[name]
+    alloc = allocate(spec, categorise(spec, [device], None), [device]) if categorised \
+        else uniform_allocation(spec)
+    stages = (Stage(device.id, 0, len(spec.layers), spec.memory_mb),)
+    return choose_batch(spec, alloc, lambda b: unit_perf(spec, Unit(spec.name, stages, b),
+                                                         {device.id: device}))
+
+
+def test_batch_follows_the_category_and_the_device() -> None:
+    # Latency-sensitive on a Pi: every step is compute-bound, a batch only adds latency.
+    assert _batch("embed", PI) < DEFAULT_BATCH
+    # A stream on a GPU batches deeply (throughput), on a CPU hardly at all.
+    assert _batch("seg-stream", SERVER) > DEFAULT_BATCH
+    assert _batch("seg-stream", PI) <= 2
+    # Categorisation off: the one fixed limit everywhere.
+    assert _batch("embed", PI, False) == _batch("seg-stream", SERVER, False) == DEFAULT_BATCH
+
+
+def test_a_batch_step_costs_t1_times_fixed_plus_linear_share() -> None:
+    spec = TEMPLATES["detect"]
+    for device in (SERVER, JETSON, PI):
+        cost = stage_cost(spec, device)
+        t1 = cost.time(spec.gflop) - cost.fixed_s
+        t8 = cost.time(8 * spec.gflop) - cost.fixed_s
+        f = device.batch_fixed
+        assert abs(t8 - t1 * (f + (1 - f) * 8)) < 1e-12
+    # A GPU gains several times its throughput from batching, a CPU a few percent.
+    gain = {d.id: 8 * (stage_cost(spec, d).time(spec.gflop)) /
+            stage_cost(spec, d).time(8 * spec.gflop) for d in (SERVER, PI)}
+    assert gain["server"] > 2.5 and gain["pi"] < 1.1
 
 
 def _device(i: int, gflops: float, mem: float, mbps: float = 1000.0) -> DeviceProfile:

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from epara.node.leader.sim import OUTCOMES, SYSTEMS, SimConfig, simulate
+from epara.node.leader.sim import (
+    OUTCOMES,
+    SYSTEMS,
+    SimConfig,
+    production_workload,
+    simulate,
+)
 from epara.node.leader.workloads import (
     WorkloadShape,
     catalogue,
@@ -51,3 +57,13 @@ def test_trace_round_trips(tmp_path: Path) -> None:
     assert [(r.service, r.output_tokens, r.origin) for r in back] == \
         [(r.service, r.output_tokens, r.origin) for r in REQUESTS[:50]]
     assert all(abs(a.t - b.t) < 1e-5 for a, b in zip(back, REQUESTS[:50], strict=True))
+
+
+def test_epara_is_ahead_of_every_baseline_on_the_production_mix() -> None:
+    # The bench's "production x1" row (quick length): 150 services, 40 devices. Close to
+    # replicate-all and to the ablation (docs/epara-core.md), but ahead of each.
+    w = production_workload(1.0, duration_s=40.0)
+    results = {s: simulate(s, w.requests, w.services, w.devices, w.config) for s in SYSTEMS}
+    for system in SYSTEMS[1:]:
+        assert results["epara"].goodput_hz > results[system].goodput_hz, (
+            system, results["epara"].goodput_hz, results[system].goodput_hz)

@@ -10,10 +10,11 @@ enough). The allocator maps the four combinations to modes, each with its reason
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from epara.node.leader.estimate import latency_at_batch, stage_cost
+from epara.node.leader.estimate import UnitPerf, latency_at_batch, stage_cost
 from epara.node.leader.model import (
     DeviceProfile,
     Mode,
@@ -31,6 +32,19 @@ STREAM_MIN_HZ = 1.0
 # A latency-sensitive request may spend at most this share of its deadline computing,
 # leaving the rest for queueing and the network: it caps the batch such services run.
 LATENCY_BATCH_SHARE = 0.5
+# A stream's frame may spend up to this share of its deadline inside a full batch; the
+# batch grows while doubling it still buys at least STREAM_BATCH_GAIN more throughput.
+STREAM_BATCH_SHARE = 0.5
+STREAM_BATCH_GAIN = 1.05
+# One batch limit for every model and device, as a serving system configured once
+# (Triton-style dynamic batching with a fixed max batch size): what the baselines and
+# the ablation run.
+DEFAULT_BATCH = 8
+
+# How a unit's batch limit is chosen once its devices are known: the allocation's own
+# limit as is, the largest keeping a request within its deadline share, or the one that
+# buys throughput within a stream frame's deadline share.
+BatchRule = Literal["fixed", "latency", "throughput"]
 
 
 @dataclass(frozen=True)
@@ -47,9 +61,10 @@ class Category:
 @dataclass(frozen=True)
 class Allocation:
     mode: Mode
-    max_batch: int
+    max_batch: int  # the limit, or for adaptive rules the largest batch considered
     objective: Objective | None  # for pipelines: what the partitioner minimises
     reason: str
+    batch_rule: BatchRule = "fixed"
 
 
 def _fits(spec: ServiceSpec, device: DeviceProfile) -> bool:
@@ -102,43 +117,62 @@ def categorise(spec: ServiceSpec, devices: Sequence[DeviceProfile],
                     f"{latency * 1000:.0f} ms of its {deadline * 1000:.0f} ms SLO")
 
 
-def latency_batch(spec: ServiceSpec, device: DeviceProfile) -> int:
-    """Largest batch keeping a request within its share of the deadline on ``device``."""
-    budget = spec.deadline_ms() / 1000 * LATENCY_BATCH_SHARE
+def choose_batch(spec: ServiceSpec, allocation: Allocation,
+                 perf_at: Callable[[int], UnitPerf]) -> int:
+    """The batch limit of one unit, from ``perf_at(batch)`` (its estimates at a batch).
+
+    Latency rule: the largest power of two keeping a request at full batches within
+    ``LATENCY_BATCH_SHARE`` of its deadline. Throughput rule: grow while a doubled batch
+    still fits ``STREAM_BATCH_SHARE`` of the deadline and adds ``STREAM_BATCH_GAIN`` to
+    capacity, so accelerators batch deeply and CPUs (no gain) stay small.
+    """
+    if allocation.batch_rule == "fixed":
+        return allocation.max_batch
+    share = LATENCY_BATCH_SHARE if allocation.batch_rule == "latency" else STREAM_BATCH_SHARE
+    budget = spec.deadline_ms() / 1000 * share
     batch = 1
-    while batch < spec.max_batch and latency_at_batch(spec, device, batch * 2) <= budget:
-        batch *= 2
-    return min(batch, spec.max_batch)
+    perf = perf_at(1)
+    while batch * 2 <= allocation.max_batch:
+        bigger = perf_at(batch * 2)
+        if bigger.full_latency_s > budget:
+            break
+        if allocation.batch_rule == "throughput" and \
+                bigger.capacity_hz < perf.capacity_hz * STREAM_BATCH_GAIN:
+            break
+        batch, perf = batch * 2, bigger
+    return batch
 
 
 def allocate(spec: ServiceSpec, category: Category,
              devices: Sequence[DeviceProfile]) -> Allocation:
-    """The parallel mode for a category, with the batch it runs and why."""
+    """The parallel mode for a category, with how its batch is chosen and why."""
     if category.service == "multi":
         if not spec.layers:
             return Allocation("replicas", spec.max_batch, None,
                               "replicas: needs more than one device but its manifest "
-                              "declares no layers to cut, so it runs where it fits best")
+                              "declares no layers to cut, so it runs where it fits best",
+                              "latency")
         if category.request == "frequency":
             return Allocation("pipeline_throughput", spec.max_batch, "throughput",
-                              f"pipeline, micro-batched ({spec.max_batch} per stage): "
-                              f"stages cut to minimise the slowest stage, for rate")
-        return Allocation("pipeline_latency", 1, "latency",
+                              "pipeline, micro-batched: stages cut to minimise the slowest "
+                              "stage, for rate", "throughput")
+        return Allocation("pipeline_latency", spec.max_batch, "latency",
                           "pipeline over the fewest fast devices: stages cut to minimise "
-                          "one request's end-to-end time")
+                          "one request's end-to-end time; batch kept within "
+                          f"{LATENCY_BATCH_SHARE:.0%} of the SLO", "latency")
     if category.request == "frequency":
         return Allocation("data_parallel", spec.max_batch, None,
-                          f"data-parallel replicas with dynamic batching (up to "
-                          f"{spec.max_batch}), load spread by expected completion")
-    best = best_single_latency(spec, devices)
-    batch = latency_batch(spec, best[0]) if best else 1
-    return Allocation("replicas", batch, None,
-                      f"replicas with least-expected-completion routing, batch up to "
-                      f"{batch} (keeps a request within {LATENCY_BATCH_SHARE:.0%} of its "
-                      f"SLO)")
+                          "data-parallel replicas with dynamic batching sized per device "
+                          "(deep on accelerators, shallow on CPUs), load spread by "
+                          "expected completion", "throughput")
+    return Allocation("replicas", spec.max_batch, None,
+                      f"replicas with least-expected-completion routing, batch per device "
+                      f"kept within {LATENCY_BATCH_SHARE:.0%} of the SLO", "latency")
 
 
 def uniform_allocation(spec: ServiceSpec) -> Allocation:
-    """Categorisation switched off: one mode for every service (the ablation baseline)."""
-    return Allocation("replicas", spec.max_batch, None,
-                      "categorisation off: replicas for every service")
+    """Categorisation switched off (the ablation): one mode for every service, replicas
+    with the one fixed batch limit, no pipelines."""
+    return Allocation("replicas", min(spec.max_batch, DEFAULT_BATCH), None,
+                      f"categorisation off: replicas with batch {DEFAULT_BATCH} for every "
+                      f"service")

@@ -21,14 +21,16 @@ MIN_VARIABILITY = 0.05
 
 @dataclass(frozen=True)
 class StageCost:
-    """Step time of one stage on one device: max(gflop * per_gflop_s, read_s) + fixed_s."""
+    """Step time of one stage on one device:
+    max(step_s + gflop * per_gflop_s, read_s) + fixed_s."""
 
     per_gflop_s: float  # seconds per GFLOP of the whole model's pass routed to this stage
     read_s: float  # reading this stage's weights once per step
     fixed_s: float
+    step_s: float = 0.0  # compute a step costs whatever its batch (idle accelerator lanes)
 
     def time(self, gflop: float) -> float:
-        return max(gflop * self.per_gflop_s, self.read_s) + self.fixed_s
+        return max(self.step_s + gflop * self.per_gflop_s, self.read_s) + self.fixed_s
 
 
 def stage_cost(spec: ServiceSpec, device: DeviceProfile, first: int = 0,
@@ -36,7 +38,10 @@ def stage_cost(spec: ServiceSpec, device: DeviceProfile, first: int = 0,
     """Cost model of layers [first, end) of ``spec`` on ``device`` (all layers by default).
 
     A measured batch-1 latency for the device's class, when the spec has one, rescales the
-    roofline so that the whole model's first pass takes exactly the measured time.
+    roofline so that the whole model's first pass takes exactly the measured time. The
+    device's ``batch_fixed`` share f of one pass's compute is paid once per step, the
+    rest per pass, so b passes take t1 * (f + (1 - f) b) while compute-bound and a lone
+    pass keeps its batch-1 time.
     """
     if spec.layers:
         end = len(spec.layers) if end is None else end
@@ -53,7 +58,11 @@ def stage_cost(spec: ServiceSpec, device: DeviceProfile, first: int = 0,
         scale = max(0.0, measured / 1000 - spec.overhead_ms / 1000) / roofline \
             if roofline > 0 else 1.0
         per_gflop, read = per_gflop * scale, read * scale
-    return StageCost(per_gflop, read, spec.overhead_ms / 1000)
+    # One pass: a decode token for an LLM (a prefill already is a batch of 256 tokens).
+    unit_gflop = spec.gflop_per_token if spec.is_llm else spec.gflop
+    f = device.batch_fixed
+    return StageCost(per_gflop * (1 - f), read, spec.overhead_ms / 1000,
+                     f * unit_gflop * per_gflop)
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,7 @@ class UnitPerf:
     first_pass_s: float  # time to the first result (prefill for an LLM)
     pass_s: float  # each further pass (an LLM token) at batch 1
     capacity_hz: float  # requests per second with full batches and the pipeline full
+    full_latency_s: float  # one request when every step it joins carries a full batch
     stage_use: tuple[float, ...]  # per stage: busy seconds per request at full batches
 
     def use(self, unit: Unit) -> dict[str, float]:
@@ -96,6 +106,11 @@ def unit_perf(spec: ServiceSpec, unit: Unit, devices: Mapping[str, DeviceProfile
     first = sum(c.time(spec.gflop) for c in costs) + sum(link_s(1))
     per = sum(c.time(spec.gflop_per_token) for c in costs) + sum(link_s(1)) if decode else 0.0
     latency = first + decode * per
+    full_first = sum(c.time(spec.gflop + (batch - 1) * spec.gflop_per_token if decode else
+                            batch * spec.gflop) for c in costs) + sum(link_s(batch))
+    full_per = sum(c.time(batch * spec.gflop_per_token) for c in costs) + \
+        sum(link_s(batch)) if decode else 0.0
+    full = full_first + decode * full_per
     # Throughput: each stage works on one micro-batch of `batch` passes while the others
     # work on theirs; with len(stages) micro-batches in flight the slowest resource (a
     # stage or a link) sets the pace, unless one round through all stages is slower still.
@@ -110,7 +125,7 @@ def unit_perf(spec: ServiceSpec, unit: Unit, devices: Mapping[str, DeviceProfile
     per_request = cycle * passes / batch + max(extra)
     use = tuple(c.time(batch * gpt) * passes / batch + e
                 for c, e in zip(costs, extra, strict=True))
-    return UnitPerf(latency, first, per, 1.0 / per_request, use)
+    return UnitPerf(latency, first, per, 1.0 / per_request, full, use)
 
 
 def latency_at_batch(spec: ServiceSpec, device: DeviceProfile, batch: int) -> float:

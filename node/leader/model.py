@@ -31,11 +31,16 @@ class DeviceProfile:
     accelerator: str = ""  # "cuda", "jetson", "npu" or ""
     link_mbps: float = 1000.0  # network link, megabits per second
     link_latency_ms: float = 0.5  # one way, to a typical peer
+    # Share of a batch-1 compute step that a larger batch does not add to: a step of b
+    # passes takes t1 * (f + (1 - f) * b). GPUs leave most of their cores idle on one
+    # small input (f ~0.6-0.8, so batching multiplies throughput); a CPU runtime already
+    # spreads one input over every core (f ~0.05, batching adds little).
+    batch_fixed: float = 0.0
 
     def profile_key(self) -> tuple[Any, ...]:
         """Devices with equal keys are interchangeable for planning (same speed and size)."""
         return (self.device_class, self.gflops, self.mem_bandwidth_gbs, self.mem_mb,
-                self.accelerator, self.link_mbps, self.link_latency_ms)
+                self.accelerator, self.link_mbps, self.link_latency_ms, self.batch_fixed)
 
     def transfer_s(self, mb: float) -> float:
         """Seconds to move ``mb`` megabytes off this device to a peer."""

@@ -26,6 +26,7 @@ from epara.node.leader.allocate import (
     Category,
     allocate,
     categorise,
+    choose_batch,
     uniform_allocation,
 )
 from epara.node.leader.estimate import UnitPerf, admitted_load, unit_goodput, unit_perf
@@ -112,6 +113,7 @@ class _Planner:
         self.version = dict.fromkeys(self.devices, 0)
         self.heaps: dict[tuple[Any, ...], list[tuple[float, float, str, int]]] = {}
         self.perf_cache: dict[tuple[Any, ...], UnitPerf] = {}
+        self.batch_cache: dict[tuple[Any, ...], int] = {}
         self.services: dict[str, _Service] = {}
         for name in sorted(services):
             spec = services[name]
@@ -247,13 +249,24 @@ class _Planner:
         for d in sorted(touched):
             self._touch(d)
 
+    def batched(self, svc: _Service, stages: tuple[Stage, ...]) -> Unit:
+        """A unit over ``stages`` with the batch its allocation's rule picks there (the
+        same for every device set of the same profiles)."""
+        key = (svc.spec.name, svc.spec.mean_output_tokens,
+               tuple((self.devices[s.device].profile_key(), s.first, s.end) for s in stages))
+        batch = self.batch_cache.get(key)
+        if batch is None:
+            batch = choose_batch(svc.spec, svc.allocation, lambda b: self.perf(
+                svc.spec, Unit(svc.spec.name, stages, b)))
+            self.batch_cache[key] = batch
+        return Unit(svc.spec.name, stages, batch)
+
     def replica(self, svc: _Service, key: tuple[Any, ...]) -> _Live | None:
         device = self.pick(key, svc.spec.memory_mb)
         if not device:
             return None
-        unit = Unit(svc.spec.name, (Stage(device[0], 0, len(svc.spec.layers),
-                                          svc.spec.memory_mb),), svc.allocation.max_batch)
-        return self.live(svc, unit)
+        return self.live(svc, self.batched(svc, (Stage(
+            device[0], 0, len(svc.spec.layers), svc.spec.memory_mb),)))
 
     def pipeline(self, svc: _Service) -> tuple[_Live, str] | None:
         """A pipeline over a pool of the fastest lightly loaded devices with room."""
@@ -271,8 +284,7 @@ class _Planner:
                          self.config.max_stages, self.config.max_cuts)
         if plan is None:
             return None
-        unit = Unit(svc.spec.name, plan.stages, svc.allocation.max_batch)
-        return self.live(svc, unit), plan.reason
+        return self.live(svc, self.batched(svc, plan.stages)), plan.reason
 
     def candidate(self, svc: _Service, key: tuple[Any, ...] | None
                   ) -> tuple[_Live, str] | None:
@@ -295,12 +307,19 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
     p = _Planner(state, demand, services, config)
     decisions: list[Decision] = []
     # Keep what still stands; what touched a lost device (or a retired service) goes.
+    # A standby (a unit of a service with no demand) is set aside, not kept: it must not
+    # hold memory that a demanded service could use; it returns to its place at the end
+    # if that place is still free.
+    idle: dict[str, Unit] = {}
     for unit in current.units():
         svc = p.services.get(unit.service)
         lost = [d for d in unit.devices if d not in p.devices]
         if svc is None or lost:
             why = f"device {', '.join(lost)} is gone" if lost else "service retired"
             decisions.append(Decision("drop", unit.id, 0.0, why))
+            continue
+        if svc.demand.rate_hz <= 0:
+            idle.setdefault(svc.spec.name, unit)
             continue
         p.commit(svc, [*svc.units, p.live(svc, unit)])
     # Units that cannot meet their SLO only take memory and routing attempts.
@@ -320,18 +339,34 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
             break
     _prune(p, config, decisions)
     if config.standby:
-        for svc in p.services.values():
-            if svc.units or svc.demand.rate_hz > 0 or \
-                    svc.allocation.mode.startswith("pipeline"):
-                continue
-            for rep in sorted(p.reps, key=lambda r: (-r.gflops, r.id)):
-                found = p.candidate(svc, rep.profile_key())
-                if found is not None and found[0].slack_s > 0:
-                    p.commit(svc, [found[0]])
-                    decisions.append(Decision("standby", found[0].unit.id, 0.0,
-                                              "no recent demand: one replica kept ready"))
-                    break
+        _standby(p, idle, decisions)
+    for name, unit in sorted(idle.items()):
+        if not p.services[name].units:
+            decisions.append(Decision("remove", unit.id, 0.0,
+                                      "no recent demand and its memory went to demand"))
     return _placement(current, p), tuple(decisions)
+
+
+def _standby(p: _Planner, idle: Mapping[str, Unit], decisions: list[Decision]) -> None:
+    """One replica of each idle service where memory is left: in its previous place when
+    that still has room (no reload), else on the slowest device that meets its SLO, so
+    standbys do not crowd the accelerators that demanded services need next period."""
+    for svc in p.services.values():
+        if svc.units or svc.demand.rate_hz > 0 or \
+                svc.allocation.mode.startswith("pipeline"):
+            continue
+        before = idle.get(svc.spec.name)
+        if before is not None and all(
+                p.free[s.device] >= s.memory_mb for s in before.stages):
+            p.commit(svc, [p.live(svc, before)])
+            continue
+        for rep in sorted(p.reps, key=lambda r: (r.gflops, r.id)):
+            found = p.candidate(svc, rep.profile_key())
+            if found is not None and found[0].slack_s > 0:
+                p.commit(svc, [found[0]])
+                decisions.append(Decision("standby", found[0].unit.id, 0.0,
+                                          "no recent demand: one replica kept ready"))
+                break
 
 
 def _sweep(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -> int:
@@ -365,8 +400,12 @@ def _sweep(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -> i
         if found is None:
             continue
         live, why = found
-        g = p.gain(svc, live) * max(0.0, 1 - load_time_s(live.unit, config) /
-                                    config.horizon_s)
+        # A move pays for its load time within the horizon, except a service's first
+        # unit: nothing else will ever serve it, so waiting cannot be cheaper (a 20 GB
+        # model may take longer than the horizon to load and must still be placed).
+        charge = 1.0 if not svc.units else max(
+            0.0, 1 - load_time_s(live.unit, config) / config.horizon_s)
+        g = p.gain(svc, live) * charge
         if g <= config.min_gain_hz:
             continue  # gains only shrink as the placement grows: drop it for good
         if heap and g * p.thrift(key) < -heap[0][0]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from epara.node.leader.allocate import DEFAULT_BATCH
 from epara.node.leader.estimate import StageCost, stage_cost, unit_perf
 from epara.node.leader.model import (
     ClusterState,
@@ -396,14 +397,19 @@ def least_loaded_router(sim: _Sim, rid: int, units: list[_Unit]) -> _Unit | None
 
 # --- baseline placements ------------------------------------------------------------------
 
+def _fixed_batch(spec: ServiceSpec) -> int:
+    return min(spec.max_batch, DEFAULT_BATCH)
+
+
 def _whole(spec: ServiceSpec, device: str) -> Unit:
     return Unit(spec.name, (Stage(device, 0, len(spec.layers), spec.memory_mb),),
-                spec.max_batch)
+                _fixed_batch(spec))
 
 
 def one_replica_placement(services: Mapping[str, ServiceSpec],
                           devices: Sequence[DeviceProfile]) -> Placement:
-    """One replica per service, on the fastest device with room, spreading ties."""
+    """One replica per service (a Kubernetes Deployment of one pod with a GPU preference):
+    largest models first, each on the fastest device with room, spreading ties."""
     free = {d.id: d.mem_mb for d in devices}
     count = dict.fromkeys(free, 0)
     plans = {}
@@ -419,38 +425,58 @@ def one_replica_placement(services: Mapping[str, ServiceSpec],
 
 
 def replicate_all_placement(services: Mapping[str, ServiceSpec],
-                            devices: Sequence[DeviceProfile]) -> Placement:
-    """Every device loads services (from a rotating start) until its memory is full."""
-    names = sorted(services)
+                            devices: Sequence[DeviceProfile],
+                            popularity: Mapping[str, float] | None = None) -> Placement:
+    """Replicate wherever it fits: rounds over the services, most popular first (the
+    order known up front), each round giving every service one more replica on the
+    device with the most free memory that holds it, until no model fits anywhere.
+    Memory is the only constraint it knows: not speed, not SLOs, not batching."""
+    popularity = popularity or {}
+    names = sorted(services, key=lambda n: (-popularity.get(n, 0.0), n))
+    free = {d.id: d.mem_mb for d in devices}
     units: dict[str, list[Unit]] = {n: [] for n in names}
-    for i, d in enumerate(sorted(devices, key=lambda d: d.id)):
-        free = d.mem_mb
-        for k in range(len(names)):
-            spec = services[names[(i * 7 + k) % len(names)]]
-            if spec.memory_mb <= free:
-                free -= spec.memory_mb
-                units[spec.name].append(_whole(spec, d.id))
+    hosts: dict[str, set[str]] = {n: set() for n in names}
+    placed = True
+    while placed:
+        placed = False
+        for name in names:
+            spec = services[name]
+            fits = [d for d in devices
+                    if free[d.id] >= spec.memory_mb and d.id not in hosts[name]]
+            if not fits:
+                continue
+            d = max(fits, key=lambda d: (free[d.id], d.id))
+            free[d.id] -= spec.memory_mb
+            hosts[name].add(d.id)
+            units[name].append(_whole(spec, d.id))
+            placed = True
     return Placement(1, {n: ServicePlan(n, "", "replicas", tuple(u), "")
                          for n, u in units.items() if u})
 
 
 def pipeline_all_placement(services: Mapping[str, ServiceSpec],
-                           devices: Sequence[DeviceProfile], group: int = 4) -> Placement:
-    """Every model split over groups of ``group`` devices, layers in proportion to free
-    memory (Petals / llama.cpp RPC style); groups mix device kinds like volunteers do."""
+                           devices: Sequence[DeviceProfile], group: int = 4,
+                           popularity: Mapping[str, float] | None = None) -> Placement:
+    """Every model split over a group of ``group`` devices, layers in proportion to free
+    memory (Petals / llama.cpp RPC style); groups mix device kinds like volunteers do.
+    Rounds over the services, most popular first, each round giving every service one
+    more pipeline on the group with the most free memory that holds it."""
     ordered = sorted(devices, key=lambda d: d.id)
     n_groups = max(1, len(ordered) // group)
     groups = [ordered[g::n_groups] for g in range(n_groups)]
     free = {d.id: d.mem_mb for d in ordered}
-    names = sorted(services)
+    popularity = popularity or {}
+    names = sorted(services, key=lambda n: (-popularity.get(n, 0.0), n))
     units: dict[str, list[Unit]] = {n: [] for n in names}
-    for g, members in enumerate(groups):
-        placed = True
-        k = g
-        while placed:
-            placed = False
-            for step in range(len(names)):
-                spec = services[names[(k + step) % len(names)]]
+    used: dict[str, set[int]] = {n: set() for n in names}
+    placed = True
+    while placed:
+        placed = False
+        for name in names:
+            spec = services[name]
+            for g in sorted((g for g in range(n_groups) if g not in used[name]),
+                            key=lambda g: (-sum(free[d.id] for d in groups[g]), g)):
+                members = groups[g]
                 if spec.layers:
                     stages = proportional_split(spec, members, free)
                 else:
@@ -461,9 +487,9 @@ def pipeline_all_placement(services: Mapping[str, ServiceSpec],
                     continue
                 for s in stages:
                     free[s.device] -= s.memory_mb
-                units[spec.name].append(Unit(spec.name, stages, spec.max_batch))
+                units[name].append(Unit(name, stages, _fixed_batch(spec)))
+                used[name].add(g)
                 placed = True
-                k += step + 1
                 break
     return Placement(1, {n: ServicePlan(n, "", "pipeline_throughput", tuple(u), "")
                          for n, u in units.items() if u})
@@ -488,10 +514,12 @@ def simulate(system: str, requests: Sequence[Request], services: Mapping[str, Se
         sim.install(one_replica_placement(services, devices), loading=False)
     elif system == "replicate-all":
         router = least_loaded_router
-        sim.install(replicate_all_placement(services, devices), loading=False)
+        sim.install(replicate_all_placement(services, devices, _popularity(requests)),
+                    loading=False)
     elif system == "pipeline-all":
         router = least_loaded_router
-        sim.install(pipeline_all_placement(services, devices), loading=False)
+        sim.install(pipeline_all_placement(services, devices,
+                                           popularity=_popularity(requests)), loading=False)
     else:
         raise ValueError(f"unknown system {system!r}; expected one of {', '.join(SYSTEMS)}")
     duration = max((r.t for r in requests), default=0.0)
@@ -540,6 +568,15 @@ def simulate(system: str, requests: Sequence[Request], services: Mapping[str, Se
                 sim.push(t + config.period_s, 6, None)
     return _result(system, sim, requests, config, duration, decisions_ms,
                    sum(len(u) for u in sim.units.values()))
+
+
+def _popularity(requests: Sequence[Request]) -> dict[str, float]:
+    """Requests per service over the whole trace: the static baselines' popularity
+    "known up front" (an oracle, so if anything generous to them)."""
+    out: dict[str, float] = {}
+    for r in requests:
+        out[r.service] = out.get(r.service, 0.0) + 1
+    return out
 
 
 def demand_of(requests: Sequence[Request], start: float, end: float
@@ -609,14 +646,22 @@ class Workload:
     config: SimConfig = field(default_factory=SimConfig)
 
 
-def production_workload(load: float = 1.0, devices: int = 40, services: int = 40,
+# The production mix per 40 devices at load x1: request rate over the non-stream
+# services and camera streams (10-30 fps each) over the stream services.
+PRODUCTION_RATE_HZ = 500.0
+PRODUCTION_STREAMS = 40
+
+
+def production_workload(load: float = 1.0, devices: int = 40, services: int = 150,
                         duration_s: float = 60.0, seed: int = 1) -> Workload:
-    """The production-like mix: Zipf popularity, bursts, a diurnal swing, camera streams,
-    LLM chats, many small models, on a server/Jetson/Pi fleet."""
+    """The production-like mix: Zipf popularity over many services whose models do not
+    all fit everywhere, bursts, a diurnal swing, camera streams, LLM chats of several
+    sizes (the largest fits no single device), on a mostly Pi/Jetson fleet."""
     fleet_ = tuple(fleet(devices))
     catalog = catalogue(services, seed)
-    shape = WorkloadShape(duration_s=duration_s, rate_hz=80.0 * load * devices / 40,
-                          streams=max(1, round(12 * load * devices / 40)),
+    shape = WorkloadShape(duration_s=duration_s,
+                          rate_hz=PRODUCTION_RATE_HZ * load * devices / 40,
+                          streams=max(1, round(PRODUCTION_STREAMS * load * devices / 40)),
                           diurnal_period_s=duration_s, diurnal_depth=0.4)
     reqs = generate(catalog, shape, seed, devices)
     return Workload(f"production x{load:g}", fleet_, catalog, tuple(reqs))
@@ -629,12 +674,12 @@ def suite(quick: bool = False) -> list[Workload]:
     simple_services = catalogue(1, 3, (("detect", 1.0),))
     simple_devices = tuple(fleet(6, (("jetson", 0.5), ("pi", 0.5))))
     out.append(Workload("simple", simple_devices, simple_services, tuple(generate(
-        simple_services, WorkloadShape(duration_s=duration, rate_hz=200.0, burst_high=1.0,
+        simple_services, WorkloadShape(duration_s=duration, rate_hz=400.0, burst_high=1.0,
                                        streams=0), 3, len(simple_devices)))))
     homo_services = catalogue(10, 4, (("classify", 0.5), ("embed", 0.3), ("kws", 0.2)))
     homo_devices = tuple(fleet(12, (("pi", 1.0),)))
     out.append(Workload("homogeneous", homo_devices, homo_services, tuple(generate(
-        homo_services, WorkloadShape(duration_s=duration, rate_hz=150.0, streams=0), 4,
+        homo_services, WorkloadShape(duration_s=duration, rate_hz=500.0, streams=0), 4,
         len(homo_devices)))))
     over = production_workload(4.0, duration_s=duration)
     out.append(replace(over, name="overloaded x4"))
@@ -652,12 +697,12 @@ def run_workload(w: Workload, systems: Sequence[str] = SYSTEMS) -> dict[str, Sim
 
 def run_goodput_bench(trace: Path | None = None, json_out: bool = False,
                       plot: Path | None = None, quick: bool = False,
-                      devices: int = 40, services: int = 40) -> str:
+                      devices: int = 40, services: int = 150) -> str:
     """`epara bench goodput`: every system on the same traces; a table, or JSON.
 
     With ``trace``, that JSONL file (docs/trace-format.md) replaces the built-in
     production mix; its services must name entries of the built-in catalogue for
-    ``services`` services (``catalogue(services)``), its origins index the fleet.
+    ``services`` services (``catalogue(services, 1)``), its origins index the fleet.
     """
     if trace is not None:
         base = production_workload(devices=devices, services=services)

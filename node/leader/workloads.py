@@ -1,10 +1,20 @@
 """Device fleets, a service catalogue and trace generators for the simulator (pure).
 
-Speeds are effective (sustained) figures derived from published specs, roughly a quarter
-to a half of peak, in line with what ``peer/capabilities.py`` measures on CPUs:
-  server  NVIDIA T4 edge server: 65 TFLOPS fp16 peak, 320 GB/s, 16 GB
-  jetson  Jetson Orin NX 8 GB: ~25 TFLOPS fp16 peak (GPU), 102 GB/s shared LPDDR5
-  pi      Raspberry Pi 5 8 GB: ~30 GFLOPS fp32 NEON measured, 17 GB/s peak LPDDR4X
+Every figure below is an assumption with its source; docs/epara-core.md collects them.
+Speeds are *effective batch-1* figures (what a single inference achieves), not peaks:
+  server  NVIDIA T4 (16 GB, 320 GB/s, 65 TFLOPS fp16 peak). YOLOv8n TensorRT fp16 runs in
+          ~1.5 ms (Ultralytics' published T4 speed column), 8.7 GFLOP / 1.5 ms ≈ 6 TFLOPS.
+          ResNet-50 on T4 goes from ~1,000 img/s at batch 1 to ~4,500 img/s at large batch
+          (NVIDIA's published inference figures): a step's fixed share ≈ 0.75.
+  jetson  Jetson Orin NX 16 GB (102 GB/s shared LPDDR5, 100 TOPS int8 sparse). YOLOv8n
+          TensorRT fp16 ≈ 4.5 ms (Ultralytics' Jetson guide) → ~2 TFLOPS effective.
+  nano    Jetson Orin Nano 8 GB (68 GB/s, 40 TOPS int8 sparse): ~60% of the NX; Llama-3-8B
+          int4 decodes at ~10-20 tokens/s (jetson-ai-lab benchmarks) → ~45 GB/s effective.
+  pi, pi4g Raspberry Pi 5 8 GB / 4 GB (4x Cortex-A76 2.4 GHz, LPDDR4X 17 GB/s peak).
+          YOLOv8n ONNX ≈ 130-150 ms (Ultralytics' Raspberry Pi guide) → ~60 GFLOPS; llama.cpp
+          runs a 1B int4 model (0.8 GB) at ~10 tokens/s → ~8 GB/s effective. A CPU step
+          scales almost linearly with batch (XNNPACK already uses every core on one input).
+Usable memory leaves room for the OS and the runtime (CUDA on Jetsons shares system RAM).
 Traces follow docs/trace-format.md: one JSON object per request.
 """
 
@@ -13,18 +23,27 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from epara.node.leader.model import DeviceProfile, Layer, ServiceSpec
 
 DEVICE_KINDS: dict[str, DeviceProfile] = {
-    "server": DeviceProfile("server", "server", 16000.0, 250.0, 14000.0, "cuda", 10000.0, 0.2),
-    "jetson": DeviceProfile("jetson", "embedded", 2500.0, 55.0, 5500.0, "jetson", 1000.0, 0.5),
-    "pi": DeviceProfile("pi", "microcomputer", 25.0, 8.0, 6000.0, "", 1000.0, 0.5),
+    "server": DeviceProfile("server", "server", 6000.0, 220.0, 15000.0, "cuda", 10000.0, 0.2,
+                            batch_fixed=0.75),
+    "jetson": DeviceProfile("jetson", "embedded", 2000.0, 70.0, 13000.0, "jetson", 1000.0,
+                            0.5, batch_fixed=0.6),
+    "nano": DeviceProfile("nano", "embedded", 1200.0, 45.0, 6000.0, "jetson", 1000.0, 0.5,
+                          batch_fixed=0.6),
+    "pi": DeviceProfile("pi", "microcomputer", 60.0, 8.0, 6500.0, "", 1000.0, 0.5,
+                        batch_fixed=0.05),
+    "pi4g": DeviceProfile("pi4g", "microcomputer", 60.0, 8.0, 2800.0, "", 1000.0, 0.5,
+                          batch_fixed=0.05),
 }
-PRODUCTION_FLEET = (("server", 0.05), ("jetson", 0.25), ("pi", 0.70))
+# A mostly-Pi/Jetson edge cloud with a couple of GPU servers (shares of the fleet).
+PRODUCTION_FLEET = (("server", 0.05), ("jetson", 0.10), ("nano", 0.20), ("pi", 0.35),
+                    ("pi4g", 0.30))
 
 
 def fleet(n: int, mix: Sequence[tuple[str, float]] = PRODUCTION_FLEET) -> list[DeviceProfile]:
@@ -34,9 +53,7 @@ def fleet(n: int, mix: Sequence[tuple[str, float]] = PRODUCTION_FLEET) -> list[D
     out = []
     for (kind, _), count in zip(mix, counts, strict=True):
         base = DEVICE_KINDS[kind]
-        out += [DeviceProfile(f"{kind}-{i:04d}", base.device_class, base.gflops,
-                              base.mem_bandwidth_gbs, base.mem_mb, base.accelerator,
-                              base.link_mbps, base.link_latency_ms) for i in range(count)]
+        out += [replace(base, id=f"{kind}-{i:04d}") for i in range(count)]
     return out
 
 
@@ -44,40 +61,78 @@ def _layers(n: int, weight_mb: float, out_mb: float) -> tuple[Layer, ...]:
     return tuple(Layer(weight_mb / n, 1.0 / n, out_mb) for _ in range(n))
 
 
-# Templates: (kind, spec). Costs from the models' published sizes: FLOPs per pass, Q4
-# weights for LLMs (2 FLOPs per parameter per token, 256-token prompts).
+def _llm(name: str, params_b: float, weight_mb: float, memory_mb: float, layers: int,
+         hidden: int, slo_ms: float, per_token_ms: float, tokens: float,
+         max_batch: int = 8) -> ServiceSpec:
+    # 2 FLOPs per parameter per token; a 256-token prompt is the prefill pass. Between
+    # stages travels one hidden state per token (fp16).
+    return ServiceSpec(
+        name, memory_mb=memory_mb, weight_mb=weight_mb, gflop=2 * params_b * 256,
+        gflop_per_token=2 * params_b, mean_output_tokens=tokens, slo_ms=slo_ms,
+        slo_ms_per_token=per_token_ms, max_batch=max_batch, overhead_ms=2.0,
+        input_mb=0.002, layers=_layers(layers, weight_mb, hidden * 2 / 1e6))
+
+
+# Templates. Vision/text costs: published FLOPs and parameter counts (fp16 weights on
+# accelerators; memory adds runtime and activations). LLM sizes: GGUF Q4_K_M files for
+# int4, 2 bytes per parameter for fp16; memory adds a KV cache for a batch of 8 at ~1k
+# context. SLOs: interactive vision 100-300 ms; chat: time to first token 1-3 s and a
+# per-token budget near reading speed (~5-7 tokens/s), looser for the big "deep answer"
+# tier; streams must finish a frame within a few frame periods.
 TEMPLATES: dict[str, ServiceSpec] = {
-    "chat-1b": ServiceSpec(
-        "chat-1b", memory_mb=1400, weight_mb=800, gflop=2.5 * 256, gflop_per_token=2.5,
-        mean_output_tokens=120, slo_ms=1500, slo_ms_per_token=60, max_batch=16,
-        overhead_ms=2.0, input_mb=0.002, layers=_layers(16, 800, 0.008)),
-    "chat-8b": ServiceSpec(
-        "chat-8b", memory_mb=6500, weight_mb=4900, gflop=16 * 256, gflop_per_token=16,
-        mean_output_tokens=150, slo_ms=2000, slo_ms_per_token=100, max_batch=16,
-        overhead_ms=3.0, input_mb=0.002, layers=_layers(32, 4900, 0.016)),
-    "chat-30b": ServiceSpec(
-        "chat-30b", memory_mb=20000, weight_mb=18000, gflop=60 * 256, gflop_per_token=60,
-        mean_output_tokens=150, slo_ms=3000, slo_ms_per_token=150, max_batch=8,
-        overhead_ms=4.0, input_mb=0.002, layers=_layers(60, 18000, 0.026)),
+    # Chats (latency-sensitive): SmolLM2-135M fp16, SmolLM2-360M fp16, Llama-3.2-1B int4,
+    # Llama-3.2-3B int4, Llama-3-8B int4, Qwen2.5-14B int4 (fits a 16 GB Orin NX or a T4
+    # only), Qwen2.5-32B int4 (19.9 GB: fits no single device; 2-4 devices pipelined).
+    "chat-135m": _llm("chat-135m", 0.135, 270, 400, 30, 576, 1000, 100, 80),
+    "chat-360m": _llm("chat-360m", 0.36, 720, 900, 32, 960, 1000, 120, 100),
+    "chat-1b": _llm("chat-1b", 1.2, 800, 1300, 16, 2048, 1500, 150, 120),
+    "chat-3b": _llm("chat-3b", 3.2, 2000, 2700, 28, 3072, 2000, 150, 150),
+    "chat-8b": _llm("chat-8b", 8.0, 4900, 5800, 32, 4096, 2000, 150, 150),
+    "chat-14b": _llm("chat-14b", 14.7, 9000, 10500, 48, 5120, 3000, 250, 150),
+    "chat-32b": _llm("chat-32b", 32.8, 19900, 22000, 64, 5120, 4000, 400, 150),
+    # Frequency-sensitive camera streams: DeepLabv3-MobileNetV2 at 513x513 (~5.5 GFLOP),
+    # MediaPipe selfie segmentation at 256x256 (~0.3 GFLOP), YOLOv8s detection at 640
+    # (28.6 GFLOP).
     "seg-stream": ServiceSpec(
-        "seg-stream", memory_mb=120, weight_mb=20, gflop=6.0, category="frequency",
-        target_rate_hz=15, slo_ms=250, max_batch=8, overhead_ms=1.0, input_mb=0.6,
-        layers=_layers(8, 20, 0.4)),
+        "seg-stream", memory_mb=150, weight_mb=10, gflop=5.5, category="frequency",
+        target_rate_hz=15, slo_ms=200, max_batch=32, overhead_ms=1.0, input_mb=0.6,
+        layers=_layers(8, 10, 0.4)),
+    "selfie-stream": ServiceSpec(
+        "selfie-stream", memory_mb=30, weight_mb=1, gflop=0.3, category="frequency",
+        target_rate_hz=30, slo_ms=100, max_batch=32, overhead_ms=0.5, input_mb=0.2),
+    "det-stream": ServiceSpec(
+        "det-stream", memory_mb=200, weight_mb=22, gflop=28.6, category="frequency",
+        target_rate_hz=10, slo_ms=300, max_batch=32, overhead_ms=1.0, input_mb=0.6,
+        layers=_layers(8, 22, 0.8)),
+    # Latency-sensitive requests: MobileNetV2 classification (0.6 GFLOP), YOLOv8n on a
+    # photo (8.7 GFLOP), MiniLM-L6 sentence embeddings (128 tokens, ~1.4 GFLOP), BERT-mini
+    # intent classification (~0.3 GFLOP), keyword spotting (DS-CNN, ~0.05 GFLOP).
     "classify": ServiceSpec("classify", memory_mb=40, weight_mb=14, gflop=0.6, slo_ms=100,
-                            max_batch=8, overhead_ms=0.5, input_mb=0.15),
-    "detect": ServiceSpec("detect", memory_mb=80, weight_mb=12, gflop=8.7, slo_ms=200,
-                          max_batch=8, overhead_ms=1.0, input_mb=0.6),
-    "embed": ServiceSpec("embed", memory_mb=150, weight_mb=90, gflop=2.0, slo_ms=100,
-                         max_batch=16, overhead_ms=0.5, input_mb=0.002),
-    "ocr": ServiceSpec("ocr", memory_mb=60, weight_mb=5, gflop=5.0, slo_ms=300,
-                       max_batch=4, overhead_ms=1.0, input_mb=0.3),
+                            max_batch=32, overhead_ms=0.5, input_mb=0.15),
+    "detect": ServiceSpec("detect", memory_mb=80, weight_mb=12, gflop=8.7, slo_ms=300,
+                          max_batch=32, overhead_ms=1.0, input_mb=0.6),
+    "embed": ServiceSpec("embed", memory_mb=150, weight_mb=90, gflop=1.4, slo_ms=100,
+                         max_batch=32, overhead_ms=0.5, input_mb=0.002),
+    "intent": ServiceSpec("intent", memory_mb=60, weight_mb=45, gflop=0.3, slo_ms=50,
+                          max_batch=32, overhead_ms=0.3, input_mb=0.002),
     "kws": ServiceSpec("kws", memory_mb=10, weight_mb=1, gflop=0.05, slo_ms=50,
-                       max_batch=16, overhead_ms=0.3, input_mb=0.03),
+                       max_batch=32, overhead_ms=0.3, input_mb=0.03),
 }
-# How often each kind appears among the catalogue's services (production-like mix).
-KIND_SHARE = (("classify", 0.2), ("detect", 0.15), ("embed", 0.15), ("ocr", 0.1),
-              ("kws", 0.1), ("seg-stream", 0.15), ("chat-1b", 0.1), ("chat-8b", 0.04),
-              ("chat-30b", 0.01))
+# How often each kind appears among the catalogue's services: many small vision and text
+# models (fine-tunes per customer or site), a quarter LLM chats, some camera pipelines.
+KIND_SHARE = (("classify", 0.16), ("detect", 0.10), ("embed", 0.10), ("intent", 0.08),
+              ("kws", 0.06), ("seg-stream", 0.08), ("selfie-stream", 0.04),
+              ("det-stream", 0.08), ("chat-135m", 0.04), ("chat-360m", 0.04),
+              ("chat-1b", 0.06), ("chat-3b", 0.06), ("chat-8b", 0.05), ("chat-14b", 0.03),
+              ("chat-32b", 0.02))
+# Relative request rate of one service of a kind at equal popularity: a chat turn is a
+# person typing, an image or text request is often an automated call.
+KIND_RATE = {"chat": 0.1}
+
+
+def kind_of(name: str) -> str:
+    """The template a catalogue service was drawn from (names are ``kind-NNN``)."""
+    return name.rsplit("-", 1)[0]
 
 
 def catalogue(n: int, seed: int = 0,
@@ -155,7 +210,7 @@ class WorkloadShape:
     diurnal_depth: float = 0.5
 
 
-def generate(services: dict[str, ServiceSpec], shape: WorkloadShape, seed: int = 0,
+def generate(services: Mapping[str, ServiceSpec], shape: WorkloadShape, seed: int = 0,
              devices: int = 0) -> list[Request]:
     """A production-like trace: Zipf popularity, ON/OFF bursts, an optional diurnal
     cycle, steady camera streams, LLM answers of lognormal length."""
@@ -165,7 +220,8 @@ def generate(services: dict[str, ServiceSpec], shape: WorkloadShape, seed: int =
     others = [n for n in names if not services[n].target_rate_hz]
     rng.shuffle(others)  # popularity rank independent of the name
     rng.shuffle(streams)
-    weights = [1 / (i + 1) ** shape.zipf_s for i in range(len(others))]
+    weights = [KIND_RATE.get(kind_of(n).split("-")[0], 1.0) / (i + 1) ** shape.zipf_s
+               for i, n in enumerate(others)]
     total = sum(weights)
     out: list[Request] = []
     peak = 1 + (shape.diurnal_depth if shape.diurnal_period_s else 0.0)
