@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import stat
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 Reply = Callable[[dict[str, Any]], Awaitable[None]]
 SEGMENTATION_TASKS = ("segmentation", "text-detection")
 ROUTED_OPS = ("infer", "segment", "generate")
+RETRYABLE = ("stage_failed", "unavailable")  # a route broke: another may serve
+MAX_REPLAYS = 3
 
 
 def default_socket_path() -> Path:
@@ -160,11 +163,8 @@ class LocalApi:
                                    f"cancel, {', '.join(sorted(self._handlers()))}")
             deadline = request.deadline()  # validated for every op
             if op in ROUTED_OPS and self.router is not None and not request.forwarded:
-                peer = await self.router.should_forward(request.field("model", str),
-                                                        deadline)
-                if peer is not None:
-                    await self.router.forward(peer, dict(request.message), reply)
-                    return
+                await self._routed(request, handler, reply, deadline)
+                return
             await handler(request, reply)
         except ServiceError as exc:
             await _safe_reply(reply, _error(request.id, exc.code, str(exc)))
@@ -176,6 +176,42 @@ class LocalApi:
         finally:
             if inflight.get(request.id) is request:
                 del inflight[request.id]
+
+    async def _routed(self, request: Request, handler: Callable[[Request, Reply],
+                                                              Awaitable[None]],
+                      reply: Reply, deadline: float | None) -> None:
+        """Serve here or on the peer the routing policy picks. A generation whose route
+        fails mid-stream is replayed on a repaired route from the tokens the client has
+        already seen (the origin keeps them), so the stream goes on without a repeat."""
+        assert self.router is not None
+        name = request.field("model", str)
+        seen: list[int] = []
+        message = dict(request.message)
+
+        async def relay(answer: dict[str, Any]) -> None:
+            if answer.get("event") == "token":
+                seen.append(int(answer["token"]))
+            elif answer.get("event") == "done":
+                answer = {**answer, "usage": {**answer.get("usage", {}),
+                                              "completion_tokens": len(seen)}}
+            await reply(answer)
+
+        for attempt in itertools.count():
+            try:
+                peer = await self.router.should_forward(name, deadline)
+                if peer is not None:
+                    await self.router.forward(peer, message, relay)
+                else:
+                    await handler(Request(message), relay)
+                return
+            except ServiceError as exc:
+                retry = exc.code in RETRYABLE and attempt < MAX_REPLAYS
+                if not retry or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+                log.info("request %r failed after %d tokens (%s); replaying", request.id,
+                         len(seen), exc)
+                await self.router.wait_for_repair(deadline)
+                message = {**request.message, "resume_tokens": list(seen)}
 
     def _handlers(self) -> dict[str, Callable[[Request, Reply], Awaitable[None]]]:
         return {"models": self._op_models, "status": self._op_status, "infer": self._op_infer,
@@ -272,10 +308,14 @@ class LocalApi:
                 and isinstance(m.get("content"), str) for m in messages):
             raise ServiceError("bad_request", "messages must be maps with string role and "
                                "content")
+        resume = request.field("resume_tokens", list, required=False) or []
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in resume):
+            raise ServiceError("bad_request", "resume_tokens must be token ids")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
         seq_id = service.submit(prompt, messages, params, request.deadline(),
-                                lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+                                lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+                                resume=resume)
         request.on_cancel(lambda: service.cancel(seq_id))  # ends with finish "cancelled"
         finish_reason = "cancelled"
         tokens = 0

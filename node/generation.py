@@ -7,13 +7,14 @@ sequence joins or leaves without waiting for the others.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from epara.node.service import LatencyTracker, ServiceError
@@ -57,6 +58,7 @@ class _Sequence:
     submitted: float
     first_token: float | None = None
     tokens: int = 0
+    resume: list[int] = field(default_factory=list)
 
 
 class GenerationService:
@@ -85,7 +87,10 @@ class GenerationService:
         return self._waiting
 
     def submit(self, prompt: str | None, messages: list[dict] | None, params: Any,
-               deadline: float | None, sink: Sink) -> str:
+               deadline: float | None, sink: Sink, resume: list[int] | None = None) -> str:
+        """Queue a sequence. ``resume``: tokens it already produced elsewhere (a replay
+        after a failed route): the engine rebuilds its cache from prompt + these and
+        continues after them."""
         if self._stopping:
             raise ServiceError("unavailable", f"model {self.manifest.name} is shutting down")
         if (prompt is None) == (messages is None):
@@ -98,7 +103,7 @@ class GenerationService:
             self._waiting += 1
         seq_id = f"s{next(self._ids)}"
         self._commands.put(("add", _Sequence(seq_id, prompt, messages, params, deadline, sink,
-                                             time.monotonic())))
+                                             time.monotonic(), resume=list(resume or ()))))
         return seq_id
 
     def cancel(self, seq_id: str) -> None:
@@ -177,7 +182,7 @@ class GenerationService:
                 continue
             try:
                 self.engine.add(seq.seq_id, prompt=seq.prompt, messages=seq.messages,
-                                params=seq.params)
+                                params=seq.params, resume=seq.resume)
             except (ValueError, KeyError, TypeError) as exc:
                 self.counts["failed"] += 1
                 self._finish(seq, ServiceError("bad_input", str(exc)))
@@ -188,12 +193,17 @@ class GenerationService:
         try:
             events = self.engine.step()
         except Exception as exc:  # an engine fault fails its sequences, not the node
-            log.exception("generation step failed for %s", self.manifest.name)
+            # A broken route (a stage's node died or stalled) is worth a replay elsewhere;
+            # anything else is this model failing on this input.
+            code = "stage_failed" if type(exc).__name__ == "StageFailed" \
+                else "inference_failed"
+            log.warning("generation step failed for %s: %s", self.manifest.name, exc)
             for seq_id in list(self._running):
                 self.engine.cancel(seq_id)
                 self.counts["failed"] += 1
-                self._finish(self._running.pop(seq_id),
-                             ServiceError("inference_failed", str(exc)))
+                self._finish(self._running.pop(seq_id), ServiceError(code, str(exc)))
+            with contextlib.suppress(Exception):
+                self.engine.step()  # flush the cancellation events of the failed sequences
             return
         now = time.monotonic()
         for event in events:

@@ -400,6 +400,17 @@ class ClusterRuntime:
             raise ServiceError(code, decision.reason)
         return None if decision.target.local else decision.target.device
 
+    async def wait_for_repair(self, deadline: float | None, longest: float = 5.0) -> None:
+        """After a route failed: wait for the next placement (the leader drops units on
+        dead devices on the membership change), at most ``longest`` or to the deadline."""
+        version = self.placement.version
+        end = time.monotonic() + longest
+        if deadline is not None:
+            end = min(end, deadline)
+        while time.monotonic() < end and self.placement.version == version:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.2)  # let the new units report ready
+
     async def forward(self, node_id: str, message: dict[str, Any], reply: Reply) -> None:
         """Send an API request to a peer and relay its replies (one, or a token stream)."""
         req = f"{self.node.node_id}-{next(self._ids)}"
