@@ -1,0 +1,317 @@
+"""Llama decoder graphs built directly with ``onnx.helper`` from a shared weight blob.
+
+Preparation (``llm_prepare``) writes every weight once into ``weights.bin`` (page-aligned
+entries, indexed by ``weights.json``) in the layout ONNX Runtime consumes. A graph for any
+consecutive layer range (a *stage*) is then a few hundred nodes whose initializers point
+into that blob as ONNX external data: building a stage is instant and every stage reads
+the very same bytes, so chained stages compute what the whole model computes.
+
+Weights stay in the GGUF's own quantisation, computed exactly rather than re-quantised:
+
+* Q4_1 blocks (``w = d*q + m``, 32 weights per block) run as ``MatMulNBits`` with scale
+  ``d`` and zero point 0, plus a correction ``sum_block(x) @ m`` for the block minimum,
+  because ``MatMulNBits``' float zero points fall back to a slow de-quantising path.
+* The Q8_0 token embedding (``w = d*q``): stage 0 gathers rows of ``q + 128`` (uint8)
+  and scales them; the tied LM head splits ``q = 16*hi + lo`` into two exact 4-bit
+  ``MatMulNBits`` (8-bit ``MatMulNBits`` takes a slow de-quantising path on CPU).
+
+Stage interface (``B`` sequences, ``S`` new tokens each, ``T`` cached positions):
+
+* inputs: ``input_ids`` int64 [B,S] (first stage) or ``hidden_in`` float [B,S,D];
+  ``positions`` int64 [B,S] (rotary positions); ``attn_bias`` float [B,S,T+S] (0 where a
+  query may attend, a large negative value elsewhere: padding and the causal future);
+  for every layer ``l`` of the stage ``past_k.l`` / ``past_v.l`` float [B,T,KVH,HD].
+* outputs: ``logits`` float [B,V] for the last position (last stage) or ``hidden_out``
+  [B,S,D]; for every layer ``new_k.l`` / ``new_v.l`` [B,S,KVH,HD] (rotary applied), which
+  the caller appends to its cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WEIGHTS_BIN = "weights.bin"
+WEIGHTS_INDEX = "weights.json"
+CONFIG_NAME = "config.json"
+BLOCK = 32  # GGUF Q4_1 and Q8_0 block size
+NEG = -1e9  # additive bias for masked scores; exp() of it is exactly 0 in float32
+OPSET = 21
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    rope_base: float
+    rms_eps: float
+    context: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> LlamaConfig:
+        return LlamaConfig(**{k: data[k] for k in LlamaConfig.__dataclass_fields__})
+
+
+def load_config(model_dir: Path) -> LlamaConfig:
+    return LlamaConfig.from_json(json.loads((Path(model_dir) / CONFIG_NAME).read_text()))
+
+
+def stage_file_name(lo: int, hi: int) -> str:
+    return f"stage_{lo:02d}_{hi:02d}.onnx"
+
+
+class _Builder:
+    """Accumulates nodes, initializers (external data) and unique tensor names."""
+
+    def __init__(self, index: dict[str, dict[str, Any]]) -> None:
+        from onnx import helper
+
+        self.helper = helper
+        self.index = index
+        self.nodes: list[Any] = []
+        self.inits: dict[str, Any] = {}
+        self._n = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None,
+           outputs: int | Sequence[str] = 1, domain: str = "", **attrs: Any) -> Any:
+        if isinstance(outputs, int):
+            outs = [self.name(hint or op_type.lower()) for _ in range(outputs)]
+        else:
+            outs = list(outputs)
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), outs, domain=domain,
+                                                **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def weight(self, key: str) -> str:
+        """An initializer that lives in weights.bin (added once per graph)."""
+        if key not in self.inits:
+            from onnx import TensorProto
+
+            entry = self.index[key]
+            tensor = TensorProto()
+            tensor.name = key
+            tensor.data_type = self.helper.np_dtype_to_tensor_dtype(np.dtype(entry["dtype"]))
+            tensor.dims.extend(entry["shape"])
+            tensor.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", WEIGHTS_BIN), ("offset", str(entry["offset"])),
+                         ("length", str(entry["length"]))):
+                item = tensor.external_data.add()
+                item.key, item.value = k, v
+            self.inits[key] = tensor
+        return key
+
+    def const(self, value: np.ndarray | float | int | Sequence[int], hint: str = "c") -> str:
+        from onnx import numpy_helper
+
+        arr = np.asarray(value)
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+        name = self.name(hint)
+        self.inits[name] = numpy_helper.from_array(arr, name)
+        return name
+
+
+def _rms_norm(b: _Builder, x: str, weight_key: str, eps: float) -> str:
+    # Same order of operations as transformers' LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) * w
+    sq = b.op("Mul", [x, x])
+    var = b.op("ReduceMean", [sq, b.const(np.array([-1], np.int64))], keepdims=1)
+    inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(np.float32(eps))])])])
+    return b.op("Mul", [b.weight(weight_key), b.op("Mul", [x, inv])])
+
+
+def _q4_matmul(b: _Builder, x: str, key: str, k_dim: int, n_dim: int) -> str:
+    """x[..., K] @ W^T with W in Q4_1 blocks: MatMulNBits(d, zp 0) + block sums @ m."""
+    y = b.op("MatMulNBits", [x, b.weight(f"{key}.q"), b.weight(f"{key}.d"),
+                             b.weight(f"zp4.{n_dim}.{k_dim}")],
+             domain="com.microsoft", K=k_dim, N=n_dim, bits=4, block_size=BLOCK,
+             accuracy_level=1)  # 1: float32 arithmetic; 4 (int8 activations) is inexact
+    blocks = b.op("Reshape", [x, b.const(np.array([0, 0, k_dim // BLOCK, BLOCK], np.int64))])
+    sums = b.op("ReduceSum", [blocks, b.const(np.array([-1], np.int64))], keepdims=0)
+    return b.op("Add", [y, b.op("MatMul", [sums, b.weight(f"{key}.m")])])
+
+
+def _rotate(b: _Builder, x: str, cos: str, sin: str, half: int) -> str:
+    # transformers' rotate_half convention: x*cos + cat(-x2, x1)*sin
+    x1 = b.op("Slice", [x, b.const(np.array([0], np.int64)), b.const(np.array([half], np.int64)),
+                        b.const(np.array([-1], np.int64))])
+    x2 = b.op("Slice", [x, b.const(np.array([half], np.int64)),
+                        b.const(np.array([2 * half], np.int64)), b.const(np.array([-1], np.int64))])
+    rot = b.op("Concat", [b.op("Neg", [x2]), x1], axis=-1)
+    return b.op("Add", [b.op("Mul", [x, cos]), b.op("Mul", [rot, sin])])
+
+
+def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str, cos: str, sin: str,
+           bias: str) -> str:
+    d, hd, nh, nkv = cfg.hidden, cfg.head_dim, cfg.heads, cfg.kv_heads
+    group = nh // nkv
+    p = f"blk.{layer}"
+    x = _rms_norm(b, h, f"{p}.attn_norm", cfg.rms_eps)
+    qkv = _q4_matmul(b, x, f"{p}.qkv", d, (nh + 2 * nkv) * hd)
+    q, k, v = b.op("Split", [qkv, b.const(np.array([nh * hd, nkv * hd, nkv * hd], np.int64))],
+                   outputs=3, axis=-1)
+    q = b.op("Reshape", [q, b.const(np.array([0, 0, nh, hd], np.int64))])
+    k = b.op("Reshape", [k, b.const(np.array([0, 0, nkv, hd], np.int64))])
+    v = b.op("Reshape", [v, b.const(np.array([0, 0, nkv, hd], np.int64))],
+             outputs=[f"new_v.{layer}"])
+    q = _rotate(b, q, cos, sin, hd // 2)
+    k = b.op("Identity", [_rotate(b, k, cos, sin, hd // 2)], outputs=[f"new_k.{layer}"])
+    keys = b.op("Concat", [f"past_k.{layer}", k], axis=1)  # [B, T+S, KVH, HD]
+    vals = b.op("Concat", [f"past_v.{layer}", v], axis=1)
+    # Grouped-query attention without repeating K/V: fold the query heads that share a
+    # KV head into the row axis: [B, KVH, G*S, HD] @ [B, KVH, HD, T+S].
+    q = b.op("Reshape", [q, b.const(np.array([0, 0, nkv, group, hd], np.int64))])
+    q = b.op("Transpose", [q], perm=[0, 2, 3, 1, 4])  # [B, KVH, G, S, HD]
+    q_shape = b.op("Shape", [q])
+    q = b.op("Reshape", [q, b.const(np.array([0, 0, -1, hd], np.int64))])
+    kt = b.op("Transpose", [keys], perm=[0, 2, 3, 1])
+    scores = b.op("MatMul", [q, kt])
+    scores = b.op("Mul", [scores, b.const(np.float32(1.0 / np.sqrt(hd)))])
+    flat_shape = b.op("Shape", [scores])  # [B, KVH, G*S, T+S]
+    full = b.op("Concat", [b.op("Slice", [q_shape, b.const(np.array([0], np.int64)),
+                                          b.const(np.array([4], np.int64))]),
+                           b.const(np.array([-1], np.int64))], axis=0)
+    scores = b.op("Add", [b.op("Reshape", [scores, full]), bias])  # [B, KVH, G, S, T+S]
+    probs = b.op("Softmax", [scores], axis=-1)
+    probs = b.op("Reshape", [probs, flat_shape])
+    ctx = b.op("MatMul", [probs, b.op("Transpose", [vals], perm=[0, 2, 1, 3])])
+    ctx = b.op("Reshape", [ctx, q_shape])  # [B, KVH, G, S, HD]
+    ctx = b.op("Transpose", [ctx], perm=[0, 3, 1, 2, 4])
+    ctx = b.op("Reshape", [ctx, b.const(np.array([0, 0, d], np.int64))])
+    h = b.op("Add", [h, _q4_matmul(b, ctx, f"{p}.o", d, d)])
+    x = _rms_norm(b, h, f"{p}.ffn_norm", cfg.rms_eps)
+    gate, up = b.op("Split", [_q4_matmul(b, x, f"{p}.gateup", d, 2 * cfg.ffn),
+                              b.const(np.array([cfg.ffn, cfg.ffn], np.int64))],
+                    outputs=2, axis=-1)
+    act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
+    return b.op("Add", [h, _q4_matmul(b, act, f"{p}.down", cfg.ffn, d)])
+
+
+def build_stage_model(model_dir: Path, lo: int, hi: int) -> Any:
+    """The ONNX model (an ``onnx.ModelProto``) for layers ``lo..hi-1``."""
+    from onnx import TensorProto, helper
+
+    cfg = load_config(model_dir)
+    if not 0 <= lo < hi <= cfg.layers:
+        raise ValueError(f"bad layer range {lo}..{hi} for {cfg.layers} layers")
+    index = json.loads((Path(model_dir) / WEIGHTS_INDEX).read_text())
+    b = _Builder(index)
+    first, last = lo == 0, hi == cfg.layers
+    hd, nkv = cfg.head_dim, cfg.kv_heads
+    inputs = []
+    if first:
+        inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64,
+                                                    ["batch", "seq"]))
+        # Q8_0 rows: (q + 128 - 128) * d, exactly the GGUF's values.
+        rows = b.op("Cast", [b.op("Gather", [b.weight("tok.q"), "input_ids"])],
+                    to=TensorProto.FLOAT)
+        rows = b.op("Sub", [rows, b.const(np.float32(128.0))])
+        rows = b.op("Reshape", [rows, b.const(np.array([0, 0, -1, BLOCK], np.int64))])
+        scale = b.op("Unsqueeze", [b.op("Gather", [b.weight("tok.d"), "input_ids"]),
+                                   b.const(np.array([-1], np.int64))])
+        h = b.op("Reshape", [b.op("Mul", [rows, scale]),
+                             b.const(np.array([0, 0, cfg.hidden], np.int64))])
+    else:
+        inputs.append(helper.make_tensor_value_info("hidden_in", TensorProto.FLOAT,
+                                                    ["batch", "seq", cfg.hidden]))
+        h = "hidden_in"
+    inputs.append(helper.make_tensor_value_info("positions", TensorProto.INT64,
+                                                ["batch", "seq"]))
+    inputs.append(helper.make_tensor_value_info("attn_bias", TensorProto.FLOAT,
+                                                ["batch", "seq", "total"]))
+    outputs = []
+    for layer in range(lo, hi):
+        for kind in ("k", "v"):
+            inputs.append(helper.make_tensor_value_info(
+                f"past_{kind}.{layer}", TensorProto.FLOAT, ["batch", "past", nkv, hd]))
+            outputs.append(helper.make_tensor_value_info(
+                f"new_{kind}.{layer}", TensorProto.FLOAT, ["batch", "seq", nkv, hd]))
+
+    # Rotary tables once per stage, as transformers computes them (float32 throughout).
+    inv_freq = 1.0 / (cfg.rope_base ** (np.arange(0, hd, 2, dtype=np.int64)
+                                        .astype(np.float32) / hd))
+    pos = b.op("Unsqueeze", [b.op("Cast", ["positions"], to=TensorProto.FLOAT),
+                             b.const(np.array([-1], np.int64))])
+    freqs = b.op("Mul", [pos, b.const(inv_freq.astype(np.float32))])
+    emb = b.op("Unsqueeze", [b.op("Concat", [freqs, freqs], axis=-1),
+                             b.const(np.array([2], np.int64))])  # [B, S, 1, HD]
+    cos, sin = b.op("Cos", [emb]), b.op("Sin", [emb])
+    bias = b.op("Unsqueeze", ["attn_bias", b.const(np.array([1, 2], np.int64))])
+
+    for layer in range(lo, hi):
+        h = _layer(b, cfg, layer, h, cos, sin, bias)
+
+    if last:
+        tail = b.op("Slice", [h, b.const(np.array([-1], np.int64)),
+                              b.const(np.array([np.iinfo(np.int64).max], np.int64)),
+                              b.const(np.array([1], np.int64))])
+        tail = b.op("Squeeze", [_rms_norm(b, tail, "output_norm", cfg.rms_eps),
+                                b.const(np.array([1], np.int64))])
+        # Tied Q8_0 head as two exact 4-bit halves (see llm_prepare.convert_weights).
+        halves = [b.op("MatMulNBits", [tail, b.weight(f"head.{half}.q"),
+                                       b.weight(f"head.{half}.d"), b.weight(f"head.zp{zp}")],
+                       domain="com.microsoft", K=cfg.hidden, N=cfg.vocab, bits=4,
+                       block_size=BLOCK, accuracy_level=1)
+                  for half, zp in (("hi", 8), ("lo", 0))]
+        b.op("Add", halves, outputs=["logits"])
+        outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                        ["batch", cfg.vocab]))
+    else:
+        b.op("Identity", [h], outputs=["hidden_out"])
+        outputs.insert(0, helper.make_tensor_value_info("hidden_out", TensorProto.FLOAT,
+                                                        ["batch", "seq", cfg.hidden]))
+    graph = helper.make_graph(b.nodes, f"llama_{lo}_{hi}", inputs, outputs,
+                              list(b.inits.values()))
+    return helper.make_model(graph, producer_name="epara",
+                             opset_imports=[helper.make_opsetid("", OPSET),
+                                            helper.make_opsetid("com.microsoft", 1)])
+
+
+def build_stages(model_dir: Path, cuts: Sequence[int]) -> list[Path]:
+    """Write one graph per stage for cut points ``cuts`` (a cut c: after layer c-1).
+
+    ``cuts=[]`` gives the whole model as one stage. Graph files are small (the weights
+    stay in the shared ``weights.bin``); an existing file for the same range is reused.
+    """
+    import onnx
+
+    cfg = load_config(model_dir)
+    bounds = [0, *sorted(cuts), cfg.layers]
+    if len(set(bounds)) != len(bounds) or any(not 0 < c < cfg.layers for c in cuts):
+        raise ValueError(f"cuts must be distinct layer indices in 1..{cfg.layers - 1}, "
+                         f"got {list(cuts)}")
+    paths = []
+    for lo, hi in itertools.pairwise(bounds):
+        path = Path(model_dir) / stage_file_name(lo, hi)
+        if not path.exists():
+            tmp = path.with_suffix(".onnx.tmp")
+            onnx.save_model(build_stage_model(model_dir, lo, hi), str(tmp))
+            tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def stage_range(path: Path) -> tuple[int, int]:
+    """Layer range of a stage file written by ``build_stages``."""
+    _, lo, hi = Path(path).stem.split("_")
+    return int(lo), int(hi)
