@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -148,17 +149,41 @@ def _stack(rows: list[np.ndarray], lengths: list[int], past: int) -> np.ndarray:
     return out
 
 
+class Detokenizer:
+    """Incremental decoding: ``push(token)`` returns the text the token adds.
+
+    Byte-level BPE splits multi-byte characters over several tokens, so decoding tokens
+    one at a time would emit broken characters. Decode a short window instead (ids from
+    ``prefix`` on, whose text up to ``read`` is already known) and hold text back while
+    it ends in an incomplete character.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, token: int) -> str:
+        self._ids.append(token)
+        decode = self._tokenizer.decode
+        known = decode(self._ids[self._prefix:self._read])
+        fresh = decode(self._ids[self._prefix:])
+        if len(fresh) > len(known) and not fresh.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return fresh[len(known):]
+        return ""
+
+
 @dataclass
 class _Sequence:
     seq_id: str
     params: GenerationParams
     prompt: list[int]
     rng: np.random.Generator
+    decoder: Detokenizer
     generated: list[int] = field(default_factory=list)
     prefilled: bool = False
-    # Incremental detokenisation: text of ids[prefix:read] is known; decode from prefix.
-    prefix_offset: int = 0
-    read_offset: int = 0
     text: str = ""  # decoded so far (possibly beyond what was emitted)
     emitted: int = 0  # characters of text already sent
 
@@ -225,7 +250,8 @@ class LlmEngine:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is "
                              f"{self.config.context}")
         rng = np.random.default_rng(params.seed)
-        self._sequences[seq_id] = _Sequence(seq_id, params, ids, rng)
+        self._sequences[seq_id] = _Sequence(seq_id, params, ids, rng,
+                                            Detokenizer(self.tokenizer))
 
     def cancel(self, seq_id: str) -> None:
         """Stop a sequence; its last event (``"cancelled"``) comes with the next step."""
@@ -265,7 +291,7 @@ class LlmEngine:
         if token in self.stop_ids:
             return self._finish(seq, token, seq.text[seq.emitted:], "stop")
         seq.generated.append(token)
-        seq.text += self._detokenize(seq)
+        seq.text += seq.decoder.push(token)
         params = seq.params
         # A stop string ends the text just before it; hold back any tail that could
         # still grow into one, so emitted pieces never need taking back.
@@ -284,18 +310,6 @@ class LlmEngine:
         del self._sequences[seq.seq_id]
         self._drop(seq.seq_id)
         return TokenEvent(seq.seq_id, token, piece, reason)
-
-    def _detokenize(self, seq: _Sequence) -> str:
-        """New text from the last token; "" while a multi-byte character is incomplete."""
-        decode = self.tokenizer.decode
-        ids = seq.generated
-        known = decode(ids[seq.prefix_offset:seq.read_offset])
-        fresh = decode(ids[seq.prefix_offset:])
-        if len(fresh) > len(known) and not fresh.endswith("\ufffd"):
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-            return fresh[len(known):]
-        return ""
-
 
 def _partial_stop(text: str, stops: Sequence[str]) -> int:
     """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
