@@ -133,11 +133,9 @@ class _Builder:
 
 
 def _rms_norm(b: _Builder, x: str, weight_key: str, eps: float) -> str:
-    # Same order of operations as transformers' LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) * w
-    sq = b.op("Mul", [x, x])
-    var = b.op("ReduceMean", [sq, b.const(np.array([-1], np.int64))], keepdims=1)
-    inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(np.float32(eps))])])])
-    return b.op("Mul", [b.weight(weight_key), b.op("Mul", [x, inv])])
+    # transformers' LlamaRMSNorm (x * rsqrt(mean(x^2) + eps) * w, float32) as one fused op.
+    return b.op("SimplifiedLayerNormalization", [x, b.weight(weight_key)], axis=-1,
+                epsilon=eps, stash_type=1)
 
 
 def _q4_matmul(b: _Builder, x: str, key: str, k_dim: int, n_dim: int) -> str:
@@ -151,18 +149,12 @@ def _q4_matmul(b: _Builder, x: str, key: str, k_dim: int, n_dim: int) -> str:
     return b.op("Add", [y, b.op("MatMul", [sums, b.weight(f"{key}.m")])])
 
 
-def _rotate(b: _Builder, x: str, cos: str, sin: str, half: int) -> str:
-    # transformers' rotate_half convention: x*cos + cat(-x2, x1)*sin
-    x1 = b.op("Slice", [x, b.const(np.array([0], np.int64)), b.const(np.array([half], np.int64)),
-                        b.const(np.array([-1], np.int64))])
-    x2 = b.op("Slice", [x, b.const(np.array([half], np.int64)),
-                        b.const(np.array([2 * half], np.int64)), b.const(np.array([-1], np.int64))])
-    rot = b.op("Concat", [b.op("Neg", [x2]), x1], axis=-1)
-    return b.op("Add", [b.op("Mul", [x, cos]), b.op("Mul", [rot, sin])])
+def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str, bias: str) -> str:
+    """One decoder layer from residual stream ``h`` to the next residual stream.
 
-
-def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str, cos: str, sin: str,
-           bias: str) -> str:
+    Every layer has the same node pattern (norm first, residual add last), so a stage
+    boundary between layers changes no fusion and chained stages stay bit-identical.
+    """
     d, hd, nh, nkv = cfg.hidden, cfg.head_dim, cfg.heads, cfg.kv_heads
     group = nh // nkv
     p = f"blk.{layer}"
@@ -170,36 +162,35 @@ def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str, cos: str, sin: str
     qkv = _q4_matmul(b, x, f"{p}.qkv", d, (nh + 2 * nkv) * hd)
     q, k, v = b.op("Split", [qkv, b.const(np.array([nh * hd, nkv * hd, nkv * hd], np.int64))],
                    outputs=3, axis=-1)
-    q = b.op("Reshape", [q, b.const(np.array([0, 0, nh, hd], np.int64))])
-    k = b.op("Reshape", [k, b.const(np.array([0, 0, nkv, hd], np.int64))])
+    # Rotary in transformers' rotate-half convention (interleaved=0) from cached tables.
+    q, k = (b.op("RotaryEmbedding", [t, "positions", b.weight("rope.cos"), b.weight("rope.sin")],
+                 domain="com.microsoft", interleaved=0, num_heads=heads)
+            for t, heads in ((q, nh), (k, nkv)))
+    k = b.op("Reshape", [k, b.const(np.array([0, 0, nkv, hd], np.int64))],
+             outputs=[f"new_k.{layer}"])
     v = b.op("Reshape", [v, b.const(np.array([0, 0, nkv, hd], np.int64))],
              outputs=[f"new_v.{layer}"])
-    q = _rotate(b, q, cos, sin, hd // 2)
-    k = b.op("Identity", [_rotate(b, k, cos, sin, hd // 2)], outputs=[f"new_k.{layer}"])
     keys = b.op("Concat", [f"past_k.{layer}", k], axis=1)  # [B, T+S, KVH, HD]
     vals = b.op("Concat", [f"past_v.{layer}", v], axis=1)
-    # Grouped-query attention without repeating K/V: fold the query heads that share a
-    # KV head into the row axis: [B, KVH, G*S, HD] @ [B, KVH, HD, T+S].
+    # Grouped-query attention without repeating K/V: the G query heads that share a KV
+    # head get their own axis, and MatMul broadcasts K/V over it.
     q = b.op("Reshape", [q, b.const(np.array([0, 0, nkv, group, hd], np.int64))])
     q = b.op("Transpose", [q], perm=[0, 2, 3, 1, 4])  # [B, KVH, G, S, HD]
-    q_shape = b.op("Shape", [q])
-    q = b.op("Reshape", [q, b.const(np.array([0, 0, -1, hd], np.int64))])
-    kt = b.op("Transpose", [keys], perm=[0, 2, 3, 1])
-    scores = b.op("MatMul", [q, kt])
+    axis2 = b.const(np.array([2], np.int64))
+    kt = b.op("Unsqueeze", [b.op("Transpose", [keys], perm=[0, 2, 3, 1]), axis2])
+    scores = b.op("MatMul", [q, kt])  # [B, KVH, G, S, T+S]
     scores = b.op("Mul", [scores, b.const(np.float32(1.0 / np.sqrt(hd)))])
-    flat_shape = b.op("Shape", [scores])  # [B, KVH, G*S, T+S]
-    full = b.op("Concat", [b.op("Slice", [q_shape, b.const(np.array([0], np.int64)),
-                                          b.const(np.array([4], np.int64))]),
-                           b.const(np.array([-1], np.int64))], axis=0)
-    scores = b.op("Add", [b.op("Reshape", [scores, full]), bias])  # [B, KVH, G, S, T+S]
-    probs = b.op("Softmax", [scores], axis=-1)
-    probs = b.op("Reshape", [probs, flat_shape])
-    ctx = b.op("MatMul", [probs, b.op("Transpose", [vals], perm=[0, 2, 1, 3])])
-    ctx = b.op("Reshape", [ctx, q_shape])  # [B, KVH, G, S, HD]
+    probs = b.op("Softmax", [b.op("Add", [scores, bias])], axis=-1)
+    vt = b.op("Unsqueeze", [b.op("Transpose", [vals], perm=[0, 2, 1, 3]), axis2])
+    ctx = b.op("MatMul", [probs, vt])  # [B, KVH, G, S, HD]
     ctx = b.op("Transpose", [ctx], perm=[0, 3, 1, 2, 4])
     ctx = b.op("Reshape", [ctx, b.const(np.array([0, 0, d], np.int64))])
-    h = b.op("Add", [h, _q4_matmul(b, ctx, f"{p}.o", d, d)])
-    x = _rms_norm(b, h, f"{p}.ffn_norm", cfg.rms_eps)
+    # Residual add and the FFN norm in one op; its fourth output is the residual sum.
+    x, residual = b.name("ffn_in"), b.name("residual")
+    b.op("SkipSimplifiedLayerNormalization",
+         [_q4_matmul(b, ctx, f"{p}.o", d, d), h, b.weight(f"{p}.ffn_norm")],
+         outputs=[x, "", "", residual], domain="com.microsoft", epsilon=cfg.rms_eps)
+    h = residual
     gate, up = b.op("Split", [_q4_matmul(b, x, f"{p}.gateup", d, 2 * cfg.ffn),
                               b.const(np.array([cfg.ffn, cfg.ffn], np.int64))],
                     outputs=2, axis=-1)
@@ -247,19 +238,10 @@ def build_stage_model(model_dir: Path, lo: int, hi: int) -> Any:
             outputs.append(helper.make_tensor_value_info(
                 f"new_{kind}.{layer}", TensorProto.FLOAT, ["batch", "seq", nkv, hd]))
 
-    # Rotary tables once per stage, as transformers computes them (float32 throughout).
-    inv_freq = 1.0 / (cfg.rope_base ** (np.arange(0, hd, 2, dtype=np.int64)
-                                        .astype(np.float32) / hd))
-    pos = b.op("Unsqueeze", [b.op("Cast", ["positions"], to=TensorProto.FLOAT),
-                             b.const(np.array([-1], np.int64))])
-    freqs = b.op("Mul", [pos, b.const(inv_freq.astype(np.float32))])
-    emb = b.op("Unsqueeze", [b.op("Concat", [freqs, freqs], axis=-1),
-                             b.const(np.array([2], np.int64))])  # [B, S, 1, HD]
-    cos, sin = b.op("Cos", [emb]), b.op("Sin", [emb])
     bias = b.op("Unsqueeze", ["attn_bias", b.const(np.array([1, 2], np.int64))])
 
     for layer in range(lo, hi):
-        h = _layer(b, cfg, layer, h, cos, sin, bias)
+        h = _layer(b, cfg, layer, h, bias)
 
     if last:
         tail = b.op("Slice", [h, b.const(np.array([-1], np.int64)),

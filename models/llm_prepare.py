@@ -144,6 +144,15 @@ def pack_nibbles(quants: np.ndarray) -> np.ndarray:
     return (quants[..., 0::2] | (quants[..., 1::2] << 4)).astype(np.uint8)
 
 
+def rotary_tables(cfg: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [context, head_dim/2], in float32 arithmetic as transformers does."""
+    hd = cfg.head_dim
+    inv_freq = np.float32(1.0) / (np.float32(cfg.rope_base)
+                                  ** (np.arange(0, hd, 2).astype(np.float32) / np.float32(hd)))
+    angles = np.arange(cfg.context, dtype=np.float32)[:, None] * inv_freq[None]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
 def convert_weights(reader: Any, cfg: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) pairs in the layout ``llm_graph`` expects."""
     tensors = {t.name: t for t in reader.tensors}
@@ -169,6 +178,9 @@ def convert_weights(reader: Any, cfg: LlamaConfig) -> Iterator[tuple[str, np.nda
     yield "head.zp8", np.full(packed_zp, 0x88, np.uint8)
     yield "head.zp0", np.zeros(packed_zp, np.uint8)
     yield "output_norm", raw("output_norm.weight", "F32").astype(np.float32)
+    cos, sin = rotary_tables(cfg)
+    yield "rope.cos", cos
+    yield "rope.sin", sin
     zero_points: set[tuple[int, int]] = set()
     for layer in range(cfg.layers):
         p = f"blk.{layer}"
@@ -254,7 +266,8 @@ def stage_costs(cfg: LlamaConfig, index: dict[str, dict[str, Any]]) -> dict[str,
     d, hd = cfg.hidden, cfg.head_dim
     qkv_n = (cfg.heads + 2 * cfg.kv_heads) * hd
     layer_flops = 2 * (d * qkv_n + d * d + d * 2 * cfg.ffn + cfg.ffn * d)
-    zp_bytes = nbytes("zp4.")  # zero-point tables shared by all layers: once per stage
+    # Zero-point and rotary tables serve every layer: each stage holds one copy.
+    zp_bytes = nbytes("zp4.") + nbytes("rope.")
     layer_bytes = [nbytes(f"blk.{i}.") for i in range(cfg.layers)]
     head_bytes = sum(index[k]["length"] for k in ("head.hi.q", "head.hi.d", "head.lo.q",
                                                    "head.lo.d", "head.zp8", "head.zp0",
@@ -352,7 +365,7 @@ def prepare_smollm2(store: ModelStore, force: bool = False, wheel_cache: Path | 
         cfg = read_config(reader)
         (work / CONFIG_NAME).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
         index = write_weights(convert_weights(reader, cfg), work,
-                              total=7 + cfg.layers * 14 + 4)
+                              total=9 + cfg.layers * 14 + 4)
         write_tokenizer(reader, work)
         template = str(_field(reader, "tokenizer.chat_template"))
         (work / TEMPLATE_NAME).write_text(template)
