@@ -73,18 +73,19 @@ def load_config(model_dir: Path) -> LlamaConfig:
     return LlamaConfig.from_json(json.loads((Path(model_dir) / CONFIG_NAME).read_text()))
 
 
-def stage_file_name(lo: int, hi: int) -> str:
-    return f"stage_{lo:02d}_{hi:02d}.onnx"
+def stage_file_name(lo: int, hi: int, int8_activations: bool = False) -> str:
+    return f"stage_{lo:02d}_{hi:02d}{'_a8' if int8_activations else ''}.onnx"
 
 
 class _Builder:
     """Accumulates nodes, initializers (external data) and unique tensor names."""
 
-    def __init__(self, index: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, index: dict[str, dict[str, Any]], accuracy_level: int) -> None:
         from onnx import helper
 
         self.helper = helper
         self.index = index
+        self.accuracy_level = accuracy_level
         self.nodes: list[Any] = []
         self.inits: dict[str, Any] = {}
         self._n = 0
@@ -143,7 +144,7 @@ def _q4_matmul(b: _Builder, x: str, key: str, k_dim: int, n_dim: int) -> str:
     y = b.op("MatMulNBits", [x, b.weight(f"{key}.q"), b.weight(f"{key}.d"),
                              b.weight(f"zp4.{n_dim}.{k_dim}")],
              domain="com.microsoft", K=k_dim, N=n_dim, bits=4, block_size=BLOCK,
-             accuracy_level=1)  # 1: float32 arithmetic; 4 (int8 activations) is inexact
+             accuracy_level=b.accuracy_level)
     blocks = b.op("Reshape", [x, b.const(np.array([0, 0, k_dim // BLOCK, BLOCK], np.int64))])
     sums = b.op("ReduceSum", [blocks, b.const(np.array([-1], np.int64))], keepdims=0)
     return b.op("Add", [y, b.op("MatMul", [sums, b.weight(f"{key}.m")])])
@@ -198,15 +199,22 @@ def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str, bias: str) -> str:
     return b.op("Add", [h, _q4_matmul(b, act, f"{p}.down", cfg.ffn, d)])
 
 
-def build_stage_model(model_dir: Path, lo: int, hi: int) -> Any:
-    """The ONNX model (an ``onnx.ModelProto``) for layers ``lo..hi-1``."""
+def build_stage_model(model_dir: Path, lo: int, hi: int, int8_activations: bool = False,
+                      ) -> Any:
+    """The ONNX model (an ``onnx.ModelProto``) for layers ``lo..hi-1``.
+
+    ``int8_activations``: the 4-bit matmuls quantise their inputs to int8 per block
+    (``MatMulNBits`` accuracy level 4). Faster, most at batch > 1, but no longer exact:
+    greedy output drifts from the float32 reference (see bench/llm_decode.py). Default:
+    float32 arithmetic on the exact de-quantised weights (accuracy level 1).
+    """
     from onnx import TensorProto, helper
 
     cfg = load_config(model_dir)
     if not 0 <= lo < hi <= cfg.layers:
         raise ValueError(f"bad layer range {lo}..{hi} for {cfg.layers} layers")
     index = json.loads((Path(model_dir) / WEIGHTS_INDEX).read_text())
-    b = _Builder(index)
+    b = _Builder(index, accuracy_level=4 if int8_activations else 1)
     first, last = lo == 0, hi == cfg.layers
     hd, nkv = cfg.head_dim, cfg.kv_heads
     inputs = []
@@ -253,7 +261,7 @@ def build_stage_model(model_dir: Path, lo: int, hi: int) -> Any:
         halves = [b.op("MatMulNBits", [tail, b.weight(f"head.{half}.q"),
                                        b.weight(f"head.{half}.d"), b.weight(f"head.zp{zp}")],
                        domain="com.microsoft", K=cfg.hidden, N=cfg.vocab, bits=4,
-                       block_size=BLOCK, accuracy_level=1)
+                       block_size=BLOCK, accuracy_level=b.accuracy_level)
                   for half, zp in (("hi", 8), ("lo", 0))]
         b.op("Add", halves, outputs=["logits"])
         outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT,
@@ -269,7 +277,8 @@ def build_stage_model(model_dir: Path, lo: int, hi: int) -> Any:
                                             helper.make_opsetid("com.microsoft", 1)])
 
 
-def build_stages(model_dir: Path, cuts: Sequence[int]) -> list[Path]:
+def build_stages(model_dir: Path, cuts: Sequence[int], int8_activations: bool = False,
+                 ) -> list[Path]:
     """Write one graph per stage for cut points ``cuts`` (a cut c: after layer c-1).
 
     ``cuts=[]`` gives the whole model as one stage. Graph files are small (the weights
@@ -284,10 +293,10 @@ def build_stages(model_dir: Path, cuts: Sequence[int]) -> list[Path]:
                          f"got {list(cuts)}")
     paths = []
     for lo, hi in itertools.pairwise(bounds):
-        path = Path(model_dir) / stage_file_name(lo, hi)
+        path = Path(model_dir) / stage_file_name(lo, hi, int8_activations)
         if not path.exists():
             tmp = path.with_suffix(".onnx.tmp")
-            onnx.save_model(build_stage_model(model_dir, lo, hi), str(tmp))
+            onnx.save_model(build_stage_model(model_dir, lo, hi, int8_activations), str(tmp))
             tmp.replace(path)
         paths.append(path)
     return paths
@@ -295,5 +304,5 @@ def build_stages(model_dir: Path, cuts: Sequence[int]) -> list[Path]:
 
 def stage_range(path: Path) -> tuple[int, int]:
     """Layer range of a stage file written by ``build_stages``."""
-    _, lo, hi = Path(path).stem.split("_")
+    _, lo, hi = Path(path).stem.split("_")[:3]
     return int(lo), int(hi)

