@@ -311,6 +311,7 @@ class LlmEngine:
         self._drop(seq.seq_id)
         return TokenEvent(seq.seq_id, token, piece, reason)
 
+
 def _partial_stop(text: str, stops: Sequence[str]) -> int:
     """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
     best = 0
@@ -327,16 +328,21 @@ def sample(logits: np.ndarray, params: GenerationParams, rng: np.random.Generato
     if params.temperature == 0:
         return int(np.argmax(logits))
     scaled = logits.astype(np.float64) / params.temperature
-    order = np.argsort(-scaled, kind="stable")
-    if params.top_k:
-        order = order[:params.top_k]
-    probs = np.exp(scaled[order] - scaled[order[0]])
+    # Sorting 49k logits costs milliseconds per token: partition out the top k first, and
+    # sort only when top-p needs the order.
+    if params.top_k and params.top_k < scaled.size:
+        candidates = np.argpartition(-scaled, params.top_k - 1)[:params.top_k]
+    else:
+        candidates = np.arange(scaled.size)
+    if params.top_p < 1.0:
+        candidates = candidates[np.argsort(-scaled[candidates], kind="stable")]
+    probs = np.exp(scaled[candidates] - scaled[candidates].max())
     probs /= probs.sum()
     if params.top_p < 1.0:
         # Smallest prefix whose mass reaches top_p (always at least one token).
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1
-        order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
-    return int(order[rng.choice(len(order), p=probs)])
+        candidates, probs = candidates[:keep], probs[:keep] / probs[:keep].sum()
+    return int(candidates[rng.choice(candidates.size, p=probs)])
 
 
 def load_engine(model_dir: Path, threads: int | None = None) -> LlmEngine:
