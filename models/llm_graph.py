@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ WEIGHTS_BIN = "weights.bin"
 WEIGHTS_INDEX = "weights.json"
 CONFIG_NAME = "config.json"
 BLOCK = 32  # GGUF Q4_1 and Q8_0 block size
+ALIGN = 4096  # page-aligned weights let ONNX Runtime map them instead of copying
 NEG = -1e9  # additive bias for masked scores; exp() of it is exactly 0 in float32
 OPSET = 21
 
@@ -306,3 +309,42 @@ def stage_range(path: Path) -> tuple[int, int]:
     """Layer range of a stage file written by ``build_stages``."""
     _, lo, hi = Path(path).stem.split("_")[:3]
     return int(lo), int(hi)
+
+
+def export_stage(model_dir: Path, lo: int, hi: int, dest: Path,
+                 int8_activations: bool = False) -> Path:
+    """A self-contained directory for layers ``lo..hi-1``: graph, config and only the
+    weights that stage reads (what a device needs to host it; the rest of weights.bin
+    stays behind). Returns the graph's path in ``dest``; ``dest`` is replaced whole.
+    """
+    import onnx
+
+    model_dir, dest = Path(model_dir), Path(dest)
+    index = json.loads((model_dir / WEIGHTS_INDEX).read_text())
+    used = [t.name for t in build_stage_model(model_dir, lo, hi).graph.initializer
+            if t.name in index]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        subset: dict[str, dict[str, Any]] = {}
+        copied: dict[int, int] = {}  # source offset -> new offset: aliases stay aliases
+        with open(model_dir / WEIGHTS_BIN, "rb") as src, open(work / WEIGHTS_BIN, "wb") as out:
+            for key in used:
+                entry = index[key]
+                if entry["offset"] not in copied:
+                    out.write(b"\0" * (-out.tell() % ALIGN))
+                    copied[entry["offset"]] = out.tell()
+                    src.seek(entry["offset"])
+                    out.write(src.read(entry["length"]))
+                subset[key] = {**entry, "offset": copied[entry["offset"]]}
+        (work / WEIGHTS_INDEX).write_text(json.dumps(subset, indent=1) + "\n")
+        shutil.copy(model_dir / CONFIG_NAME, work / CONFIG_NAME)
+        name = stage_file_name(lo, hi, int8_activations)
+        onnx.save_model(build_stage_model(work, lo, hi, int8_activations), str(work / name))
+        if dest.exists():
+            shutil.rmtree(dest)
+        work.rename(dest)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+    return dest / name

