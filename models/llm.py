@@ -87,9 +87,11 @@ class LlmStage:
     def forward(self, seq_ids: Sequence[str], inputs: np.ndarray,
                 positions: np.ndarray) -> np.ndarray:
         batch, new = positions.shape
-        if len(seq_ids) != batch or inputs.shape[:2] != (batch, new):
+        if len(set(seq_ids)) != len(seq_ids) or len(seq_ids) != batch \
+                or inputs.shape[:2] != (batch, new):
             raise ValueError(f"{len(seq_ids)} sequences, inputs {inputs.shape}, "
-                             f"positions {positions.shape}: they must agree")
+                             f"positions {positions.shape}: they must agree, one row per "
+                             "distinct sequence")
         caches = [self._cache.get(s) or _KvCache(len(self.layers), self.kv_heads,
                                                   self.head_dim) for s in seq_ids]
         lengths = [c.length for c in caches]
