@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -39,6 +39,18 @@ class TokenEvent:
     token_id: int  # -1 on a cancel event; a stop token's id ends with text ""
     text: str  # this event's piece; the pieces of a sequence concatenate to its text
     finish_reason: str | None  # None while generating; "stop" | "length" | "cancelled"
+
+
+class StageLike(Protocol):
+    """What the engine drives: an ``LlmStage`` here, or a chain of stages on other nodes
+    (the node's pipeline client) that keeps its caches there."""
+
+    layers: range
+
+    def forward(self, seq_ids: Sequence[str], inputs: np.ndarray,
+                positions: np.ndarray) -> np.ndarray: ...
+
+    def drop(self, seq_id: str) -> None: ...
 
 
 class LlmStage:
@@ -199,7 +211,7 @@ class LlmEngine:
     """
 
     def __init__(self, model_dir: Path, manifest: Manifest, threads: int | None = None,
-                 stages: Sequence[Path | LlmStage] | None = None) -> None:
+                 stages: Sequence[Path | StageLike] | None = None) -> None:
         from tokenizers import Tokenizer
 
         model_dir = Path(model_dir)
@@ -207,8 +219,8 @@ class LlmEngine:
         self.config = load_config(model_dir)
         if stages is None:
             stages = [model_dir / manifest.model_file]
-        self.stages = [s if isinstance(s, LlmStage) else LlmStage(Path(s), threads)
-                       for s in stages]
+        self.stages: list[StageLike] = [
+            LlmStage(Path(s), threads) if isinstance(s, (str, Path)) else s for s in stages]
         covered = [layer for s in self.stages for layer in s.layers]
         if covered != list(range(self.config.layers)):
             raise ValueError(f"stages cover layers {covered}, need 0..{self.config.layers - 1}"
