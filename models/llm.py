@@ -211,12 +211,14 @@ class LlmEngine:
     """
 
     def __init__(self, model_dir: Path, manifest: Manifest, threads: int | None = None,
-                 stages: Sequence[Path | StageLike] | None = None) -> None:
+                 stages: Sequence[Path | StageLike] | None = None,
+                 prefill_chunk: int = 256) -> None:
         from tokenizers import Tokenizer
 
         model_dir = Path(model_dir)
         self.manifest = manifest
         self.config = load_config(model_dir)
+        self.prefill_chunk = prefill_chunk
         if stages is None:
             stages = [model_dir / manifest.model_file]
         self.stages: list[StageLike] = [
@@ -278,8 +280,12 @@ class LlmEngine:
         self._cancelled.clear()
         running = [s for s in self._sequences.values() if s.prefilled]
         for seq in [s for s in self._sequences.values() if not s.prefilled]:
-            ids = np.array([seq.prompt], np.int64)
-            logits = self._forward([seq.seq_id], ids, np.arange(len(seq.prompt))[None])
+            # In chunks: attention scores grow with chunk x context, so one pass over a
+            # long prompt would need gigabytes; chunks give the same cache and logits.
+            for start in range(0, len(seq.prompt), self.prefill_chunk):
+                ids = np.array([seq.prompt[start:start + self.prefill_chunk]], np.int64)
+                positions = np.arange(start, start + ids.shape[1])[None]
+                logits = self._forward([seq.seq_id], ids, positions)
             seq.prefilled = True
             events.append(self._accept(seq, logits[0]))
         if running:

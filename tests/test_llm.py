@@ -263,6 +263,13 @@ def test_engine_over_stages_equals_whole_model(model_dir: Path, engine: LlmEngin
     assert all(s.sequences == 0 for s in staged.stages)  # caches dropped at the end
 
 
+def test_chunked_prefill_gives_the_same_tokens(model_dir: Path, engine: LlmEngine) -> None:
+    chunked = LlmEngine(model_dir, engine.manifest, threads=2, prefill_chunk=4)
+    prompt, (ids, want) = list(REFERENCE.items())[3]  # 15 prompt tokens: 4 chunks
+    assert len(ids) > 3 * chunked.prefill_chunk
+    assert [e.token_id for e in generate(chunked, "c", prompt, max_tokens=12)] == want[:12]
+
+
 def test_continuous_batching_gives_each_sequence_its_solo_tokens(engine: LlmEngine) -> None:
     prompts = list(REFERENCE)
     joins = {0: [0], 1: [1, 2], 5: [3]}  # step -> prompts joining then; lengths differ
