@@ -107,9 +107,9 @@ class LlmStage:
         caches = [self._cache.get(s) or _KvCache(len(self.layers), self.kv_heads,
                                                   self.head_dim) for s in seq_ids]
         lengths = [c.length for c in caches]
-        past = max(lengths)
-        # Additive mask: cached positions of each row, padding up to the longest cache,
-        # then the new tokens causally.
+        # One sequence: its cache buffers go in as they are (no copy), unused capacity
+        # masked. Several: their caches are stacked, padded to the longest.
+        past = caches[0].capacity if batch == 1 else max(max(lengths), 1)
         bias = np.zeros((batch, new, past + new), np.float32)
         for row, length in enumerate(lengths):
             bias[row, :, length:past] = NEG
@@ -130,36 +130,42 @@ class LlmStage:
 
 
 class _KvCache:
-    """Keys and values of one sequence for one stage's layers, grown by doubling."""
+    """Keys and values of one sequence for one stage's layers: [layers, KVH, capacity, HD],
+    grown in steps of ``GROW`` positions (a bounded number of unused, masked slots)."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int = 64) -> None:
-        self.k = np.zeros((layers, capacity, kv_heads, head_dim), np.float32)
+    GROW = 64
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int) -> None:
+        self.k = np.zeros((layers, kv_heads, self.GROW, head_dim), np.float32)
         self.v = np.zeros_like(self.k)
         self.length = 0
 
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
     def append(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
-        new = keys[0].shape[0]
-        end = self.length + new
-        if end > self.k.shape[1]:
-            grow = max(end, 2 * self.k.shape[1])
+        end = self.length + keys[0].shape[1]
+        if end > self.capacity:
+            grow = -(-end // self.GROW) * self.GROW
             for name in ("k", "v"):
                 old = getattr(self, name)
-                bigger = np.zeros((old.shape[0], grow, *old.shape[2:]), np.float32)
-                bigger[:, :self.length] = old[:, :self.length]
+                bigger = np.zeros((*old.shape[:2], grow, old.shape[3]), np.float32)
+                bigger[:, :, :self.length] = old[:, :, :self.length]
                 setattr(self, name, bigger)
         for i, (key, value) in enumerate(zip(keys, values, strict=True)):
-            self.k[i, self.length:end] = key
-            self.v[i, self.length:end] = value
+            self.k[i, :, self.length:end] = key
+            self.v[i, :, self.length:end] = value
         self.length = end
 
 
 def _stack(rows: list[np.ndarray], lengths: list[int], past: int) -> np.ndarray:
-    """[B, past, KVH, HD] from each row's cache prefix; one row needs no copy."""
+    """[B, KVH, past, HD] from each row's [KVH, capacity, HD] cache; one row: no copy."""
     if len(rows) == 1:
-        return rows[0][None, :past]
-    out = np.zeros((len(rows), past, *rows[0].shape[1:]), np.float32)
+        return rows[0][None]
+    out = np.zeros((len(rows), rows[0].shape[0], past, rows[0].shape[2]), np.float32)
     for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
-        out[i, :length] = row[:length]
+        out[i, :, :length] = row[:, :length]
     return out
 
 

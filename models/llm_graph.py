@@ -20,10 +20,11 @@ Stage interface (``B`` sequences, ``S`` new tokens each, ``T`` cached positions)
 * inputs: ``input_ids`` int64 [B,S] (first stage) or ``hidden_in`` float [B,S,D];
   ``positions`` int64 [B,S] (rotary positions); ``attn_bias`` float [B,S,T+S] (0 where a
   query may attend, a large negative value elsewhere: padding and the causal future);
-  for every layer ``l`` of the stage ``past_k.l`` / ``past_v.l`` float [B,T,KVH,HD].
+  for every layer ``l`` of the stage ``past_k.l`` / ``past_v.l`` float [B,KVH,T,HD]
+  (``T`` may include unused, masked slots: a cache buffer is passed without copying).
 * outputs: ``logits`` float [B,V] for the last position (last stage) or ``hidden_out``
-  [B,S,D]; for every layer ``new_k.l`` / ``new_v.l`` [B,S,KVH,HD] (rotary applied), which
-  the caller appends to its cache.
+  [B,S,D]; for every layer ``new_k.l`` / ``new_v.l`` [B,KVH,S,HD] (rotary applied),
+  which the caller appends to its cache.
 """
 
 from __future__ import annotations
@@ -170,23 +171,27 @@ def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str, bias: str) -> str:
     q, k = (b.op("RotaryEmbedding", [t, "positions", b.weight("rope.cos"), b.weight("rope.sin")],
                  domain="com.microsoft", interleaved=0, num_heads=heads)
             for t, heads in ((q, nh), (k, nkv)))
-    k = b.op("Reshape", [k, b.const(np.array([0, 0, nkv, hd], np.int64))],
-             outputs=[f"new_k.{layer}"])
-    v = b.op("Reshape", [v, b.const(np.array([0, 0, nkv, hd], np.int64))],
-             outputs=[f"new_v.{layer}"])
-    keys = b.op("Concat", [f"past_k.{layer}", k], axis=1)  # [B, T+S, KVH, HD]
-    vals = b.op("Concat", [f"past_v.{layer}", v], axis=1)
+    # New keys and values in the cache layout [B, KVH, S, HD].
+    k, v = (b.op("Transpose", [b.op("Reshape", [t, b.const(np.array([0, 0, nkv, hd], np.int64))])],
+                 perm=[0, 2, 1, 3], outputs=[f"new_{kind}.{layer}"])
+            for t, kind in ((k, "k"), (v, "v")))
     # Grouped-query attention without repeating K/V: the G query heads that share a KV
-    # head get their own axis, and MatMul broadcasts K/V over it.
+    # head get their own axis, and MatMul broadcasts K/V over it. The cached and the new
+    # positions are scored separately and only the small score rows are concatenated:
+    # concatenating K/V themselves would copy the whole cache for every token.
     q = b.op("Reshape", [q, b.const(np.array([0, 0, nkv, group, hd], np.int64))])
     q = b.op("Transpose", [q], perm=[0, 2, 3, 1, 4])  # [B, KVH, G, S, HD]
     axis2 = b.const(np.array([2], np.int64))
-    kt = b.op("Unsqueeze", [b.op("Transpose", [keys], perm=[0, 2, 3, 1]), axis2])
-    scores = b.op("MatMul", [q, kt])  # [B, KVH, G, S, T+S]
+    past_k, past_v, new_k, new_v = (b.op("Unsqueeze", [t, axis2]) for t in (
+        f"past_k.{layer}", f"past_v.{layer}", k, v))  # [B, KVH, 1, P or S, HD]
+    scores = b.op("Concat", [b.op("MatMul", [q, b.op("Transpose", [t], perm=[0, 1, 2, 4, 3])])
+                             for t in (past_k, new_k)], axis=-1)  # [B, KVH, G, S, P+S]
     scores = b.op("Mul", [scores, b.const(np.float32(1.0 / np.sqrt(hd)))])
     probs = b.op("Softmax", [b.op("Add", [scores, bias])], axis=-1)
-    vt = b.op("Unsqueeze", [b.op("Transpose", [vals], perm=[0, 2, 1, 3]), axis2])
-    ctx = b.op("MatMul", [probs, vt])  # [B, KVH, G, S, HD]
+    sizes = b.op("Concat", [b.op("Shape", [f"past_k.{layer}"], start=2, end=3),
+                            b.op("Shape", [k], start=2, end=3)], axis=0)
+    p_past, p_new = b.op("Split", [probs, sizes], outputs=2, axis=-1)
+    ctx = b.op("Add", [b.op("MatMul", [p_past, past_v]), b.op("MatMul", [p_new, new_v])])
     ctx = b.op("Transpose", [ctx], perm=[0, 3, 1, 2, 4])
     ctx = b.op("Reshape", [ctx, b.const(np.array([0, 0, d], np.int64))])
     # Residual add and the FFN norm in one op; its fourth output is the residual sum.
@@ -245,9 +250,9 @@ def build_stage_model(model_dir: Path, lo: int, hi: int, int8_activations: bool 
     for layer in range(lo, hi):
         for kind in ("k", "v"):
             inputs.append(helper.make_tensor_value_info(
-                f"past_{kind}.{layer}", TensorProto.FLOAT, ["batch", "past", nkv, hd]))
+                f"past_{kind}.{layer}", TensorProto.FLOAT, ["batch", nkv, "past", hd]))
             outputs.append(helper.make_tensor_value_info(
-                f"new_{kind}.{layer}", TensorProto.FLOAT, ["batch", "seq", nkv, hd]))
+                f"new_{kind}.{layer}", TensorProto.FLOAT, ["batch", nkv, "seq", hd]))
 
     bias = b.op("Unsqueeze", ["attn_bias", b.const(np.array([1, 2], np.int64))])
 
