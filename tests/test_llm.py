@@ -111,10 +111,10 @@ def test_prepare_writes_a_servable_manifest_and_is_idempotent(model_dir: Path,
     for cut in stages["cuts"]:
         assert cut["activation_bytes"] == cfg.hidden * 4 + 8  # hidden state and position
         assert cut["flops_before"] + cut["flops_after"] == stages["total_flops"]
-        # Every weight sits on one side; the embedding's scales (shared with the tied
-        # head) and the zero-point tables sit on both.
+        # Every weight sits on one side, except the embedding (tied to the LM head) and
+        # the zero-point and rotary tables, which sit on both.
         assert cut["weight_bytes_before"] + cut["weight_bytes_after"] == (
-            unique + index["tok.d"]["length"] + stages["shared_weight_bytes"])
+            unique + stages["embedding_weight_bytes"] + stages["shared_weight_bytes"])
     before = (model_dir / MANIFEST_NAME).stat().st_mtime_ns
     assert prepare_smollm2(store) == model_dir
     assert (model_dir / MANIFEST_NAME).stat().st_mtime_ns == before
