@@ -259,7 +259,10 @@ class LlmEngine:
                                                       add_generation_prompt=True)
 
     def add(self, seq_id: str, prompt: str | None = None, messages: list[dict] | None = None,
-            params: GenerationParams = GenerationParams()) -> None:
+            params: GenerationParams = GenerationParams(),
+            resume: Sequence[int] = ()) -> None:
+        """Start a sequence. ``resume``: tokens it already produced (and whose text was
+        already delivered) before a failure elsewhere; generation continues after them."""
         if seq_id in self._sequences or seq_id in self._cancelled:
             raise ValueError(f"sequence {seq_id!r} is already running")
         if params.max_tokens < 1 or params.temperature < 0 or not 0 < params.top_p <= 1 \
@@ -271,9 +274,18 @@ class LlmEngine:
         if len(ids) >= self.config.context:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is "
                              f"{self.config.context}")
+        if len(resume) >= params.max_tokens or len(ids) + len(resume) >= self.config.context:
+            raise ValueError(f"{len(resume)} resumed tokens leave no room to generate")
+        if any(not 0 <= t < self.config.vocab for t in resume):
+            raise ValueError("resume tokens must be ids of this model's vocabulary")
         rng = np.random.default_rng(params.seed)
-        self._sequences[seq_id] = _Sequence(seq_id, params, ids, rng,
-                                            Detokenizer(self.tokenizer))
+        seq = _Sequence(seq_id, params, ids, rng, Detokenizer(self.tokenizer))
+        for token in resume:
+            seq.generated.append(int(token))
+            seq.text += seq.decoder.push(int(token))
+        # What the client was already sent: everything but a held-back stop-string prefix.
+        seq.emitted = len(seq.text) - _partial_stop(seq.text, params.stop)
+        self._sequences[seq_id] = seq
 
     def cancel(self, seq_id: str) -> None:
         """Stop a sequence; its last event (``"cancelled"``) comes with the next step."""
@@ -288,8 +300,11 @@ class LlmEngine:
         for seq in [s for s in self._sequences.values() if not s.prefilled]:
             # In chunks: attention scores grow with chunk x context, so one pass over a
             # long prompt would need gigabytes; chunks give the same cache and logits.
-            for start in range(0, len(seq.prompt), self.prefill_chunk):
-                ids = np.array([seq.prompt[start:start + self.prefill_chunk]], np.int64)
+            # A resumed sequence (a replay after a failed route) rebuilds its cache from
+            # the prompt and the tokens it already produced, then goes on after them.
+            tokens = seq.prompt + seq.generated
+            for start in range(0, len(tokens), self.prefill_chunk):
+                ids = np.array([tokens[start:start + self.prefill_chunk]], np.int64)
                 positions = np.arange(start, start + ids.shape[1])[None]
                 logits = self._forward([seq.seq_id], ids, positions)
             seq.prefilled = True

@@ -378,3 +378,18 @@ def test_greedy_equals_live_transformers_generate(engine: LlmEngine, gguf_path: 
         want = out[0, ids.shape[1]:].tolist()
         events = generate(engine, f"live{i}", prompt, max_tokens=32)
         assert [e.token_id for e in events] == want, prompt
+
+
+def test_a_resumed_sequence_continues_exactly_after_its_resumed_tokens(
+        engine: LlmEngine) -> None:
+    # What the origin does when a stage dies mid-stream: replay prompt + tokens so far.
+    whole = generate(engine, "whole", prompt="The capital of France is", max_tokens=12)
+    tokens = [e.token_id for e in whole if e.finish_reason is None]
+    engine.add("resumed", prompt="The capital of France is",
+               params=GenerationParams(max_tokens=12), resume=tokens[:5])
+    rest = [e for e in run_all(engine) if e.seq_id == "resumed"]
+    assert [e.token_id for e in rest] == [e.token_id for e in whole[5:]]
+    assert "".join(e.text for e in whole[:5]) + "".join(e.text for e in rest) == \
+        "".join(e.text for e in whole)
+    with pytest.raises(ValueError):
+        engine.add("full", prompt="x", params=GenerationParams(max_tokens=2), resume=[1, 2])
