@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -314,7 +315,8 @@ def build_stages(model_dir: Path, cuts: Sequence[int], int8_activations: bool = 
     for lo, hi in itertools.pairwise(bounds):
         path = Path(model_dir) / stage_file_name(lo, hi, int8_activations)
         if not path.exists():
-            tmp = path.with_suffix(".onnx.tmp")
+            # Per-process temp name: nodes sharing a store may build the same stage at once.
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             onnx.save_model(build_stage_model(model_dir, lo, hi, int8_activations), str(tmp))
             tmp.replace(path)
         paths.append(path)

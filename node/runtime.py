@@ -19,6 +19,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +53,12 @@ SCHEDULE_PERIOD_S = 3.0  # re-plan at least this often (and on membership change
 TICK_S = 0.5  # how often the leader checks that every member applied its placement
 REBROADCAST_S = 5.0
 FORWARD_TIMEOUT_S = 120.0
+COLD_START_WAIT_S = 15.0  # how long a request waits for the leader to place its model
 Reply = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class _NotPlaced(Exception):
+    """No ready unit of the service anywhere (yet)."""
 
 
 class RateMeter:
@@ -365,16 +371,27 @@ class ClusterRuntime:
 
     async def should_forward(self, name: str, deadline: float | None) -> str | None:
         """The peer to send a request for ``name`` to, None to serve it here; raises
-        ServiceError when the cluster cannot serve it (in time)."""
+        ServiceError when the cluster cannot serve it (in time).
+
+        A model placed nowhere yet (a cold cluster) is served from this device's store
+        when it fits here; otherwise the request waits, within its deadline, for the
+        leader to place it (the demand it adds is what makes the leader do so)."""
         self.demand.hit(name)
+        end = time.monotonic() + COLD_START_WAIT_S
+        if deadline is not None:
+            end = min(end, deadline)
+        while True:
+            try:
+                return await self._choose(name, deadline)
+            except _NotPlaced as exc:
+                if time.monotonic() >= end:
+                    raise ServiceError("unavailable", str(exc)) from None
+                await asyncio.sleep(0.2)
+
+    async def _choose(self, name: str, deadline: float | None) -> str | None:
         view = self.member.view()
         members = [m for m in view.members if m.status != "suspect"]
-        ready = {u for m in members for u in (m.state or {}).get("ready") or ()} \
-            | self.ready_units
-        placement = Placement(self.placement.version, {
-            n: plan.__class__(plan.service, plan.category, plan.mode,
-                              tuple(u for u in plan.units if u.id in ready), plan.reason)
-            for n, plan in self.placement.plans.items()})
+        placement = self._ready_placement(members)
         entry = self.catalogue.get(name) or next(
             ((m.state or {}).get("catalogue", {}).get(name) for m in members
              if name in ((m.state or {}).get("catalogue") or {})), None)
@@ -388,16 +405,18 @@ class ClusterRuntime:
         targets = targets_for(spec, placement, state, self.node.node_id)
         budget = None if deadline is None else max(0.0, deadline - time.monotonic())
         decision = route(name, targets, budget)
+        if decision.target is None and targets:
+            raise ServiceError("deadline_unmeetable", decision.reason)
         if decision.target is None:
-            if not targets and name in self._manifests:
-                # Not placed anywhere (yet): this device has the model, so serve it here
-                # rather than fail; the leader sees the demand and places it next round.
-                if name not in self.node.services:
-                    await self._load_replica(name)
+            if name in self.node.services:
+                return None
+            known = self._manifests.get(name)
+            if known is not None and (self.budget_mb is None
+                                      or known[1].memory_mb <= self.budget_mb):
+                await self._load_replica(name)
                 if name in self.node.services:
                     return None
-            code = "deadline_unmeetable" if targets else "unavailable"
-            raise ServiceError(code, decision.reason)
+            raise _NotPlaced(decision.reason)
         return None if decision.target.local else decision.target.device
 
     async def wait_for_repair(self, deadline: float | None, longest: float = 5.0) -> None:
@@ -410,6 +429,17 @@ class ClusterRuntime:
         while time.monotonic() < end and self.placement.version == version:
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.2)  # let the new units report ready
+
+    def _ready_placement(self, members: list[Any]) -> Placement:
+        """The placement cut down to units that every one of their nodes reports ready:
+        requests only go to pipelines whose stages are all loaded."""
+        ready_on = {m.node_id: set((m.state or {}).get("ready") or ()) for m in members}
+        ready_on[self.node.node_id] = set(self.ready_units)
+        return Placement(self.placement.version, {
+            name: replace(plan, units=tuple(
+                u for u in plan.units
+                if all(u.id in ready_on.get(device, ()) for device in u.devices)))
+            for name, plan in self.placement.plans.items()})
 
     async def forward(self, node_id: str, message: dict[str, Any], reply: Reply) -> None:
         """Send an API request to a peer and relay its replies (one, or a token stream)."""
@@ -428,6 +458,11 @@ class ClusterRuntime:
                 item = await asyncio.wait_for(queue.get(), FORWARD_TIMEOUT_S)
                 if isinstance(item, Exception):
                     raise item
+                error = item.get("error") or {}
+                if not item.get("ok") and error.get("code") in ("stage_failed", "unavailable"):
+                    # The peer's route broke: let the origin replay it (it knows what the
+                    # client has already seen), rather than relay the failure.
+                    raise ServiceError(error["code"], f"on {node_id}: {error.get('message')}")
                 await reply({**item, "id": message.get("id"), "served_by": node_id})
                 if not item.get("ok") or item.get("event") in (None, "done"):
                     return
