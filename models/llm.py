@@ -225,6 +225,8 @@ class LlmEngine:
         self.manifest = manifest
         self.config = load_config(model_dir)
         self.prefill_chunk = prefill_chunk
+        # Decode micro-batches when the chain's tail is remote (pipeline parallelism).
+        self.micro_batches = 2
         if stages is None:
             stages = [model_dir / manifest.model_file]
         self.stages: list[StageLike] = [
@@ -317,10 +319,29 @@ class LlmEngine:
         return events
 
     def _forward(self, seq_ids: list[str], ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        last = self.stages[-1]
+        if len(seq_ids) > 1 and self.micro_batches > 1 and hasattr(last, "submit"):
+            return self._forward_pipelined(seq_ids, ids, positions)
         values = ids
         for stage in self.stages:
             values = stage.forward(seq_ids, values, positions)
         return values
+
+    def _forward_pipelined(self, seq_ids: list[str], ids: np.ndarray,
+                           positions: np.ndarray) -> np.ndarray:
+        """Micro-batches through a chain whose tail runs elsewhere (``submit`` returns a
+        future): while the remote stages work on one micro-batch, the local stages run
+        the next, so every stage stays busy. Rows come back in their original order."""
+        groups = np.array_split(np.arange(len(seq_ids)), min(self.micro_batches,
+                                                             len(seq_ids)))
+        futures = []
+        for rows in groups:
+            group_ids = [seq_ids[i] for i in rows]
+            values = ids[rows]
+            for stage in self.stages[:-1]:
+                values = stage.forward(group_ids, values, positions[rows])
+            futures.append(self.stages[-1].submit(group_ids, values, positions[rows]))
+        return np.concatenate([future.result() for future in futures])
 
     def _drop(self, seq_id: str) -> None:
         for stage in self.stages:

@@ -18,7 +18,6 @@ import concurrent.futures
 import itertools
 import logging
 import os
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -258,15 +257,22 @@ class RemoteLlmChain:
         self._loop = loop
         self._timeout = timeout
         self._compress = compress
-        self._lock = threading.Lock()
 
     def forward(self, seq_ids: Sequence[str], inputs: np.ndarray,
                 positions: np.ndarray) -> np.ndarray:
+        return self.submit(seq_ids, inputs, positions).result(self._timeout() + 5)
+
+    def submit(self, seq_ids: Sequence[str], inputs: np.ndarray,
+               positions: np.ndarray) -> concurrent.futures.Future[np.ndarray]:
+        """Start a pass down the route; the future holds the last stage's output."""
         timeout = self._timeout()
-        coroutine = self.client.run(self.route, {"x": inputs, "positions": positions},
-                                    timeout, self._compress, seq_ids=list(seq_ids))
-        result = asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout + 5)
-        return result["x"]
+
+        async def run() -> np.ndarray:
+            result = await self.client.run(self.route, {"x": inputs, "positions": positions},
+                                           timeout, self._compress, seq_ids=list(seq_ids))
+            return result["x"]
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop)
 
     def drop(self, seq_id: str) -> None:
         self._loop.call_soon_threadsafe(self.client.drop, self.route, seq_id)
