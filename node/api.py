@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 Reply = Callable[[dict[str, Any]], Awaitable[None]]
 SEGMENTATION_TASKS = ("segmentation", "text-detection")
 ROUTED_OPS = ("infer", "segment", "generate")
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 RETRYABLE = ("stage_failed", "unavailable")  # a route broke: another may serve
 MAX_REPLAYS = 3
 
@@ -397,6 +399,12 @@ class _Connection(asyncio.BufferedProtocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.api.connections += 1
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Room for a whole image-sized tensor: fewer wake-ups per frame both ways.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return memoryview(self._buffer)[self._filled:]

@@ -147,6 +147,10 @@ class Client:
         if self._sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
+            # Room for a whole image-sized tensor: sendall returns without waiting on
+            # the node's event loop, and replies arrive in fewer reads.
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, 4 * 1024 * 1024)
             try:
                 sock.connect(str(self.socket_path))
             except OSError as exc:
