@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +118,13 @@ def running_node(store: Path, socket_path: Path, *extra: str,
         if os.environ.get("EPARA_TEST_SHOW_LOGS"):
             log_path = socket_path.parent.parent / f"{socket_path.parent.name}-node.log"
             sys.stderr.write(log_path.read_text())
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail the test naming ``what`` after ``timeout``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

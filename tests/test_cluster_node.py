@@ -12,18 +12,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from epara.node.client import Client, NodeUnreachable
-from epara.peer.security import create_cluster_credentials
 from epara.peer.testing import NamespaceLab, have_netns
 
-from .helpers import make_add_model, start_node, stop_node, wait_for_socket
+from .helpers import make_add_model, start_node, stop_node, wait_for_socket, wait_until
 
 
 def cluster_view(sock: Path) -> dict[str, Any] | None:
@@ -33,14 +31,6 @@ def cluster_view(sock: Path) -> dict[str, Any] | None:
     except NodeUnreachable:
         return None
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def agreement(socks: Sequence[Path], expected: set[str]) -> str | None:
@@ -61,12 +51,6 @@ def agreement(socks: Sequence[Path], expected: set[str]) -> str | None:
 
 
 @pytest.fixture
-def credentials(tmp_path: Path) -> Path:
-    create_cluster_credentials(tmp_path / "cluster")
-    return tmp_path / "cluster"
-
-
-@pytest.fixture
 def store(tmp_path: Path) -> Path:
     make_add_model(tmp_path / "store", "add", batch=None)
     return tmp_path / "store"
@@ -81,13 +65,13 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def test_nodes_on_loopback_form_one_cluster_and_replace_a_dead_leader(
-        tmp_path: Path, credentials: Path, store: Path,
+        tmp_path: Path, cluster_dir: Path, store: Path,
         processes: list[subprocess.Popen[bytes]]) -> None:
     socks = [tmp_path / f"n{i}" / "node.sock" for i in range(3)]
     by_id = {}
     for i, sock in enumerate(socks):
         node_id = f"node{i}"
-        processes.append(start_node(store, sock, "--cluster", str(credentials), "--node-id",
+        processes.append(start_node(store, sock, "--cluster", str(cluster_dir), "--node-id",
                                     node_id, "--interface", "127.0.0.1", "--port", "0"))
         by_id[node_id] = (processes[-1], sock)
     for process, sock in by_id.values():
@@ -131,7 +115,7 @@ def test_node_without_credentials_runs_alone_and_says_so(
 @pytest.mark.root
 @pytest.mark.skipif(have_netns() is not None, reason=str(have_netns()))
 def test_nodes_on_namespace_hosts_form_one_cluster_with_only_credentials(
-        tmp_path: Path, credentials: Path, store: Path,
+        tmp_path: Path, cluster_dir: Path, store: Path,
         processes: list[subprocess.Popen[bytes]]) -> None:
     lab = NamespaceLab(4).create()
     try:
@@ -139,7 +123,7 @@ def test_nodes_on_namespace_hosts_form_one_cluster_with_only_credentials(
         for i, sock in enumerate(socks):
             # No interface, port or peer options: the defaults (all interfaces of the
             # host, port 7370, mDNS) as on a real device.
-            processes.append(start_node(store, sock, "--cluster", str(credentials),
+            processes.append(start_node(store, sock, "--cluster", str(cluster_dir),
                                         "--node-id", f"host{i}", prefix=lab.prefix(i)))
         for process, sock in zip(processes, socks, strict=True):
             wait_for_socket(sock, process)

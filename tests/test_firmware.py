@@ -36,7 +36,7 @@ from epara.node.client import Client, NodeUnreachable
 from epara.peer.security import create_cluster_credentials
 from epara.peer.testing import NamespaceLab, have_netns
 
-from .helpers import make_add_model, start_node, stop_node, wait_for_socket
+from .helpers import make_add_model, start_node, stop_node, wait_for_socket, wait_until
 
 NETNS = have_netns()
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
@@ -96,14 +96,6 @@ def status(sock: Path) -> dict | None:
     except (NodeUnreachable, OSError):
         return None
 
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 # --- profiles and wheel tags (pure) ------------------------------------------------------
