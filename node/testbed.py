@@ -154,6 +154,13 @@ class EmulatedBed:
                 if note not in self.not_emulated:
                     self.not_emulated.append(note)
 
+    def reshape(self, i: int, link: LinkClass) -> None:
+        """Give host i another link class, in place (a bench compares links on one bed)."""
+        for ns, dev in ((self.lab.hosts[i], "eth0"), (self.lab.bridge_ns, f"v{i}")):
+            self._tc(ns, "qdisc", "del", "dev", dev, "root")
+        self._shape(i, link)
+        self.specs[i] = HostSpec(self.specs[i].device, link, self.specs[i].budget_mb)
+
     def _tc(self, ns: str, *args: str, check: bool = False) -> bool:
         done = subprocess.run(["ip", "netns", "exec", ns, "tc", *args], capture_output=True,
                               timeout=20)
