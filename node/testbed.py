@@ -1,0 +1,206 @@
+"""An emulated heterogeneous test bed: hosts with device-class CPU quotas and shaped links.
+
+Used by tests and benchmarks (never by a running node). Each host is a network namespace
+from ``NamespaceLab`` (bridge + veth pairs, 10.77.0.0/24 inside the namespaces only). On
+top of that:
+
+- **CPU**: one cgroup v1 ``cpu`` group per host with a CFS quota
+  (``cpu.cfs_quota_us / cpu.cfs_period_us`` = the class's CPUs of *this* machine). Every
+  process started through ``prefix(i)`` joins the group before it execs, so all its
+  threads and children are capped from their first instruction.
+- **Links**: ``tc tbf`` rate limits on both ends of the host's veth pair (egress of the
+  host's ``eth0`` and of the bridge side ``v<i>``, i.e. both directions). One-way delay
+  needs ``sch_netem``; where the kernel lacks it (Firecracker guests), delay is *not*
+  emulated and ``not_emulated`` says so: results must then be read as "rate-limited,
+  near-zero propagation delay".
+- **Memory**: the class's budget for ``epara node --memory-budget-mb`` (what the planner
+  sees); physical memory is not capped.
+
+Device classes, in CPUs of the host running the bed (document these beside any number):
+
+=========  ======  =======  ==========  ==================================================
+class      CPUs    threads  budget MB   stands for
+=========  ======  =======  ==========  ==================================================
+server     2.0     2        4096        a small x86 server / desktop (the whole 2-core VM)
+jetson     1.0     1        2048        a Jetson-class board's CPU side
+pi         0.4     1        1024        a Raspberry Pi-class board
+=========  ======  =======  ==========  ==================================================
+
+Links: ``wired`` 1000 Mbit/s, 0.2 ms one way; ``wifi`` 50 Mbit/s, 3 ms one way.
+
+Everything measured on the bed is **emulated**: the quota reproduces a slower CPU's
+throughput, not its cache, memory bandwidth or instruction set, and hosts share the
+machine's cores (quotas that add up to more than the host's cores contend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from epara.peer.testing import NamespaceLab, have_netns
+
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    name: str
+    cpus: float  # CFS quota, in CPUs of the machine running the bed
+    threads: int  # runtime threads a node of this class uses (--threads)
+    budget_mb: int  # what the node offers to models (--memory-budget-mb)
+
+
+@dataclass(frozen=True)
+class LinkClass:
+    name: str
+    rate_mbit: float
+    delay_ms: float  # one way; needs sch_netem
+
+
+DEVICE_CLASSES: dict[str, DeviceClass] = {
+    "server": DeviceClass("server", 2.0, 2, 4096),
+    "jetson": DeviceClass("jetson", 1.0, 1, 2048),
+    "pi": DeviceClass("pi", 0.4, 1, 1024),
+}
+LINKS: dict[str, LinkClass] = {
+    "wired": LinkClass("wired", 1000.0, 0.2),
+    "wifi": LinkClass("wifi", 50.0, 3.0),
+}
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    device: DeviceClass
+    link: LinkClass
+    budget_mb: int | None = None  # overrides the class's budget
+
+    @property
+    def budget(self) -> int:
+        return self.device.budget_mb if self.budget_mb is None else self.budget_mb
+
+
+def host(device: str, link: str = "wired", budget_mb: int | None = None) -> HostSpec:
+    return HostSpec(DEVICE_CLASSES[device], LINKS[link], budget_mb)
+
+
+def have_bed() -> str | None:
+    """None when an emulated bed can run here, else the reason it cannot."""
+    reason = have_netns()
+    if reason is not None:
+        return reason
+    if not (CGROUP_CPU / "cpu.cfs_quota_us").exists():
+        return f"no cgroup v1 cpu controller with CFS bandwidth at {CGROUP_CPU}"
+    return None
+
+
+class EmulatedBed:
+    """``hosts[i]`` runs in namespace ``lab.hosts[i]`` at ``ip(i)``, inside its own cpu
+    cgroup, behind a shaped link. Use as a context manager: ``close()`` always runs."""
+
+    def __init__(self, hosts: Sequence[HostSpec], subnet: str = "10.77.0") -> None:
+        self.specs = list(hosts)
+        self.lab = NamespaceLab(len(self.specs), subnet)
+        self.groups = [CGROUP_CPU / f"epara-{self.lab.tag}-h{i}"
+                       for i in range(len(self.specs))]
+        self.not_emulated: list[str] = []  # what this kernel could not emulate
+
+    def __enter__(self) -> EmulatedBed:
+        try:
+            self.create()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ip(self, i: int) -> str:
+        return self.lab.ip(i)
+
+    def create(self) -> EmulatedBed:
+        self.lab.create()
+        for i, spec in enumerate(self.specs):
+            group = self.groups[i]
+            group.mkdir()
+            (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(round(spec.device.cpus * PERIOD_US)))
+            self._shape(i, spec.link)
+        return self
+
+    def _shape(self, i: int, link: LinkClass) -> None:
+        # The token bucket must hold at least one timer tick of traffic (the kernel ticks
+        # at up to 1000 Hz) or the rate is never reached; 64 KiB at least for GSO bursts.
+        burst = max(64 * 1024, int(link.rate_mbit * 1e6 / 8 / 250))
+        tbf = ["tbf", "rate", f"{link.rate_mbit:g}mbit", "burst", str(burst),
+               "latency", "50ms"]
+        for ns, dev in ((self.lab.hosts[i], "eth0"), (self.lab.bridge_ns, f"v{i}")):
+            delayed = self._tc(ns, "qdisc", "add", "dev", dev, "root", "handle", "1:",
+                               "netem", "delay", f"{link.delay_ms / 2:g}ms")
+            if delayed:  # half the one-way delay on each end of the pair
+                self._tc(ns, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:",
+                         *tbf, check=True)
+            else:
+                self._tc(ns, "qdisc", "add", "dev", dev, "root", *tbf, check=True)
+                note = f"{link.delay_ms:g} ms link delay (no sch_netem in this kernel)"
+                if note not in self.not_emulated:
+                    self.not_emulated.append(note)
+
+    def reshape(self, i: int, link: LinkClass) -> None:
+        """Give host i another link class, in place (a bench compares links on one bed)."""
+        for ns, dev in ((self.lab.hosts[i], "eth0"), (self.lab.bridge_ns, f"v{i}")):
+            self._tc(ns, "qdisc", "del", "dev", dev, "root")
+        self._shape(i, link)
+        self.specs[i] = HostSpec(self.specs[i].device, link, self.specs[i].budget_mb)
+
+    def _tc(self, ns: str, *args: str, check: bool = False) -> bool:
+        done = subprocess.run(["ip", "netns", "exec", ns, "tc", *args], capture_output=True,
+                              timeout=20)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"tc {' '.join(args)} failed in {ns}: {done.stderr!r}")
+        return done.returncode == 0
+
+    def prefix(self, i: int) -> list[str]:
+        """Command prefix that runs a command on host i: it joins host i's cgroup, then
+        execs into the namespace (the same PID throughout, so nothing escapes the quota)."""
+        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.groups[i] / "cgroup.procs"),
+                *self.lab.prefix(i)]
+
+    def node_args(self, i: int) -> list[str]:
+        """``epara node`` arguments that match host i's class (threads, memory budget)."""
+        spec = self.specs[i]
+        return ["--threads", str(spec.device.threads), "--memory-budget-mb", str(spec.budget)]
+
+    def describe(self) -> list[str]:
+        lines = [f"host {i} {self.ip(i)}: {s.device.name} ({s.device.cpus:g} CPU quota, "
+                 f"{s.budget} MB budget), {s.link.name} link ({s.link.rate_mbit:g} Mbit/s, "
+                 f"{s.link.delay_ms:g} ms)" for i, s in enumerate(self.specs)]
+        lines += [f"not emulated: {n}" for n in self.not_emulated]
+        return lines
+
+    def close(self) -> None:
+        """Kill what runs in the bed, delete the namespaces and the cgroups. Safe to call
+        after any failure, and more than once."""
+        self.lab.close()
+        for group in self.groups:
+            if not group.exists():
+                continue
+            # Processes of ours that left the namespaces (none should) still hold the group.
+            for _ in range(50):
+                pids = (group / "cgroup.procs").read_text().split()
+                for pid in pids:
+                    with contextlib.suppress(OSError, ValueError):
+                        os.kill(int(pid), signal.SIGKILL)
+                with contextlib.suppress(OSError):
+                    group.rmdir()
+                if not group.exists():
+                    break
+                time.sleep(0.05)

@@ -1,0 +1,91 @@
+"""The emulated bed really emulates: a Pi-class quota slows the same work down, a
+Wi-Fi-class link moves bytes slower than a wired one, and teardown leaves nothing behind.
+
+Only loose orderings are asserted: the machine's cores are shared with whatever else runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from epara.node.testbed import EmulatedBed, have_bed, host
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(have_bed() is not None, reason=f"{have_bed()}")]
+
+# Fixed CPU work (~0.1-0.2 s of one core here); its wall time shows the quota.
+LOOP = "import time; t = time.perf_counter(); sum(i * i for i in range(1_500_000)); " \
+       "print(time.perf_counter() - t)"
+RECEIVE = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7000)); s.listen(1); print("ready", flush=True)
+c, _ = s.accept(); got = 0; t = None
+while chunk := c.recv(1 << 16):
+    t = t or time.perf_counter(); got += len(chunk)
+print(got, time.perf_counter() - t, flush=True)
+"""
+SEND = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 7000)); s.sendall(b"x" * 1_500_000); s.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def bed() -> Iterator[EmulatedBed]:
+    with EmulatedBed([host("server"), host("pi"), host("jetson", "wifi")]) as b:
+        yield b
+
+
+def run_in(bed: EmulatedBed, i: int, code: str, *args: str) -> str:
+    return subprocess.run([*bed.prefix(i), sys.executable, "-c", code, *args],
+                          capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def test_a_lower_cpu_quota_slows_the_same_work(bed: EmulatedBed) -> None:
+    seconds = {bed.specs[i].device.name: float(run_in(bed, i, LOOP)) for i in range(3)}
+    # One thread: server (2 CPUs) and jetson (1 CPU) both run it at full speed; the Pi's
+    # 0.4 CPU takes ~2.5x as long. Asserting 1.5x leaves room for a busy machine.
+    assert seconds["pi"] > 1.5 * seconds["server"], seconds
+    assert seconds["pi"] > 1.5 * seconds["jetson"], seconds
+
+
+def transfer_s(bed: EmulatedBed, sender: int, receiver: int) -> float:
+    server = subprocess.Popen([*bed.prefix(receiver), sys.executable, "-c", RECEIVE],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        run_in(bed, sender, SEND, bed.ip(receiver))
+        got, seconds = server.stdout.readline().split()
+        assert int(got) == 1_500_000
+        return float(seconds)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_wifi_class_link_is_slower_than_a_wired_one(bed: EmulatedBed) -> None:
+    wired = transfer_s(bed, 0, 1)
+    wifi = transfer_s(bed, 0, 2)
+    # 1.5 MB at 50 Mbit/s is at least ~0.2 s; over the 1 Gbit/s class a few ms.
+    assert wifi > 0.15, (wired, wifi)
+    assert wifi > 3 * wired, (wired, wifi)
+
+
+def test_teardown_removes_namespaces_and_cgroups() -> None:
+    bed = EmulatedBed([host("pi"), host("server", "wifi")])
+    with bed:
+        sleeper = subprocess.Popen([*bed.prefix(0), "sleep", "60"])
+        deadline = time.monotonic() + 5
+        while str(sleeper.pid) not in (bed.groups[0] / "cgroup.procs").read_text():
+            assert time.monotonic() < deadline, "the process never joined its cgroup"
+            time.sleep(0.02)
+    sleeper.wait(10)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert bed.lab.tag not in listed
+    assert not any(g.exists() for g in bed.groups)
