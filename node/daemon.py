@@ -95,6 +95,13 @@ class Node:
         await self.api.start(self.config.socket_path, self.config.socket_group)
         log.info("node %s serving %d models on %s", self.node_id, len(self.services),
                  self.config.socket_path)
+        # With the socket, before joining: whoever sees the socket up sees HTTP up too, and
+        # requests meanwhile are served as the socket's are (locally until the router is set).
+        if self.config.http_port is not None:
+            self.http = HttpServer(self, self.config.http_host, self.config.http_port,
+                                   self.exporter)
+            await self.http.start()
+            log.info("node %s serving HTTP on %s", self.node_id, self.http.url)
         if self.config.cluster_dir is not None:
             member_config = replace(self.config.member or MemberConfig(), node_id=self.node_id)
             self.member = ClusterMember(member_config, self.config.cluster_dir,
@@ -108,11 +115,6 @@ class Node:
             self.api.router = self.runtime
             log.info("node %s joined cluster as %s:%d (data port %d)", self.node_id,
                      self.member.host, self.member.port, self.runtime.dataplane.port)
-        if self.config.http_port is not None:
-            self.http = HttpServer(self, self.config.http_host, self.config.http_port,
-                                   self.exporter)
-            await self.http.start()
-            log.info("node %s serving HTTP on %s", self.node_id, self.http.url)
 
     def cluster_state(self) -> dict[str, Any]:
         """The small record this node publishes to its peers a few times a second."""

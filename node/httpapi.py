@@ -154,6 +154,13 @@ class HttpServer:
         except HttpError as exc:
             await _send_json(writer, exc.status, _error_body(exc.code, str(exc)),
                              request.keep_alive)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a bug in one request must not take the node down
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            await _send_json(writer, 500, _error_body("internal", f"internal error: {exc}"),
+                             keep_alive=False)
+            return False
         return True
 
     def _models(self) -> list[dict[str, Any]]:

@@ -4,10 +4,12 @@ Prometheus metrics after traffic, and the dashboard rendered by headless Chromiu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -195,3 +197,77 @@ def test_dashboard_renders_in_headless_chromium(node: dict[str, Any],
     with image.open(shot) as picture:
         colours = picture.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50  # drawn, not a blank page
+
+
+def scrape(url: str) -> dict[str, float]:
+    """``name{label="value",...}`` -> value, for the few series these tests read."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, text, _ = get(url + "/metrics")
+    return {name_with_labels(s.name, s.labels): s.value
+            for family in text_string_to_metric_families(text.decode())
+            for s in family.samples}
+
+
+def name_with_labels(name: str, labels: dict[str, str]) -> str:
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+def test_a_cluster_serves_chat_and_shows_itself(tmp_path: Path, cluster_dir: Path,
+                                                prepared: Callable[[str], Path]) -> None:
+    """Two nodes: either one lists the LLM before it is placed and answers a chat through
+    the cluster's routing; metrics show the membership; the dashboard draws both."""
+    store = tmp_path / "store"
+    store.mkdir()
+    subprocess.run(["cp", "-r", str(prepared(MODEL)), str(store / MODEL)], check=True)
+    urls = {}
+    with contextlib.ExitStack() as stack:
+        for name in ("c0", "c1"):
+            sock = tmp_path / name / "node.sock"
+            stack.enter_context(running_node(
+                store, sock, "--cluster", str(cluster_dir), "--node-id", name,
+                "--interface", "127.0.0.1", "--port", "0", "--threads", "1",
+                "--http-port", "0"))
+            with Client(sock) as client:
+                urls[name] = client.status()["http"]
+        end = time.monotonic() + 20
+        while time.monotonic() < end:  # both see both, and one leads
+            metrics = [scrape(url) for url in urls.values()]
+            if all(m.get('epara_cluster_members{status="alive"}') == 2 for m in metrics) \
+                    and sum(m.get("epara_is_leader", 0) for m in metrics) == 1:
+                break
+            time.sleep(0.2)
+        for url in urls.values():  # listed from the catalogues, placed or not
+            _, body, _ = get(url + "/v1/models")
+            assert [m["id"] for m in json.loads(body)["data"]] == [MODEL]
+        ai = openai.OpenAI(base_url=urls["c1"] + "/v1", api_key="unused", max_retries=0,
+                           timeout=60)
+        answer = ai.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24)
+        assert "Paris" in answer.choices[0].message.content
+        metrics = [scrape(url) for url in urls.values()]
+        assert all(m['epara_cluster_members{status="alive"}'] == 2 for m in metrics)
+        assert sum(m["epara_is_leader"] for m in metrics) == 1
+        assert len({m["epara_term"] for m in metrics}) == 1
+        assert metrics[1][name_with_labels("epara_requests_total", {
+            "model": MODEL, "source": "http", "outcome": "ok"})] == 1
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if chromium is None:
+            pytest.skip("chromium is not installed (apt-get install chromium)")
+        dom = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+             "--screenshot=" + str(tmp_path / "cluster.png"), "--window-size=1200,800",
+             urls["c0"]], check=True, capture_output=True, timeout=60)
+        dom = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
+             "--dump-dom", urls["c0"]], check=True, capture_output=True, timeout=60,
+            text=True).stdout
+        assert 'data-node="c0"' in dom and 'data-node="c1"' in dom
+        assert dom.count('class="box leader') == 1
