@@ -9,6 +9,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +22,7 @@ import pytest
 
 from epara.node.client import Client
 
-from .helpers import make_add_model, running_node
+from .helpers import make_add_model, running_node, stop_node, wait_for_socket
 
 openai = pytest.importorskip("openai")
 
@@ -172,6 +173,22 @@ def test_metrics_count_requests_by_outcome(ai: Any, node: dict[str, Any]) -> Non
                    for s in group)
 
 
+def test_a_client_that_hangs_up_mid_stream_stops_its_generation(
+        ai: Any, node: dict[str, Any]) -> None:
+    stream = ai.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=500,
+                                        stream=True)
+    next(iter(stream))
+    stream.close()
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        with Client(node["socket"]) as client:
+            stats = next(s for s in client.status()["services"] if s["model"] == MODEL)
+        if stats["cancelled"] and not stats["active_sequences"]:
+            break
+        time.sleep(0.1)
+    assert stats["cancelled"] == 1 and stats["active_sequences"] == 0
+
+
 def test_dashboard_renders_in_headless_chromium(node: dict[str, Any],
                                                 tmp_path: Path) -> None:
     status, page, content_type = get(node["url"] + "/")
@@ -271,3 +288,28 @@ def test_a_cluster_serves_chat_and_shows_itself(tmp_path: Path, cluster_dir: Pat
             text=True).stdout
         assert 'data-node="c0"' in dom and 'data-node="c1"' in dom
         assert dom.count('class="box leader') == 1
+
+
+def test_a_node_without_prometheus_client_serves_http_without_metrics(tmp_path: Path) -> None:
+    """prometheus-client is an optional extra: a node whose Python cannot import it
+    (None in sys.modules makes the import fail) runs, and /metrics says what is missing."""
+    store = tmp_path / "store"
+    make_add_model(store)
+    sock = tmp_path / "n" / "node.sock"
+    code = ("import sys; sys.modules['prometheus_client'] = None; "
+            "from epara.node.cli import main; sys.exit(main(sys.argv[1:]))")
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "node", "--standalone", "--store", str(store),
+         "--socket", str(sock), "--http-port", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_socket(sock, process)
+        with Client(sock) as client:
+            url = client.status()["http"]
+            client.infer("add", {"x": np.ones((1, 4), "float32")})
+        status, body, _ = get(url + "/metrics")
+        assert status == 501 and json.loads(body)["error"]["code"] == "metrics_unavailable"
+        status, body, _ = get(url + "/api/status")
+        assert json.loads(body)["requests"]["add"] == {"ok": 1, "goodput": 1}
+    finally:
+        stop_node(process)
