@@ -18,6 +18,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def default_socket_path() -> Path:
 class Request:
     """One decoded request, with the checks every operation shares."""
 
-    def __init__(self, message: Mapping[str, Any]) -> None:
+    def __init__(self, message: Mapping[str, Any], source: str | None = None) -> None:
         self.message = message
         raw_id = message.get("id")
         self.id = raw_id if wire.valid_id(raw_id) else None
@@ -61,6 +62,8 @@ class Request:
         self.cancelled = False  # set by a `cancel` op naming this request
         # Forwarded by a peer: serve it here, never forward it again.
         self.forwarded = message.get("forwarded") is True
+        # Where it came from, for the metrics: the local socket, the HTTP endpoint or a peer.
+        self.source = source or ("peer" if self.forwarded else "socket")
         self._on_cancel: list[Callable[[], None]] = []
 
     def on_cancel(self, callback: Callable[[], None]) -> None:
@@ -91,6 +94,57 @@ class Request:
         return self.received + budget / 1000
 
 
+@dataclass(frozen=True)
+class Finished:
+    """How one model request (infer, segment, generate) ended, as this node's API saw it."""
+
+    model: str
+    source: str  # "socket", "http" or "peer"
+    error: str | None  # the error code it ended with; None when it succeeded
+    elapsed_s: float
+    first_token_s: float | None  # a generation's time to its first token
+    deadline_met: bool  # True also when it had no deadline
+
+
+class _Tracker:
+    """Wraps a request's reply callback to see how the request ends, for ``observer``."""
+
+    def __init__(self, request: Request, reply: Reply) -> None:
+        self.request = request
+        self.inner = reply
+        self.model: str | None = None  # set once the op is known to be a model request
+        self.error: str | None = None
+        self.ended = False
+        self.first_token: float | None = None
+
+    async def reply(self, answer: dict[str, Any]) -> None:
+        if not answer.get("ok"):
+            self.error = str((answer.get("error") or {}).get("code"))
+            self.ended = True
+        elif answer.get("event") == "token" and self.first_token is None:
+            self.first_token = time.monotonic()
+        elif answer.get("event") in (None, "done"):
+            self.ended = True
+            if answer.get("finish_reason") == "cancelled":
+                self.error = "cancelled"
+        await self.inner(answer)
+
+    def finished(self) -> Finished | None:
+        if self.model is None:
+            return None
+        now = time.monotonic()
+        budget = self.request.message.get("deadline_ms")
+        deadline = (self.request.received + budget / 1000
+                    if isinstance(budget, (int, float)) and not isinstance(budget, bool)
+                    else None)
+        # Ended without a final reply: its task was cancelled (the client went away).
+        error = self.error if self.ended else "cancelled"
+        received = self.request.received
+        return Finished(self.model, self.request.source, error, now - received,
+                        None if self.first_token is None else self.first_token - received,
+                        deadline is None or now <= deadline)
+
+
 class LocalApi:
     """Routes requests to the node's services. The node owns the services' lifecycle."""
 
@@ -104,6 +158,8 @@ class LocalApi:
         self.max_frame_bytes = max_frame_bytes
         self.connections = 0
         self.router: Any = None  # the node's ClusterRuntime, when it is in a cluster
+        # Told how every model request ended (the node's request counters and metrics).
+        self.observer: Callable[[Finished], None] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._socket_path: Path | None = None
 
@@ -151,6 +207,8 @@ class LocalApi:
 
     async def _handle(self, request: Request, reply: Reply,
                       inflight: dict[Any, Request]) -> None:
+        tracker = _Tracker(request, reply)
+        reply = tracker.reply
         try:
             if request.id_error:
                 raise ServiceError("bad_request", "field 'id' must be text or an integer "
@@ -163,6 +221,9 @@ class LocalApi:
             if handler is None:
                 raise ServiceError("unknown_op", f"unknown op {op!r}; this node serves "
                                    f"cancel, {', '.join(sorted(self._handlers()))}")
+            if op in ROUTED_OPS:
+                model = request.message.get("model")
+                tracker.model = model if isinstance(model, str) else "(none)"
             deadline = request.deadline()  # validated for every op
             if op in ROUTED_OPS and self.router is not None and not request.forwarded:
                 await self._routed(request, handler, reply, deadline)
@@ -178,6 +239,9 @@ class LocalApi:
         finally:
             if inflight.get(request.id) is request:
                 del inflight[request.id]
+            finished = tracker.finished()
+            if finished is not None and self.observer is not None:
+                self.observer(finished)
 
     async def _routed(self, request: Request, handler: Callable[[Request, Reply],
                                                               Awaitable[None]],

@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="never become the cluster leader")
     node.add_argument("--memory-budget-mb", type=float,
                       help="memory models may use on this device (default: free memory)")
+    node.add_argument("--http-port", type=int, metavar="PORT",
+                      help="serve HTTP on this port: OpenAI-compatible /v1 API, /metrics and "
+                      "the dashboard (default: off; 0 picks a free port; docs/http.md)")
+    node.add_argument("--http-host", default="127.0.0.1", metavar="IP",
+                      help="address of the HTTP endpoint (default 127.0.0.1: it has no "
+                      "authentication)")
     node.set_defaults(run=_cmd_node)
 
     cluster = sub.add_parser("cluster", help="cluster credentials")
@@ -197,7 +203,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
     config = NodeConfig(store=args.store, models=tuple(args.model), threads=args.threads,
                         max_frame_bytes=int(args.max_frame_mb * 1024 * 1024),
-                        node_id=args.node_id, memory_budget_mb=args.memory_budget_mb)
+                        node_id=args.node_id, memory_budget_mb=args.memory_budget_mb,
+                        http_port=args.http_port, http_host=args.http_host)
     cluster_dir = args.cluster or default_cluster_dir()
     if args.standalone:
         pass

@@ -19,6 +19,8 @@ from epara.models.manifest import Manifest
 from epara.models.store import ModelStore
 from epara.node.api import LocalApi, default_socket_path
 from epara.node.generation import GenerationService
+from epara.node.httpapi import HttpServer
+from epara.node.metrics import RequestLog, make_exporter
 from epara.node.runtime import ClusterRuntime
 from epara.node.service import ModelService
 from epara.peer import wire
@@ -41,6 +43,10 @@ class NodeConfig:
     cluster_dir: Path | None = None
     member: MemberConfig | None = None
     memory_budget_mb: float | None = None  # what models may use here (default: free memory)
+    # The HTTP endpoint (OpenAI-compatible API, /metrics, dashboard): off unless a port is
+    # given (0: any free port). It has no authentication, hence loopback by default.
+    http_port: int | None = None
+    http_host: str = "127.0.0.1"
 
 
 def default_cluster_dir() -> Path:
@@ -73,6 +79,10 @@ class Node:
         self.backends: list[dict[str, Any]] = []
         self.api = LocalApi(self.services, self.describe_models, self.status,
                             config.max_frame_bytes)
+        self.requests = RequestLog()
+        self.api.observer = self.requests.record
+        self.exporter = make_exporter(self, self.requests)
+        self.http: HttpServer | None = None
         self.member: ClusterMember | None = None
         self.runtime: ClusterRuntime | None = None
         self._stop = asyncio.Event()
@@ -85,6 +95,13 @@ class Node:
         await self.api.start(self.config.socket_path, self.config.socket_group)
         log.info("node %s serving %d models on %s", self.node_id, len(self.services),
                  self.config.socket_path)
+        # With the socket, before joining: whoever sees the socket up sees HTTP up too, and
+        # requests meanwhile are served as the socket's are (locally until the router is set).
+        if self.config.http_port is not None:
+            self.http = HttpServer(self, self.config.http_host, self.config.http_port,
+                                   self.exporter)
+            await self.http.start()
+            log.info("node %s serving HTTP on %s", self.node_id, self.http.url)
         if self.config.cluster_dir is not None:
             member_config = replace(self.config.member or MemberConfig(), node_id=self.node_id)
             self.member = ClusterMember(member_config, self.config.cluster_dir,
@@ -93,6 +110,8 @@ class Node:
             self.runtime = ClusterRuntime(self, self.member, self.config.cluster_dir,
                                           self.config.memory_budget_mb)
             await self.runtime.start()
+            if self.exporter is not None:
+                self.runtime.stages.on_run = self.exporter.observe_stage
             self.api.router = self.runtime
             log.info("node %s joined cluster as %s:%d (data port %d)", self.node_id,
                      self.member.host, self.member.port, self.runtime.dataplane.port)
@@ -109,7 +128,8 @@ class Node:
             }
         load1, _, _ = os.getloadavg()
         record = {"services": services, "mem_free_mb": _mem_available_mb(),
-                  "load": round(load1 / (os.cpu_count() or 1), 3)}
+                  "load": round(load1 / (os.cpu_count() or 1), 3),
+                  "goodput": self.requests.origin_goodput()}
         if self.runtime is not None:
             record.update(self.runtime.state())
         return record
@@ -140,6 +160,8 @@ class Node:
                 log.warning("cannot serve %s: %s", model.manifest.name, exc)
 
     async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
         if self.runtime is not None:
             await self.runtime.stop()
         if self.member is not None:
@@ -184,9 +206,11 @@ class Node:
             "socket": str(self.config.socket_path),
             "model_store": str(self.store.root),
             "connections": self.api.connections,
+            "http": self.http.url if self.http is not None else None,
             "backends": self.backends,
             "services": [s.stats() for _, s in sorted(self.services.items())],
             "unavailable": dict(self.unavailable),
+            "requests": self.requests.summary(),
             "cluster": self.member.view().to_dict() if self.member is not None else None,
             "plan": self.runtime.status() if self.runtime is not None else None,
         }

@@ -18,6 +18,7 @@ import concurrent.futures
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -107,6 +108,7 @@ class StageHost:
         self.dataplane = dataplane
         self.node_id = node_id
         self.stages: dict[str, Stage] = {}
+        self.on_run: Callable[[str, float], None] | None = None  # (stage key, seconds)
         self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         dataplane.on("forward", self._on_forward)
         dataplane.on("drop", self._on_drop)
@@ -138,8 +140,11 @@ class StageHost:
             return
         loop = asyncio.get_running_loop()
         try:
+            started = time.monotonic()
             outputs = await loop.run_in_executor(self._executors[key], stage.run, header,
                                                  tensors)
+            if self.on_run is not None:
+                self.on_run(key, time.monotonic() - started)
         except Exception as exc:  # report to the origin, which replays or fails cleanly
             log.warning("stage %s failed: %s", key, exc)
             await self._fail(origin, header, f"stage {key} on {self.node_id}: {exc}")
