@@ -157,6 +157,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=lambda a: __import__("epara.node.demo", fromlist=["run_demo"])
                       .run_demo(a.nodes, a.seconds, a.out, a.store))
 
+    doctor = sub.add_parser("doctor", help="why a node is not discovered or cannot join")
+    doctor.add_argument("--cluster", type=Path, help="credentials directory (default: "
+                        "$EPARA_CLUSTER_DIR or ~/.config/epara/cluster)")
+    doctor.add_argument("--interface", action="append", default=[], metavar="IP",
+                        help="listen for adverts on this address (default: all)")
+    doctor.add_argument("--seconds", type=float, default=3.0, help="how long to listen")
+    doctor.add_argument("--json", action="store_true")
+    _socket_arg(doctor)
+    doctor.set_defaults(run=_cmd_doctor)
+
     plan = sub.add_parser("plan", help="the leader's placement: per service its category, "
                           "parallel mode, where it runs, and why")
     plan.add_argument("--json", action="store_true")
@@ -425,6 +435,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             else:
                 print(item.text, end="", flush=True)
     return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from epara.node.daemon import default_cluster_dir
+    from epara.node.doctor import diagnose, render
+
+    findings = diagnose(args.cluster or default_cluster_dir(), args.interface or None,
+                        args.socket, args.seconds)
+    print(render(findings, args.json))
+    return 1 if any(f.status == "fail" for f in findings) else 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
