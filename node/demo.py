@@ -117,9 +117,11 @@ def _wait_for_placement(node: NodeHandle, models: tuple[str, ...], timeout: floa
             status = client.status()
             ready = {unit for m in status["cluster"]["members"]
                      for unit in (m.get("state") or {}).get("ready") or ()}
+            placement = status["plan"]["placement"]
             placed = {unit.split("@")[0] for unit in ready}
-            if set(models) <= placed:
-                return status["plan"]["placement"]
+            known = {plan["service"] for plan in placement["services"]}
+            if set(models) <= placed and set(models) <= known:
+                return placement
         time.sleep(0.25)
     raise RuntimeError(f"the leader did not place {', '.join(models)} in {timeout:.0f} s")
 
