@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="never become the cluster leader")
     node.add_argument("--memory-budget-mb", type=float,
                       help="memory models may use on this device (default: free memory)")
+    node.add_argument("--placement-policy", default="epara",
+                      choices=["epara", "one-replica", "replicate-all", "pipeline-all"],
+                      help="what this node places by when it leads (baselines exist to "
+                      "measure epara against them)")
     node.add_argument("--http-port", type=int, metavar="PORT",
                       help="serve HTTP on this port: OpenAI-compatible /v1 API, /metrics and "
                       "the dashboard (default: off; 0 picks a free port; docs/http.md)")
@@ -182,6 +186,18 @@ def _parser() -> argparse.ArgumentParser:
     goodput.add_argument("--json", action="store_true")
     goodput.add_argument("--plot", type=Path, help="write a PNG plot here")
     goodput.add_argument("--quick", action="store_true", help="a shorter suite")
+    goodput.add_argument("--real", action="store_true", help="measure a real cluster of "
+                         "node processes on this machine under each placement policy, "
+                         "instead of the simulator")
+    goodput.add_argument("--seconds", type=float, default=30.0,
+                         help="with --real: length of the built-in trace")
+    goodput.add_argument("--nodes", type=int, default=3, help="with --real: node processes")
+    goodput.add_argument("--load", type=float, default=1.0,
+                         help="with --real: scale the built-in trace's rates")
+    goodput.add_argument("--policies", default=",".join(("epara", "one-replica",
+                                                         "replicate-all")),
+                         help="with --real: placement policies to compare (comma list)")
+    goodput.add_argument("--store", type=Path, help="with --real: the model store")
     goodput.add_argument("--devices", type=int, default=40)
     goodput.add_argument("--services", type=int, default=40)
     goodput.set_defaults(run=_cmd_bench_goodput)
@@ -214,7 +230,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
     config = NodeConfig(store=args.store, models=tuple(args.model), threads=args.threads,
                         max_frame_bytes=int(args.max_frame_mb * 1024 * 1024),
                         node_id=args.node_id, memory_budget_mb=args.memory_budget_mb,
-                        http_port=args.http_port, http_host=args.http_host)
+                        http_port=args.http_port, http_host=args.http_host,
+                        placement_policy=args.placement_policy)
     cluster_dir = args.cluster or default_cluster_dir()
     if args.standalone:
         pass
@@ -478,6 +495,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_goodput(args: argparse.Namespace) -> int:
+    if args.real:
+        from epara.node.loadgen import run_real_goodput
+
+        print(run_real_goodput(args.trace, args.seconds, args.nodes, args.store, args.json,
+                               args.plot, args.policies.split(","), args.load))
+        return 0
     from epara.node.leader.sim import run_goodput_bench
 
     print(run_goodput_bench(args.trace, args.json, args.plot, args.quick, args.devices,

@@ -43,6 +43,7 @@ class NodeConfig:
     cluster_dir: Path | None = None
     member: MemberConfig | None = None
     memory_budget_mb: float | None = None  # what models may use here (default: free memory)
+    placement_policy: str = "epara"  # what the leader places by (baselines: for benchmarks)
     # The HTTP endpoint (OpenAI-compatible API, /metrics, dashboard): off unless a port is
     # given (0: any free port). It has no authentication, hence loopback by default.
     http_port: int | None = None
@@ -108,7 +109,8 @@ class Node:
                                         self.cluster_state)
             await self.member.start()
             self.runtime = ClusterRuntime(self, self.member, self.config.cluster_dir,
-                                          self.config.memory_budget_mb)
+                                          self.config.memory_budget_mb,
+                                          policy=self.config.placement_policy)
             await self.runtime.start()
             if self.exporter is not None:
                 self.runtime.stages.on_run = self.exporter.observe_stage
@@ -125,6 +127,9 @@ class Node:
                 "queue": stats["queue_depth"],
                 "p50_ms": stats.get("latency_ms_p50") or stats.get("ttft_ms_p50"),
                 "served": stats["served"],
+                # Service time of one model run as measured here (under whatever else
+                # this device is doing): the leader's capacity estimates start from it.
+                "batch_ms": stats.get("batch_ms_ewma"),
             }
         load1, _, _ = os.getloadavg()
         record = {"services": services, "mem_free_mb": _mem_available_mb(),

@@ -144,6 +144,22 @@ def cluster_state(members: Iterable[Any], now: float) -> ClusterState:
     return ClusterState(devices, now)
 
 
+def measured_ms(members: Iterable[Any]) -> dict[str, dict[str, float]]:
+    """Per service, per device class: the slowest measured run time among the nodes of
+    that class that serve it (slowest: the estimate must hold on every such device)."""
+    out: dict[str, dict[str, float]] = {}
+    for member in members:
+        state = member.state or {}
+        device_class = device_profile(member.node_id, member.capabilities, member.headline,
+                                      state).device_class
+        for name, record in (state.get("services") or {}).items():
+            value = record.get("batch_ms")
+            if value:
+                per_class = out.setdefault(name, {})
+                per_class[device_class] = max(per_class.get(device_class, 0.0), float(value))
+    return out
+
+
 def demand(members: Iterable[Any]) -> dict[str, ServiceDemand]:
     """Requests per second per service, summed over the nodes that received them."""
     rates: dict[str, float] = {}

@@ -54,6 +54,9 @@ TICK_S = 0.5  # how often the leader checks that every member applied its placem
 REBROADCAST_S = 5.0
 FORWARD_TIMEOUT_S = 120.0
 COLD_START_WAIT_S = 15.0  # how long a request waits for the leader to place its model
+# "epara" is the state-aware scheduler; the others are the baseline strategies of the
+# simulator, here so a real cluster can be measured under each of them.
+PLACEMENT_POLICIES = ("epara", "one-replica", "replicate-all", "pipeline-all")
 Reply = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -88,7 +91,11 @@ def stage_key(service: str, first: int, end: int) -> str:
 class ClusterRuntime:
     def __init__(self, node: Node, member: ClusterMember, credentials_dir: Path,
                  budget_mb: float | None = None,
-                 config: SchedulerConfig | None = None) -> None:
+                 config: SchedulerConfig | None = None, policy: str = "epara") -> None:
+        if policy not in PLACEMENT_POLICIES:
+            raise ValueError(f"unknown placement policy {policy!r}; "
+                             f"one of {', '.join(PLACEMENT_POLICIES)}")
+        self.policy = policy
         self.node = node
         self.member = member
         self.budget_mb = budget_mb
@@ -196,13 +203,17 @@ class ClusterRuntime:
     async def _schedule_once(self, view: Any) -> None:
         members = [m for m in view.members if m.status != "suspect"]
         models = planning.catalogue(members)
-        specs = {name: planning.service_spec(name, known["entry"])
+        measured = planning.measured_ms(members)
+        specs = {name: planning.service_spec(name, known["entry"], measured.get(name))
                  for name, known in models.items()}
         state = planning.cluster_state(members, time.time())
         demand = planning.demand(members)
-        placement, decisions = await asyncio.to_thread(
-            schedule, self.placement, state, demand, specs, time.time(),
-            self.scheduler_config)
+        if self.policy == "epara":
+            placement, decisions = await asyncio.to_thread(
+                schedule, self.placement, state, demand, specs, time.time(),
+                self.scheduler_config)
+        else:
+            placement, decisions = self._baseline_placement(specs, state, demand)
         if placement.version != self.placement.version:
             if decisions:
                 self.decisions = decisions
@@ -213,6 +224,28 @@ class ClusterRuntime:
             await self._broadcast()
         elif self._lagging(view) or time.monotonic() - self._last_broadcast > REBROADCAST_S:
             await self._broadcast()
+
+    def _baseline_placement(self, specs: dict[str, Any], state: Any,
+                            demand: dict[str, Any]) -> tuple[Placement, tuple[Any, ...]]:
+        """A baseline strategy's placement (for measuring epara against it on a real
+        cluster): the same functions the simulator's baselines use, fed from the live
+        view. Popularity is the demand seen so far; the version moves only on change."""
+        from epara.node.leader import sim
+
+        devices = state.alive()
+        popularity = {name: d.rate_hz for name, d in demand.items()}
+        if self.policy == "one-replica":
+            fresh = sim.one_replica_placement(specs, devices)
+        elif self.policy == "replicate-all":
+            fresh = sim.replicate_all_placement(specs, devices, popularity)
+        else:
+            fresh = sim.pipeline_all_placement(specs, devices, popularity=popularity)
+        reason = f"baseline policy {self.policy}"
+        plans = {name: replace(plan, category="-", reason=reason)
+                 for name, plan in fresh.plans.items()}
+        if plans == dict(self.placement.plans):
+            return self.placement, ()
+        return Placement(self.placement.version + 1, plans), ()
 
     async def _broadcast(self) -> None:
         await self.member.broadcast_command("placement", self.placement.to_dict())
