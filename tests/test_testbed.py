@@ -18,8 +18,9 @@ from epara.node.testbed import EmulatedBed, have_bed, host
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(have_bed() is not None, reason=f"{have_bed()}")]
 
-# Fixed CPU work (~0.1-0.2 s of one core here); its wall time shows the quota.
-LOOP = "import time; t = time.perf_counter(); sum(i * i for i in range(1_500_000)); " \
+# Fixed CPU work (~0.4 s of one core here), long enough to span several 100 ms CFS
+# periods: a shorter loop can fit in one period's quota and show no throttling at all.
+LOOP = "import time; t = time.perf_counter(); sum(i * i for i in range(6_000_000)); " \
        "print(time.perf_counter() - t)"
 RECEIVE = """
 import socket, sys, time
