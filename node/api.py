@@ -268,7 +268,10 @@ class LocalApi:
                 if peer is not None:
                     await self.router.forward(peer, message, relay)
                 else:
-                    await handler(Request(message), relay)
+                    # The same Request object: a `cancel` naming it still reaches the
+                    # attempt that is running now.
+                    request.message = message
+                    await handler(request, relay)
                 return
             except ServiceError as exc:
                 retry = exc.code in RETRYABLE and attempt < MAX_REPLAYS

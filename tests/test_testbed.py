@@ -48,12 +48,23 @@ def run_in(bed: EmulatedBed, i: int, code: str, *args: str) -> str:
                           capture_output=True, text=True, check=True, timeout=60).stdout
 
 
+def _throttled(bed: EmulatedBed, i: int) -> int:
+    """How many CFS periods host i's cgroup has been throttled in (cgroup v1 cpu.stat)."""
+    stat = dict(line.split() for line in (bed.groups[i] / "cpu.stat").read_text()
+                .splitlines())
+    return int(stat["nr_throttled"])
+
+
 def test_a_lower_cpu_quota_slows_the_same_work(bed: EmulatedBed) -> None:
-    seconds = {bed.specs[i].device.name: float(run_in(bed, i, LOOP)) for i in range(3)}
-    # One thread: server (2 CPUs) and jetson (1 CPU) both run it at full speed; the Pi's
-    # 0.4 CPU takes ~2.5x as long. Asserting 1.5x leaves room for a busy machine.
-    assert seconds["pi"] > 1.5 * seconds["server"], seconds
-    assert seconds["pi"] > 1.5 * seconds["jetson"], seconds
+    # The kernel's own accounting, not wall time (this machine is shared and noisy): one
+    # busy thread exceeds the Pi class's 0.4-CPU quota, so the Pi host is throttled in
+    # many periods; it can never exceed the server class's 2 CPUs.
+    before = {i: _throttled(bed, i) for i in range(3)}
+    for i in range(3):
+        run_in(bed, i, LOOP)
+    throttled = {bed.specs[i].device.name: _throttled(bed, i) - before[i] for i in range(3)}
+    assert throttled["pi"] >= 2, throttled
+    assert throttled["server"] == 0, throttled
 
 
 def transfer_s(bed: EmulatedBed, sender: int, receiver: int) -> float:
