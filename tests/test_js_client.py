@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,18 @@ def test_javascript_client_passes_its_checks(tmp_path: Path) -> None:
                                 capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "not ok" not in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_javascript_client_runs_the_real_shipped_models(tmp_path: Path,
+                                                        prepared: Callable[[str], Path]) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in ("selfie-seg", "text-det", "minilm", "smollm2-135m"):
+        (store / name).symlink_to(prepared(name))
+    sock = tmp_path / "run" / "node.sock"
+    with running_node(store, sock):
+        result = subprocess.run(["node", str(ROOT / "clients/js/real-models.mjs"), str(sock)],
+                                capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok - ") == 4 and "not ok" not in result.stdout
