@@ -54,6 +54,7 @@ TICK_S = 0.5  # how often the leader checks that every member applied its placem
 REBROADCAST_S = 5.0
 FORWARD_TIMEOUT_S = 120.0
 COLD_START_WAIT_S = 15.0  # how long a request waits for the leader to place its model
+ROUTING_VIEW_S = 0.05  # how stale the routing snapshot of the cluster may be
 # "epara" is the state-aware scheduler; the others are the baseline strategies of the
 # simulator, here so a real cluster can be measured under each of them.
 PLACEMENT_POLICIES = ("epara", "one-replica", "replicate-all", "pipeline-all")
@@ -119,6 +120,7 @@ class ClusterRuntime:
         self._ids = itertools.count()
         self._members: set[str] = set()
         self._loading: dict[str, asyncio.Lock] = {}
+        self._routing_cache: tuple[int, float, tuple[list[Any], Placement, Any]] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -421,10 +423,23 @@ class ClusterRuntime:
                     raise ServiceError("unavailable", str(exc)) from None
                 await asyncio.sleep(0.2)
 
+    def _routing_view(self) -> tuple[list[Any], Placement, Any]:
+        """Live members, the ready part of the placement and the planner's ClusterState,
+        rebuilt at most every ROUTING_VIEW_S: state records change a few times a second,
+        so rebuilding them for every request would only cost time on the hot path."""
+        now = time.monotonic()
+        cached = self._routing_cache
+        if cached is not None and cached[0] == self.placement.version and \
+                now - cached[1] < ROUTING_VIEW_S:
+            return cached[2]
+        members = [m for m in self.member.view().members if m.status != "suspect"]
+        view = (members, self._ready_placement(members),
+                planning.cluster_state(members, time.time()))
+        self._routing_cache = (self.placement.version, now, view)
+        return view
+
     async def _choose(self, name: str, deadline: float | None) -> str | None:
-        view = self.member.view()
-        members = [m for m in view.members if m.status != "suspect"]
-        placement = self._ready_placement(members)
+        members, placement, state = self._routing_view()
         entry = self.catalogue.get(name) or next(
             ((m.state or {}).get("catalogue", {}).get(name) for m in members
              if name in ((m.state or {}).get("catalogue") or {})), None)
@@ -434,7 +449,6 @@ class ClusterRuntime:
             raise ServiceError("unknown_model", f"no node of the cluster has a model named "
                                f"{name!r}")
         spec = planning.service_spec(name, entry)
-        state = planning.cluster_state(members, time.time())
         targets = targets_for(spec, placement, state, self.node.node_id)
         budget = None if deadline is None else max(0.0, deadline - time.monotonic())
         decision = route(name, targets, budget)
