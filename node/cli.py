@@ -482,15 +482,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
           f"term {cluster.get('term')})")
     if not placement["services"]:
         print("  nothing placed yet")
-    for service in placement["services"]:
-        print(f"\n{service['service']}: {service['category']}, {service['mode']}")
-        for unit in service["units"]:
-            stages = " -> ".join(f"{device}[{first}:{end}]" if end else device
-                                 for device, first, end, _ in unit["stages"])
-            unit_id = f"{service['service']}@{'+'.join(s[0] for s in unit['stages'])}"
-            state = "ready" if unit_id in ready else "loading"
-            print(f"  {stages:<40} batch {unit['max_batch']:<3} {state}")
-        print(f"  why: {service['reason']}")
+    from epara.node.leader.model import Placement
+
+    for _, plan in sorted(Placement.from_dict(placement).plans.items()):
+        print(f"\n{plan.service}: {plan.category}, {plan.mode}")
+        for unit in plan.units:
+            stages = " -> ".join(f"{s.device}[{s.first}:{s.end}]" if s.end else s.device
+                                 for s in unit.stages)
+            state = "ready" if unit.id in ready else "loading"
+            print(f"  {stages:<40} batch {unit.max_batch:<3} {state}")
+        print(f"  why: {plan.reason}")
     return 0
 
 
