@@ -75,6 +75,16 @@ class UnitPerf:
     capacity_hz: float  # requests per second with full batches and the pipeline full
     full_latency_s: float  # one request when every step it joins carries a full batch
     stage_use: tuple[float, ...]  # per stage: busy seconds per request at full batches
+    stage_step: tuple[float, ...] = ()  # per stage: its longest step (a full batch, with
+    # a prefill joining for an LLM); a device runs one step at a time, so this is how
+    # long other services' requests on that device may have to wait for it to end
+
+    def steps(self, unit: Unit) -> dict[str, float]:
+        """The longest step ``unit`` runs on each of its devices."""
+        out: dict[str, float] = {}
+        for stage, step in zip(unit.stages, self.stage_step, strict=True):
+            out[stage.device] = max(out.get(stage.device, 0.0), step)
+        return out
 
     def use(self, unit: Unit) -> dict[str, float]:
         """Busy seconds per request on each device of ``unit`` (a device may hold two
@@ -125,7 +135,9 @@ def unit_perf(spec: ServiceSpec, unit: Unit, devices: Mapping[str, DeviceProfile
     per_request = cycle * passes / batch + max(extra)
     use = tuple(c.time(batch * gpt) * passes / batch + e
                 for c, e in zip(costs, extra, strict=True))
-    return UnitPerf(latency, first, per, 1.0 / per_request, full, use)
+    steps = tuple(c.time(spec.gflop + (batch - 1) * gpt) if decode else c.time(batch * gpt)
+                  for c in costs)
+    return UnitPerf(latency, first, per, 1.0 / per_request, full, use, steps)
 
 
 def latency_at_batch(spec: ServiceSpec, device: DeviceProfile, batch: int) -> float:

@@ -115,6 +115,12 @@ class ServiceDemand:
     rate_hz: float  # observed requests per second
     cv: float = 1.0  # coefficient of variation of inter-arrival gaps: 1 Poisson, <0.5 steady
     mean_output_tokens: float | None = None  # LLM: observed, overrides the spec's guess
+    peak_hz: float | None = None  # the rate its busy seconds reach (leader/demand.py)
+
+    @property
+    def load_hz(self) -> float:
+        """The rate to size capacity for: the bursts', not the average second's."""
+        return max(self.rate_hz, self.peak_hz or 0.0)
 
 
 Demand = Mapping[str, ServiceDemand]

@@ -70,12 +70,15 @@ def plan_value(spec: ServiceSpec, stages: Sequence[tuple[DeviceProfile, int, int
 
 def partition(spec: ServiceSpec, devices: Sequence[DeviceProfile],
               free_mb: Mapping[str, float], objective: Objective, batch: int = 1,
-              max_stages: int = 6, max_cuts: int | None = None) -> Partition | None:
+              max_stages: int = 6, max_cuts: int | None = None,
+              memory_steps: int | None = None) -> Partition | None:
     """The best plan for ``spec`` over (a subset of) ``devices``; None if nothing fits.
 
     ``max_cuts`` limits the candidate cut points to about that many evenly spaced ones
     (exact over those): a 60-layer model need not be cut between every pair of layers
     to find a good plan, and the DP's time grows with the square of the cut points.
+    ``memory_steps`` counts free memory in steps of 1/``memory_steps`` of the model
+    (rounded down) when grouping devices; None: exact.
     """
     n = len(spec.layers)
     if n == 0:
@@ -83,12 +86,19 @@ def partition(spec: ServiceSpec, devices: Sequence[DeviceProfile],
     stride = 1 if max_cuts is None or n <= max_cuts else -(-n // max_cuts)
     b = batch if objective == "throughput" else 1
     # Interchangeable devices form one group; the DP counts how many of each it uses.
+    # With memory_steps, devices whose free memory differs by crumbs share a group:
+    # otherwise each is a group of its own, and the DP's states grow with the product
+    # of the group sizes.
+    step = spec.memory_mb / memory_steps if memory_steps else 0.0
     groups: dict[tuple[object, ...], list[DeviceProfile]] = {}
     for d in sorted(devices, key=lambda d: d.id):
-        groups.setdefault((d.profile_key(), free_mb.get(d.id, d.mem_mb)), []).append(d)
+        room = free_mb.get(d.id, d.mem_mb)
+        if step > 0:
+            room = step * ((room + EPS) // step)
+        groups.setdefault((d.profile_key(), room), []).append(d)
     reps = [members[0] for members in groups.values()]
     sizes = [len(members) for members in groups.values()]
-    free = [free_mb.get(r.id, r.mem_mb) for r in reps]
+    free = [float(key[1]) for key in groups]  # type: ignore[arg-type]
     weight = [0.0, *accumulate(layer.weight_mb for layer in spec.layers)]
     share = [0.0, *accumulate(layer.compute_share for layer in spec.layers)]
     work = max(0.0, spec.memory_mb - spec.weights)

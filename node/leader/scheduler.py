@@ -59,6 +59,8 @@ class SchedulerConfig:
     max_cuts: int = 16  # cut points the partitioner considers (evenly spaced)
     standby: bool = True  # keep one replica of an idle service where memory is free
     sweeps: int = 3  # greedy passes at most per decision
+    headroom: int = 2  # spare-memory replicas added at most per service and decision
+    headroom_factor: float = 2.0  # ... while its units offer less than this x its bursts
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class _Live:
     perf: UnitPerf
     slack_s: float  # deadline minus a lone request's time: what queueing may take
     use: dict[str, float]  # device -> busy seconds per request
+    steps: dict[str, float]  # device -> its longest step there
     rate_hz: float = 0.0  # share of its service's demand routed here
 
 
@@ -110,10 +113,13 @@ class _Planner:
         self.free = {d.id: d.mem_mb for d in self.devices.values()}
         self.util = dict.fromkeys(self.devices, 0.0)
         self.hosted: dict[str, set[str]] = {d: set() for d in self.devices}
+        # device -> service -> the longest step that service's units run there
+        self.steps: dict[str, dict[str, float]] = {d: {} for d in self.devices}
         self.version = dict.fromkeys(self.devices, 0)
         self.heaps: dict[tuple[Any, ...], list[tuple[float, float, str, int]]] = {}
         self.perf_cache: dict[tuple[Any, ...], UnitPerf] = {}
         self.batch_cache: dict[tuple[Any, ...], int] = {}
+        self.no_pipeline: set[str] = set()  # services no device set can host this call
         self.services: dict[str, _Service] = {}
         for name in sorted(services):
             spec = services[name]
@@ -145,7 +151,13 @@ class _Planner:
         head = self.devices[unit.head]
         network = 2 * head.transfer_s(svc.spec.input_mb)  # request in, answer out
         slack = svc.spec.deadline_ms() / 1000 - perf.latency_s - network
-        return _Live(unit, perf, slack, perf.use(unit))
+        return _Live(unit, perf, slack, perf.use(unit), perf.steps(unit))
+
+    def blocking(self, svc: _Service, unit: _Live) -> float:
+        """How long a request of ``svc`` may wait for another service's step to end on
+        one of ``unit``'s devices (steps are not preempted)."""
+        return max((step for d in unit.use for name, step in self.steps[d].items()
+                    if name != svc.spec.name), default=0.0)
 
     def evaluate(self, svc: _Service, units: list[_Live],
                  shift: Mapping[str, float] | None = None
@@ -153,26 +165,32 @@ class _Planner:
         """Goodput of ``svc`` over ``units``: returns (goodput, its utilisation per
         device, rate per unit). Demand splits over units that can meet the deadline in
         proportion to capacity, as least-expected-completion routing tends to."""
-        feasible = [u.perf.capacity_hz if u.slack_s > 0 else 0.0 for u in units]
+        slack = [u.slack_s - self.blocking(svc, u) for u in units]
+        feasible = [u.perf.capacity_hz if z > 0 else 0.0 for u, z in zip(units, slack,
+                                                                           strict=True)]
         total = sum(feasible)
-        rates = [svc.demand.rate_hz * c / total if total else 0.0 for c in feasible]
+        # Sized for the bursts (load_hz), valued at the mean: what fails in a burst
+        # fails for the share of requests that arrive in bursts.
+        load = svc.demand.load_hz
+        rates = [load * c / total if total else 0.0 for c in feasible]
         contrib: dict[str, float] = {}
         # Early refusal caps what a unit takes on: beyond that, requests are turned away
         # instead of loading the device for its neighbours.
-        admitted = [min(r, admitted_load(u.slack_s, 1.0 / u.perf.capacity_hz, svc.demand.cv)
+        admitted = [min(r, admitted_load(z, 1.0 / u.perf.capacity_hz, svc.demand.cv)
                         * u.perf.capacity_hz) if r > 0 else 0.0
-                    for u, r in zip(units, rates, strict=True)]
+                    for u, r, z in zip(units, rates, slack, strict=True)]
         for u, a in zip(units, admitted, strict=True):
             for d, busy in u.use.items():
                 contrib[d] = contrib.get(d, 0.0) + a * busy
         goodput = 0.0
-        for u, r in zip(units, admitted, strict=True):
+        for u, r, z in zip(units, admitted, slack, strict=True):
             if r <= 0:
                 continue
             rho = max(self.util[d] - svc.contrib.get(d, 0.0) + (shift or {}).get(d, 0.0)
                       + contrib[d] for d in u.use)
-            goodput += unit_goodput(r, rho, u.slack_s, 1.0 / u.perf.capacity_hz,
-                                    svc.demand.cv)
+            goodput += unit_goodput(r, rho, z, 1.0 / u.perf.capacity_hz, svc.demand.cv)
+        if load > 0:
+            goodput *= svc.demand.rate_hz / load
         return goodput, contrib, rates
 
     def gain(self, svc: _Service, candidate: _Live) -> float:
@@ -181,10 +199,21 @@ class _Planner:
         gain = new - svc.goodput
         shift = {d: contrib.get(d, 0.0) - svc.contrib.get(d, 0.0)
                  for d in candidate.unit.devices}
-        for name in sorted({n for d in candidate.unit.devices for n in self.hosted[d]}):
-            if name != svc.spec.name:
-                other = self.services[name]
-                gain += self.evaluate(other, other.units, shift)[0] - other.goodput
+        # Its steps also block the neighbours while they run.
+        saved = {d: self.steps[d].get(svc.spec.name) for d in candidate.steps}
+        for d, step in candidate.steps.items():
+            self.steps[d][svc.spec.name] = max(step, saved[d] or 0.0)
+        try:
+            for name in sorted({n for d in candidate.unit.devices for n in self.hosted[d]}):
+                if name != svc.spec.name:
+                    other = self.services[name]
+                    gain += self.evaluate(other, other.units, shift)[0] - other.goodput
+        finally:
+            for d, step in saved.items():
+                if step is None:
+                    del self.steps[d][svc.spec.name]
+                else:
+                    self.steps[d][svc.spec.name] = step
         return gain
 
     # --- device choice -------------------------------------------------------------
@@ -236,6 +265,11 @@ class _Planner:
             for s in u.unit.stages:
                 self.free[s.device] -= s.memory_mb
                 self.hosted[s.device].add(svc.spec.name)
+        for d in {d for u in svc.units for d in u.steps}:
+            self.steps[d].pop(svc.spec.name, None)
+        for u in units:
+            for d, step in u.steps.items():
+                self.steps[d][svc.spec.name] = max(step, self.steps[d].get(svc.spec.name, 0.0))
         goodput, contrib, rates = self.evaluate(svc, units)
         for d in old_devices | set(contrib):
             self.util[d] += contrib.get(d, 0.0) - svc.contrib.get(d, 0.0)
@@ -270,6 +304,8 @@ class _Planner:
 
     def pipeline(self, svc: _Service) -> tuple[_Live, str] | None:
         """A pipeline over a pool of the fastest lightly loaded devices with room."""
+        if svc.spec.name in self.no_pipeline:
+            return None
         objective = svc.allocation.objective or "latency"
         smallest = min(svc.spec.stage_memory_mb(i, i + 1) for i in range(len(svc.spec.layers)))
         pool: list[DeviceProfile] = []
@@ -281,8 +317,10 @@ class _Planner:
             ids = self.pick(rep.profile_key(), smallest, min(room, per_group))
             pool += [self.devices[i] for i in ids]
         plan = partition(svc.spec, pool, self.free, objective, svc.allocation.max_batch,
-                         self.config.max_stages, self.config.max_cuts)
+                         self.config.max_stages, self.config.max_cuts, memory_steps=16)
         if plan is None:
+            # Memory only shrinks while the sweeps add units: no later try would fit.
+            self.no_pipeline.add(svc.spec.name)
             return None
         return self.live(svc, self.batched(svc, plan.stages)), plan.reason
 
@@ -338,13 +376,19 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
         if not _sweep(p, config, decisions):
             break
     _prune(p, config, decisions)
+    if config.headroom:
+        _headroom(p, config, decisions)
     if config.standby:
         _standby(p, idle, decisions)
     for name, unit in sorted(idle.items()):
         if not p.services[name].units:
             decisions.append(Decision("remove", unit.id, 0.0,
                                       "no recent demand and its memory went to demand"))
-    return _placement(current, p), tuple(decisions)
+    # A unit added and removed within this decision never existed for anyone else.
+    added = {d.unit for d in decisions if d.action in ("add", "standby")}
+    undone = added & {d.unit for d in decisions if d.action == "remove"}
+    net = [d for d in decisions if d.unit not in undone or d.action == "drop"]
+    return _placement(current, p), tuple(net)
 
 
 def _standby(p: _Planner, idle: Mapping[str, Unit], decisions: list[Decision]) -> None:
@@ -422,6 +466,47 @@ def _sweep(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -> i
         heapq.heappush(heap, (-g * p.thrift(key), order, name, key))  # one more of it?
         order += 1
     return added
+
+
+def _headroom(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -> None:
+    """Spend memory the greedy left free on spare replicas of the busiest services.
+
+    The estimates size each service for its observed bursts; arrivals can still outrun
+    them (a burst longer than the window, a diurnal rise between two decisions), and
+    memory left empty serves nobody. Rounds over the services whose units offer less
+    than ``headroom_factor`` times their burst rate, the most loaded first, each adding
+    at most one replica per round where it meets its SLO and costs its neighbours
+    nothing by the estimates; routing sends work there only when it is the quickest
+    place to finish. Once a service has that much capacity, later decisions add none.
+    """
+    def short(svc: _Service) -> float:
+        capacity = sum(u.perf.capacity_hz for u in svc.units if u.slack_s > 0)
+        return config.headroom_factor * svc.demand.load_hz / capacity if capacity else 0.0
+
+    for _ in range(config.headroom):
+        busy = sorted((svc for svc in p.services.values()
+                       if svc.units and svc.demand.rate_hz > 0 and short(svc) > 1
+                       and not svc.allocation.mode.startswith("pipeline")),
+                      key=lambda s: (-short(s), s.spec.name))
+        for svc in busy:
+            if len(svc.units) >= config.max_units_per_service:
+                continue
+            best: tuple[float, _Live] | None = None
+            for rep in p.reps:
+                if rep.mem_mb < svc.spec.memory_mb:
+                    continue
+                found = p.replica(svc, rep.profile_key())
+                if found is None or found.slack_s <= 0 or \
+                        load_time_s(found.unit, config) >= config.horizon_s:
+                    continue  # useless, or it could not load before the horizon ends
+                g = p.gain(svc, found)
+                if g >= 0 and (best is None or g > best[0]):
+                    best = (g, found)
+            if best is None:
+                continue
+            p.commit(svc, [*svc.units, best[1]])
+            decisions.append(Decision("add", best[1].unit.id, best[0],
+                                      "spare memory: headroom for bursts"))
 
 
 def _prune(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -> None:

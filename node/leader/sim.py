@@ -17,7 +17,6 @@ models on one accelerator).
 from __future__ import annotations
 
 import heapq
-import itertools
 import json
 import math
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from epara.node.leader.allocate import DEFAULT_BATCH
+from epara.node.leader.demand import WINDOW_S, observe
 from epara.node.leader.estimate import StageCost, stage_cost, unit_perf
 from epara.node.leader.model import (
     ClusterState,
@@ -558,7 +558,7 @@ def simulate(system: str, requests: Sequence[Request], services: Mapping[str, Se
         elif kind == 5:
             sim.known_dead.update(config.fail)
         elif kind == 6:
-            demand = _demand(seen, tokens, t, config.period_s)
+            demand = _demand(seen, tokens, t, WINDOW_S)
             started = time.perf_counter()
             placement, _ = schedule(sim.current_placement(placement.version),
                                     sim.cluster_state(), demand, services, t, sched)
@@ -594,23 +594,16 @@ def demand_of(requests: Sequence[Request], start: float, end: float
 
 
 def _demand(seen: dict[str, list[float]], tokens: dict[str, list[int]], now: float,
-            period: float) -> dict[str, ServiceDemand]:
+            window_s: float) -> dict[str, ServiceDemand]:
+    """What the leader would observe: ``observe`` over each service's recent arrivals
+    (older ones are dropped from ``seen`` as they leave the window)."""
     out = {}
     for name, times in seen.items():
-        recent = [t for t in times if t > now - period]
-        seen[name] = recent
-        if not recent:
-            continue
-        gaps = [b - a for a, b in itertools.pairwise(recent)]
-        cv = 1.0
-        if len(gaps) > 2:
-            mean = sum(gaps) / len(gaps)
-            var = sum((g - mean) ** 2 for g in gaps) / len(gaps)
-            cv = math.sqrt(var) / mean if mean > 0 else 1.0
-        toks = tokens[name]
-        out[name] = ServiceDemand(len(recent) / period, cv,
-                                  sum(toks) / len(toks) if toks else None)
-        tokens[name] = toks[-200:]
+        seen[name] = [t for t in times if t > now - window_s]
+        observed = observe(seen[name], now, window_s, tokens[name])
+        tokens[name] = tokens[name][-200:]
+        if observed is not None:
+            out[name] = observed
     return out
 
 
