@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--nodes", type=int, default=3, help="node processes (hosts)")
     demo.add_argument("--seconds", type=float, default=20.0,
                       help="length of the workload, per policy")
-    demo.add_argument("--load", type=float, default=1.0,
+    demo.add_argument("--load", type=float, default=2.0,
                       help="scale the workload's rates")
     demo.add_argument("--out", type=Path, default=Path("epara-demo"),
                       help="where the plot, report and mask go")

@@ -100,12 +100,16 @@ def where_to_run(loopback: bool) -> tuple[bool, str]:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+def _signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM, and SIGINT even where the shell started us ignoring it (a background job),
+    raise KeyboardInterrupt: the demo then stops what it started."""
+    previous = {s: signal.signal(s, signal.default_int_handler)
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @contextlib.contextmanager
@@ -127,7 +131,7 @@ def _maybe_bed(use: bool, nodes: int) -> Iterator[EmulatedBed | None]:
 
 
 def run_demo(nodes: int = 3, seconds: float = 20.0, out_dir: Path = Path("epara-demo"),
-             store: Path | None = None, loopback: bool = False, load: float = 1.0) -> int:
+             store: Path | None = None, loopback: bool = False, load: float = 2.0) -> int:
     from epara.models.store import ModelStore
 
     began = time.monotonic()
@@ -136,7 +140,7 @@ def run_demo(nodes: int = 3, seconds: float = 20.0, out_dir: Path = Path("epara-
     model_store = ModelStore(store)
     print(f"epara demo: {nodes} nodes as {why}")
     try:
-        with _sigterm_as_interrupt():
+        with _signals_as_interrupt():
             return _run(nodes, seconds, out_dir, model_store, use_bed, load, console, began)
     except RuntimeError as exc:
         print(f"\nerror: {exc}\nevery node stopped"
@@ -198,12 +202,16 @@ def _run(nodes: int, seconds: float, out_dir: Path, model_store: ModelStore, use
     for line in table_lines(results, summary):
         console.line(line)
     plot = out_dir / "goodput.png"
-    plot_results(results, plot, f"epara demo: {nodes} nodes ({where})")
+    try:
+        plot_results(results, plot, f"epara demo: {nodes} nodes ({where})")
+    except ImportError:
+        console.line("no plot: matplotlib is not installed (pip install 'epara[bench]')")
     (out_dir / "report.json").write_text(json.dumps(
         {"nodes": nodes, "emulated": use_bed, "seconds": seconds, "requests": len(trace),
          **summary, "placement": {r.policy: r.placement for r in results}}, indent=2))
-    print(f"6. wrote {plot}, {out_dir / 'report.json'}, {out_dir / 'mask.png'} and "
-          f"{out_dir / 'overlay.png'} ({written.get('mask', 'no mask')})", flush=True)
+    print(f"6. wrote {plot if plot.exists() else 'no plot'}, {out_dir / 'report.json'}, "
+          f"{out_dir / 'mask.png'} and {out_dir / 'overlay.png'} "
+          f"({written.get('mask', 'no mask')})", flush=True)
     print(f"7. stopped every node{', removed namespaces and cgroups' if use_bed else ''}; "
           f"nothing left running (demo took {time.monotonic() - began:.0f} s)", flush=True)
     return 0

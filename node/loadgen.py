@@ -517,6 +517,7 @@ def plot_results(results: Sequence[PolicyResult], path: Path, title: str) -> Non
         axes[2].plot(times, rates, marker=".", label=r.policy)
     axes[2].set_xlabel("time into the workload (s)")
     axes[2].set_ylabel("goodput (within SLO / s)")
+    axes[2].set_ylim(bottom=0)
     axes[2].legend()
     fig.suptitle(title)
     fig.tight_layout()
