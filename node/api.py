@@ -404,10 +404,13 @@ class LocalApi:
             service.cancel(seq_id)
             raise
         elapsed = time.monotonic() - request.received
+        usage: dict[str, Any] = {"completion_tokens": tokens,
+                                 "elapsed_ms": round(elapsed * 1000, 3)}
+        prompt_tokens = await asyncio.to_thread(service.prompt_tokens, prompt, messages)
+        if prompt_tokens is not None:
+            usage["prompt_tokens"] = prompt_tokens
         await reply({"id": request.id, "ok": True, "event": "done",
-                     "finish_reason": finish_reason,
-                     "usage": {"completion_tokens": tokens,
-                               "elapsed_ms": round(elapsed * 1000, 3)}})
+                     "finish_reason": finish_reason, "usage": usage})
 
 
 async def _await_result(request: Request, future: Future[InferResult]) -> InferResult:

@@ -153,13 +153,20 @@ def _parser() -> argparse.ArgumentParser:
     _socket_arg(gen)
     gen.set_defaults(run=_cmd_generate)
 
-    demo = sub.add_parser("demo", help="run a small cluster on this machine with a workload")
-    demo.add_argument("--nodes", type=int, default=3)
-    demo.add_argument("--seconds", type=float, default=15.0)
-    demo.add_argument("--out", type=Path, default=Path("epara-demo"))
-    demo.add_argument("--store", type=Path)
-    demo.set_defaults(run=lambda a: __import__("epara.node.demo", fromlist=["run_demo"])
-                      .run_demo(a.nodes, a.seconds, a.out, a.store))
+    demo = sub.add_parser("demo", help="a small cluster on this machine: the LLM and "
+                          "segmentation under a workload, epara vs a baseline")
+    demo.add_argument("--nodes", type=int, default=3, help="node processes (hosts)")
+    demo.add_argument("--seconds", type=float, default=20.0,
+                      help="length of the workload, per policy")
+    demo.add_argument("--load", type=float, default=2.0,
+                      help="scale the workload's rates")
+    demo.add_argument("--out", type=Path, default=Path("epara-demo"),
+                      help="where the plot, report and mask go")
+    demo.add_argument("--store", type=Path, help="the model store (default: "
+                      "$EPARA_MODEL_STORE or ~/.cache/epara/models)")
+    demo.add_argument("--loopback", action="store_true", help="loopback processes even "
+                      "as root (no namespace hosts with emulated device classes)")
+    demo.set_defaults(run=_cmd_demo)
 
     doctor = sub.add_parser("doctor", help="why a node is not discovered or cannot join")
     doctor.add_argument("--cluster", type=Path, help="credentials directory (default: "
@@ -493,6 +500,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             print(f"  {stages:<40} batch {unit.max_batch:<3} {state}")
         print(f"  why: {plan.reason}")
     return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from epara.node.demo import run_demo
+
+    if args.nodes < 2 or args.seconds <= 0 or args.load <= 0:
+        raise SystemExit("epara demo: --nodes must be at least 2, --seconds and --load "
+                         "positive")
+    return run_demo(args.nodes, args.seconds, args.out, args.store, args.loopback,
+                    args.load)
 
 
 def _cmd_bench_goodput(args: argparse.Namespace) -> int:

@@ -109,6 +109,17 @@ class GenerationService:
     def cancel(self, seq_id: str) -> None:
         self._commands.put(("cancel", seq_id))
 
+    def prompt_tokens(self, prompt: str | None, messages: list[dict] | None) -> int | None:
+        """How many tokens the prompt (or the chat rendered by the model's template) is,
+        or None when the engine cannot say. Safe from any thread (the tokenizer is)."""
+        encode = getattr(self.engine, "encode", None)
+        if encode is None:
+            return None
+        try:
+            return len(encode(prompt=prompt, messages=messages))
+        except (ValueError, KeyError, TypeError, RuntimeError):
+            return None
+
     def stats(self) -> dict[str, Any]:
         return {
             "model": self.manifest.name,

@@ -282,9 +282,13 @@ class _Chat:
 
 
 def _usage(done: dict[str, Any]) -> dict[str, Any]:
-    # The generate op reports only the completion's tokens; the prompt is not counted.
-    completion = int((done.get("usage") or {}).get("completion_tokens", 0))
-    return {"completion_tokens": completion}
+    """OpenAI's usage from the generate op's ``done`` event (prompt tokens: the chat as
+    the model's template renders it, tokenized)."""
+    usage = done.get("usage") or {}
+    completion = int(usage.get("completion_tokens", 0))
+    prompt = int(usage.get("prompt_tokens", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 def _finish_reason(reason: Any) -> str:

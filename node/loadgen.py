@@ -1,13 +1,16 @@
 """Goodput on a real cluster: replay a trace against node processes under each placement
-policy, in one run (``epara bench goodput --real``).
+policy (``epara bench goodput --real``, and the workload part of ``epara demo``).
 
 For each policy (epara's scheduler, and the simulator's baseline strategies, selected on
 the leader with ``--placement-policy``) it starts a fresh cluster of node processes on
-this machine (loopback), waits until the leader has placed every service of the trace,
-replays the trace (JSONL, docs/trace-format.md) open-loop — each request is sent at its
-time to its origin node, whatever happened to earlier ones — and counts the requests
-answered within their SLO. Routing is epara's on every policy; only placement differs.
-The same trace, nodes and models serve every policy.
+this machine — loopback processes, or processes inside the namespace hosts of an
+``EmulatedBed`` (``node/testbed.py``) — waits until they form one cluster and the leader
+has placed every service of the trace, replays the trace (JSONL, docs/trace-format.md)
+open-loop — each request is sent at its time to its origin node, whatever happened to
+earlier ones — and counts the requests answered within their SLO. Routing is epara's on
+every policy; only placement differs. The same trace, nodes and models serve every
+policy. The driver runs in the caller's process: node sockets are Unix sockets on the
+shared filesystem, so it reaches nodes inside namespaces too.
 """
 
 from __future__ import annotations
@@ -15,21 +18,25 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from epara.node.client import Client, Done, EparaError, NodeUnreachable
 from epara.node.leader.workloads import Request
+
+if TYPE_CHECKING:
+    from epara.node.testbed import EmulatedBed
 
 REAL_POLICIES = ("epara", "one-replica", "replicate-all")
 # The shipped models a built-in trace uses, with the SLO each request carries.
@@ -37,12 +44,14 @@ BUILTIN_SLO_MS = {"selfie-seg": 150.0, "minilm": 400.0, "text-det": 2500.0,
                   "smollm2-135m": 6000.0}
 
 
-def builtin_trace(seconds: float, nodes: int, seed: int = 0,
-                  load: float = 1.0) -> list[Request]:
+def builtin_trace(seconds: float, nodes: int, seed: int = 0, load: float = 1.0,
+                  services: Collection[str] | None = None) -> list[Request]:
     """A production-like mix over the shipped models: camera streams (selfie-seg at a
     steady 10 fps each, 2 streams at load 1), bursty embedding lookups (minilm, on/off),
     occasional document pages (text-det) and chat turns (smollm2-135m, 16 tokens).
-    ``load`` scales every rate (and the number of streams)."""
+    ``load`` scales every rate (and the number of streams); ``services`` keeps only those
+    services (the others' requests are drawn all the same, so a subset is the same
+    subset of the full trace)."""
     rng = np.random.default_rng(seed)
     out: list[Request] = []
     for stream in range(max(1, round(2 * load))):  # steady streams: frequency-sensitive
@@ -64,7 +73,8 @@ def builtin_trace(seconds: float, nodes: int, seed: int = 0,
             out.append(Request(t, service, BUILTIN_SLO_MS[service], output_tokens=tokens,
                                origin=int(rng.integers(nodes))))
             t += rng.exponential(1 / rate)
-    return sorted((r for r in out if r.t < seconds), key=lambda r: r.t)
+    kept = (r for r in out if r.t < seconds and (services is None or r.service in services))
+    return sorted(kept, key=lambda r: r.t)
 
 
 @dataclass
@@ -74,6 +84,7 @@ class Outcome:
     within_slo: bool
     latency_ms: float
     error: str = ""
+    sent_s: float = 0.0  # when it was due, seconds into the trace
 
 
 @dataclass
@@ -88,6 +99,49 @@ class PolicyResult:
 
     def attainment(self) -> float:
         return sum(o.within_slo for o in self.outcomes) / max(1, len(self.outcomes))
+
+    def goodput_over_time(self, bin_s: float = 1.0) -> tuple[list[float], list[float]]:
+        """Requests within SLO per second, by the second they were sent in."""
+        bins = max(1, int(np.ceil(self.seconds / bin_s)))
+        counts = [0] * bins
+        for o in self.outcomes:
+            if o.within_slo:
+                counts[min(bins - 1, int(o.sent_s / bin_s))] += 1
+        return [(i + 0.5) * bin_s for i in range(bins)], [c / bin_s for c in counts]
+
+
+class Live:
+    """Running counts of a replay, for a progress display (any thread may read)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.sent = 0
+        self.answered = 0
+        self.within_slo = 0
+        self._lock = threading.Lock()
+
+    def on_sent(self) -> None:
+        with self._lock:
+            self.sent += 1
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.answered += 1
+            self.within_slo += outcome.within_slo
+
+
+class Watch:
+    """Where a run reports what it is doing: ``line`` a lasting line, ``status`` a
+    transient one (a live progress line). This one says nothing."""
+
+    def line(self, text: str) -> None:
+        pass
+
+    def status(self, text: str) -> None:
+        pass
+
+
+QUIET = Watch()
 
 
 class _Inputs:
@@ -113,9 +167,10 @@ class _Inputs:
 
 
 def replay(trace: Sequence[Request], sockets: Sequence[Path], inputs: _Inputs,
-           workers: int = 16) -> tuple[list[Outcome], float]:
+           workers: int = 16, live: Live | None = None) -> tuple[list[Outcome], float]:
     """Send every request at its time (open loop) and time its answer."""
     local = threading.local()
+    opened: list[Client] = []
 
     def client_for(origin: int) -> Client:
         clients = getattr(local, "clients", None)
@@ -123,6 +178,7 @@ def replay(trace: Sequence[Request], sockets: Sequence[Path], inputs: _Inputs,
             clients = local.clients = {}
         if origin not in clients:
             clients[origin] = Client(sockets[origin], timeout=60)
+            opened.append(clients[origin])
         return clients[origin]
 
     def run(request: Request, due: float) -> Outcome:
@@ -130,42 +186,151 @@ def replay(trace: Sequence[Request], sockets: Sequence[Path], inputs: _Inputs,
         try:
             inputs.send(client_for(origin), request)
         except (EparaError, NodeUnreachable) as exc:
-            return Outcome(request.service, False, False, (time.monotonic() - due) * 1000,
-                           exc.code)
-        latency = (time.monotonic() - due) * 1000
-        return Outcome(request.service, True, latency <= request.slo_ms, latency)
+            outcome = Outcome(request.service, False, False,
+                              (time.monotonic() - due) * 1000, exc.code, request.t)
+        else:
+            latency = (time.monotonic() - due) * 1000
+            outcome = Outcome(request.service, True, latency <= request.slo_ms, latency,
+                              sent_s=request.t)
+        if live is not None:
+            live.on_outcome(outcome)
+        return outcome
 
     start = time.monotonic()
+    if live is not None:
+        live.started = start
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
     futures = []
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    try:
         for request in trace:
             due = start + request.t
             delay = due - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             futures.append(pool.submit(run, request, due))
+            if live is not None:
+                live.on_sent()
         outcomes = [f.result() for f in futures]
+    finally:
+        # On an interrupt, queued requests are dropped at once; those in flight end when
+        # the caller stops the nodes (their sockets close).
+        pool.shutdown(wait=False, cancel_futures=True)
+        for client in opened:
+            with contextlib.suppress(Exception):
+                client.close()
     return outcomes, max((r.t for r in trace), default=0.0)
 
 
-def _start_cluster(policy: str, work: Path, store: Path, nodes: int,
-                   credentials: Path) -> list[tuple[subprocess.Popen[bytes], Path]]:
+# --- clusters ---------------------------------------------------------------------------
+
+@dataclass
+class NodeProc:
+    name: str
+    socket: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def start_cluster(policy: str, work: Path, store: Path, nodes: int, credentials: Path,
+                  bed: EmulatedBed | None = None,
+                  services: Collection[str] = ()) -> list[NodeProc]:
+    """``nodes`` node processes with ``--placement-policy policy``: on loopback, or one
+    per host of ``bed`` (inside its namespace and cgroup, with its class's threads and
+    memory budget; ``nodes`` is then the bed's size). ``services``: serve only these
+    models of the store (default: all)."""
     started = []
-    for i in range(nodes):
-        sock = work / f"{policy}-n{i}" / "node.sock"
-        log = work / f"{policy}-n{i}.log"
-        command = [sys.executable, "-m", "epara.node.cli", "--log-level", "info", "node",
-                   "--store", str(store), "--socket", str(sock), "--cluster",
-                   str(credentials), "--node-id", f"{policy}-n{i}", "--interface",
-                   "127.0.0.1", "--port", "0", "--threads", "1",
-                   "--placement-policy", policy]
+    count = len(bed.specs) if bed is not None else nodes
+    for i in range(count):
+        name = f"{policy}-n{i}"
+        sock = work / name / "node.sock"
+        log = work / f"{name}.log"
+        if bed is None:
+            prefix: list[str] = []
+            where = ["--interface", "127.0.0.1", "--threads", "1"]
+        else:
+            prefix = bed.prefix(i)
+            where = ["--interface", bed.ip(i), *bed.node_args(i)]
+        command = [*prefix, sys.executable, "-m", "epara.node.cli", "--log-level", "info",
+                   "node", "--store", str(store), "--socket", str(sock), "--cluster",
+                   str(credentials), "--node-id", name, "--port", "0", *where,
+                   "--placement-policy", policy,
+                   *(arg for name in sorted(services) for arg in ("--model", name))]
         with open(log, "wb") as out:
-            started.append((subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                             start_new_session=True), sock))
+            # Own session: Ctrl-C in a terminal reaches the driver only, which then stops
+            # the nodes in order instead of having them killed mid-write.
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        started.append(NodeProc(name, sock, process, log))
     return started
 
 
-def _wait_placed(sock: Path, services: set[str], timeout: float) -> dict[str, Any]:
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait while the body (a clean-up) runs, then take effect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda n, _f: pending.append(n))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            raise KeyboardInterrupt
+
+
+def stop_cluster(nodes: Sequence[NodeProc]) -> None:
+    with shielded():
+        for node in nodes:
+            if node.process.poll() is None:
+                node.process.terminate()
+        for node in nodes:
+            try:
+                node.process.wait(10)
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait()
+
+
+def _check_running(nodes: Sequence[NodeProc]) -> None:
+    for node in nodes:
+        if node.process.poll() is not None:
+            tail = node.log.read_text(errors="replace")[-2000:] if node.log.exists() else ""
+            raise RuntimeError(f"node {node.name} exited with {node.process.returncode}; "
+                               f"its log ({node.log}) ends:\n{tail}")
+
+
+def _cluster_view(sock: Path) -> dict[str, Any] | None:
+    with contextlib.suppress(NodeUnreachable, EparaError, KeyError), \
+            Client(sock, timeout=5) as client:
+        return client.status()["cluster"]
+    return None
+
+
+def wait_cluster(nodes: Sequence[NodeProc], timeout: float,
+                 watch: Watch = QUIET) -> dict[str, Any]:
+    """Until every node sees every other one and all agree on one leader."""
+    names = {n.name for n in nodes}
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        _check_running(nodes)
+        views = [_cluster_view(n.socket) if n.socket.exists() else None for n in nodes]
+        seen = [{m["node_id"] for m in v["members"]} if v else set() for v in views]
+        leaders = {v["leader"] for v in views if v}
+        watch.status(f"discovering: {min(len(s) for s in seen)}/{len(nodes)} members seen "
+                     f"by every node, leader {', '.join(sorted(map(str, leaders))) or '-'}")
+        if all(s == names for s in seen) and len(leaders) == 1 and None not in leaders:
+            assert views[0] is not None
+            return views[0]
+        time.sleep(0.25)
+    raise RuntimeError(f"the cluster did not form in {timeout:.0f} s")
+
+
+def _wait_placed(sock: Path, services: set[str], timeout: float,
+                 watch: Watch = QUIET) -> dict[str, Any]:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         with contextlib.suppress(EparaError, NodeUnreachable, KeyError, TypeError), \
@@ -173,6 +338,8 @@ def _wait_placed(sock: Path, services: set[str], timeout: float) -> dict[str, An
             status = client.status()
             ready = {u.split("@")[0] for m in status["cluster"]["members"]
                      for u in (m.get("state") or {}).get("ready") or ()}
+            watch.status(f"placing: ready {', '.join(sorted(services & ready)) or '-'} "
+                         f"of {', '.join(sorted(services))}")
             if services <= ready:
                 return status["plan"]["placement"]
         time.sleep(0.3)
@@ -185,40 +352,114 @@ def _leader_socket(sockets: Sequence[Path]) -> Path:
     return next((s for s in sockets if s.parent.name == leader), sockets[0])
 
 
+def placement_lines(placement: dict[str, Any]) -> list[str]:
+    """The leader's placement, one line per service: category, mode and its units (each
+    a replica on one node or a pipeline's stages, node+node)."""
+    lines = []
+    for plan in placement.get("services", []):
+        units = ", ".join("+".join(str(stage[0]) for stage in unit["stages"])
+                          for unit in plan["units"]) or "-"
+        lines.append(f"{plan['service']:<13} {plan.get('category', '?'):<16} "
+                     f"{plan.get('mode', '?'):<10} {len(plan['units'])} unit(s): {units}")
+    return lines
+
+
 def run_policy(policy: str, trace: Sequence[Request], store: Path, nodes: int,
-               inputs: _Inputs) -> PolicyResult:
+               inputs: _Inputs, bed: EmulatedBed | None = None, watch: Watch = QUIET,
+               after: Callable[[list[NodeProc]], None] | None = None) -> PolicyResult:
+    """One policy on a fresh cluster: start it, wait for the cluster and the placement,
+    replay ``trace``, read the final placement, call ``after`` with the running nodes,
+    and stop every node (also on an error or an interrupt)."""
     from epara.peer.security import create_cluster_credentials
 
     with tempfile.TemporaryDirectory(prefix=f"epara-goodput-{policy}-") as tmp:
         work = Path(tmp)
         create_cluster_credentials(work / "cluster")
-        cluster = _start_cluster(policy, work, store, nodes, work / "cluster")
+        services = {r.service for r in trace}
+        cluster = start_cluster(policy, work, store, nodes, work / "cluster", bed, services)
         try:
-            sockets = [sock for _, sock in cluster]
-            for process, sock in cluster:
-                end = time.monotonic() + 60
-                while not sock.exists() and process.poll() is None and \
-                        time.monotonic() < end:
-                    time.sleep(0.1)
+            sockets = [n.socket for n in cluster]
+            view = wait_cluster(cluster, 120, watch)
+            watch.line(f"cluster formed: {len(cluster)} nodes, leader {view['leader']}, "
+                       f"term {view['term']}")
             # Warm-up: one request per service makes the demand visible to the leader.
             warm = [Request(0.0, s, BUILTIN_SLO_MS.get(s, 5000.0) * 10, 4, origin=0)
                     for s in sorted({r.service for r in trace})]
             replay(warm, sockets, inputs)
-            _wait_placed(sockets[0], {r.service for r in trace}, 60)
-            outcomes, seconds = replay(trace, sockets, inputs)
+            placed = _wait_placed(sockets[0], services, 120, watch)
+            watch.line(f"placement v{placed.get('version')} ready:")
+            for line in placement_lines(placed):
+                watch.line(f"  {line}")
+            live = Live()
+            ticking = threading.Event()
+
+            def tick() -> None:
+                total = len(trace)
+                span = max((r.t for r in trace), default=0.0)
+                while not ticking.wait(0.5):
+                    elapsed = min(time.monotonic() - live.started, span)
+                    share = live.within_slo / max(1, live.answered) * 100
+                    watch.status(f"[{policy}] {elapsed:5.1f}/{span:.0f} s  sent "
+                                 f"{live.sent}/{total}  answered {live.answered}  within "
+                                 f"SLO {live.within_slo} ({share:.0f}%)")
+
+            ticker = threading.Thread(target=tick, daemon=True)
+            ticker.start()
+            try:
+                outcomes, seconds = replay(trace, sockets, inputs, live=live)
+            finally:
+                ticking.set()
+                ticker.join()
             # The leader's placement at the end of the run: what the load made of it.
-            leader = _leader_socket(sockets)
-            with Client(leader, timeout=10) as client:
+            with Client(_leader_socket(sockets), timeout=10) as client:
                 placement = client.status()["plan"]["placement"]
+            if after is not None:
+                after(cluster)
             return PolicyResult(policy, outcomes, seconds, placement)
         finally:
-            for process, _ in cluster:
-                process.terminate()
-            for process, _ in cluster:
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop_cluster(cluster)
+
+
+# --- reporting --------------------------------------------------------------------------
+
+def summarize(results: Sequence[PolicyResult]) -> dict[str, Any]:
+    """Per policy: goodput, SLO attainment, per service; epara against the best
+    baseline."""
+    baselines = [r for r in results if r.policy != "epara"]
+    epara = next((r for r in results if r.policy == "epara"), None)
+    best = max(baselines, key=PolicyResult.goodput) if baselines else None
+    systems = {}
+    for r in results:
+        per_service = {}
+        for s in sorted({o.service for o in r.outcomes}):
+            of = [o for o in r.outcomes if o.service == s]
+            answered = [o.latency_ms for o in of if o.ok]
+            per_service[s] = {"requests": len(of), "within_slo": sum(o.within_slo for o in of),
+                              "p50_ms": round(statistics.median(answered), 1)
+                              if answered else None}
+        systems[r.policy] = {
+            "goodput_hz": round(r.goodput(), 3), "slo_attainment": round(r.attainment(), 4),
+            "per_service": per_service,
+            "errors": sorted({o.error for o in r.outcomes if o.error})}
+    return {"systems": systems,
+            "best_baseline": best.policy if best else None,
+            "ratio_vs_best_baseline": round(epara.goodput() / best.goodput(), 3)
+            if epara and best and best.goodput() > 0 else None}
+
+
+def table_lines(results: Sequence[PolicyResult], summary: dict[str, Any]) -> list[str]:
+    lines = [f"{'policy':<15} {'goodput/s':>10} {'SLO%':>7}  per service (within SLO / sent, "
+             "p50 ms)"]
+    for r in results:
+        per = ", ".join(f"{s} {v['within_slo']}/{v['requests']} ({v['p50_ms']})"
+                        for s, v in summary["systems"][r.policy]["per_service"].items())
+        lines.append(f"{r.policy:<15} {r.goodput():>10.2f} {r.attainment() * 100:>6.1f}%  "
+                     f"{per}")
+    ratio = summary["ratio_vs_best_baseline"]
+    if summary["best_baseline"] is not None:
+        lines.append(f"epara / {summary['best_baseline']} goodput: "
+                     + (f"{ratio:.2f}x" if ratio is not None else "n/a (baseline goodput 0)"))
+    return lines
 
 
 def run_real_goodput(trace_path: Path | None, seconds: float, nodes: int,
@@ -235,66 +476,50 @@ def run_real_goodput(trace_path: Path | None, seconds: float, nodes: int,
         prepare(service, model_store)
     inputs = _Inputs(sample_photo(model_store).read_bytes())
     results = [run_policy(p, trace, model_store.root, nodes, inputs) for p in policies]
-    baselines = [r for r in results if r.policy != "epara"]
-    epara = next(r for r in results if r.policy == "epara")
-    best = max(baselines, key=PolicyResult.goodput) if baselines else None
+    summary = summarize(results)
     report: dict[str, Any] = {
         "emulated": False, "nodes": nodes, "requests": len(trace),
         "trace": str(trace_path) if trace_path else f"builtin, load {load:g}",
-        "routing": "epara (least expected completion) for every policy",
-        "systems": {r.policy: {
-            "goodput_hz": round(r.goodput(), 3), "slo_attainment": round(r.attainment(), 4),
-            "per_service": {s: {"requests": len(os_), "within_slo": sum(o.within_slo
-                                                                      for o in os_),
-                                "p50_ms": round(statistics.median(o.latency_ms
-                                                                  for o in os_), 1)}
-                            for s in sorted({o.service for o in r.outcomes})
-                            for os_ in [[o for o in r.outcomes if o.service == s]]},
-            "errors": sorted({o.error for o in r.outcomes if o.error})}
-            for r in results},
-        "ratio_vs_best_baseline": round(epara.goodput() / best.goodput(), 3)
-        if best and best.goodput() > 0 else None,
-    }
+        "routing": "epara (least expected completion) for every policy", **summary}
     if plot is not None:
-        _plot(results, plot)
+        plot_results(results, plot, "real cluster (node processes on one machine)")
         report["plot"] = str(plot)
     if json_out:
         return json.dumps(report, indent=2)
     lines = [f"real cluster: {nodes} node processes on this machine (loopback), "
              f"{len(trace)} requests ({report['trace']}) over {seconds:.0f} s; routing is "
-             "epara's for all",
-             f"{'policy':<15} {'goodput/s':>10} {'SLO%':>7}  per service (within SLO / sent)"]
+             "epara's for all", *table_lines(results, summary)]
     for r in results:
-        per = ", ".join(f"{s} {v['within_slo']}/{v['requests']}" for s, v in
-                        report["systems"][r.policy]["per_service"].items())
-        lines.append(f"{r.policy:<15} {r.goodput():>10.2f} {r.attainment() * 100:>6.1f}%  "
-                     f"{per}")
-    lines.append(f"epara vs best baseline: {report['ratio_vs_best_baseline']}x")
-    for r in results:
-        where = "; ".join(
-            f"{plan['service']} on " + ", ".join("+".join(st[0].rsplit("-", 1)[-1]
-                                                          for st in unit["stages"])
-                                                 for unit in plan["units"])
-            for plan in r.placement.get("services", []))
-        lines.append(f"  {r.policy} placement: {where}")
+        lines.append(f"  {r.policy} placement:")
+        lines += [f"    {line}" for line in placement_lines(r.placement)]
     return "\n".join(lines)
 
 
-def _plot(results: Sequence[PolicyResult], path: Path) -> None:
+def plot_results(results: Sequence[PolicyResult], path: Path, title: str) -> None:
+    """Goodput and SLO attainment per policy, and goodput over time (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8),
+                             gridspec_kw={"width_ratios": [1, 1, 1.6]})
     names = [r.policy for r in results]
     axes[0].bar(names, [r.goodput() for r in results], color="#3b7dd8")
     axes[0].set_ylabel("goodput (requests within SLO / s)")
     axes[1].bar(names, [r.attainment() * 100 for r in results], color="#5aa469")
     axes[1].set_ylabel("SLO attainment (%)")
-    for ax in axes:
+    axes[1].set_ylim(0, 100)
+    for ax in axes[:2]:
         ax.tick_params(axis="x", rotation=20)
-    fig.suptitle("real cluster (node processes on one machine)")
+    for r in results:
+        times, rates = r.goodput_over_time()
+        axes[2].plot(times, rates, marker=".", label=r.policy)
+    axes[2].set_xlabel("time into the workload (s)")
+    axes[2].set_ylabel("goodput (within SLO / s)")
+    axes[2].set_ylim(bottom=0)
+    axes[2].legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -79,11 +79,16 @@ def test_chat_completion_greedy_answers_paris(ai: Any) -> None:
     assert "Paris" in choice.message.content
     assert choice.finish_reason in ("stop", "length")
     assert 0 < answer.usage.completion_tokens <= 24
+    # The chat as the template renders it: system + user turns and the assistant header.
+    assert answer.usage.prompt_tokens > 10
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens \
+        + answer.usage.completion_tokens
 
 
 def test_streamed_chat_completion_matches_the_plain_one(ai: Any) -> None:
     params = {"model": MODEL, "messages": QUESTION, "temperature": 0, "max_tokens": 24}
-    plain = ai.chat.completions.create(**params).choices[0].message.content
+    plain_answer = ai.chat.completions.create(**params)
+    plain = plain_answer.choices[0].message.content
     chunks = list(ai.chat.completions.create(**params, stream=True,
                                              stream_options={"include_usage": True}))
     assert all(c.object == "chat.completion.chunk" for c in chunks)
@@ -93,6 +98,8 @@ def test_streamed_chat_completion_matches_the_plain_one(ai: Any) -> None:
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] in ("stop", "length") and not any(finishes[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert chunks[-1].usage.prompt_tokens == plain_answer.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == plain_answer.usage.completion_tokens
 
 
 def test_stream_is_server_sent_events_ending_with_done(node: dict[str, Any]) -> None:
