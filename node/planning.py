@@ -161,12 +161,21 @@ def measured_ms(members: Iterable[Any]) -> dict[str, dict[str, float]]:
 
 
 def demand(members: Iterable[Any]) -> dict[str, ServiceDemand]:
-    """Requests per second per service, summed over the nodes that received them."""
+    """Demand per service over the nodes that received its requests: rates and burst
+    rates add up (bursts on different nodes may coincide), the gaps' variability is
+    the largest any node saw."""
     rates: dict[str, float] = {}
+    peaks: dict[str, float] = {}
+    cvs: dict[str, float] = {}
     for member in members:
-        for name, rate in ((member.state or {}).get("demand") or {}).items():
-            rates[name] = rates.get(name, 0.0) + float(rate)
-    return {name: ServiceDemand(rate) for name, rate in rates.items()}
+        for name, seen in ((member.state or {}).get("demand") or {}).items():
+            if isinstance(seen, int | float):  # a node from before bursts were reported
+                seen = {"rate": seen, "peak": seen, "cv": 1.0}
+            rates[name] = rates.get(name, 0.0) + float(seen["rate"])
+            peaks[name] = peaks.get(name, 0.0) + float(seen.get("peak", seen["rate"]))
+            cvs[name] = max(cvs.get(name, 0.0), float(seen.get("cv", 1.0)))
+    return {name: ServiceDemand(rate, cvs[name], None, peaks[name])
+            for name, rate in rates.items()}
 
 
 def catalogue(members: Iterable[Any]) -> dict[str, dict[str, Any]]:

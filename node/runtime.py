@@ -29,6 +29,7 @@ from epara.models.manifest import Manifest
 from epara.node import planning
 from epara.node.dataplane import DataPlane, Endpoint
 from epara.node.generation import GenerationService
+from epara.node.leader.demand import WINDOW_S, observe
 from epara.node.leader.model import Placement, Unit
 from epara.node.leader.routing import route, targets_for
 from epara.node.leader.scheduler import SchedulerConfig, schedule
@@ -66,22 +67,27 @@ class _NotPlaced(Exception):
 
 
 class RateMeter:
-    """Requests per second per service over a sliding window, for the demand record."""
+    """Arrivals per service over a sliding window, summarised for the demand record."""
 
-    def __init__(self, window_s: float = 10.0) -> None:
+    def __init__(self, window_s: float = WINDOW_S) -> None:
         self.window_s = window_s
         self._arrivals: dict[str, list[float]] = {}
 
     def hit(self, service: str) -> None:
         self._arrivals.setdefault(service, []).append(time.monotonic())
 
-    def rates(self) -> dict[str, float]:
-        cutoff = time.monotonic() - self.window_s
+    def rates(self) -> dict[str, dict[str, float]]:
+        """Per service: mean rate, the rate its busy seconds reach, and how variable
+        the gaps between arrivals are (leader/demand.py)."""
+        now = time.monotonic()
         out = {}
         for name, times in self._arrivals.items():
-            times[:] = [t for t in times if t >= cutoff]
-            if times:
-                out[name] = round(len(times) / self.window_s, 3)
+            times[:] = [t for t in times if t > now - self.window_s]
+            seen = observe(times, now, self.window_s)
+            if seen is not None:
+                out[name] = {"rate": round(seen.rate_hz, 3),
+                             "peak": round(seen.peak_hz or seen.rate_hz, 3),
+                             "cv": round(seen.cv, 3)}
         return out
 
 

@@ -41,7 +41,7 @@ from epara.node.leader.model import (
     Stage,
     Unit,
 )
-from epara.node.leader.partition import partition
+from epara.node.leader.partition import Partition, partition
 
 NO_DEMAND = ServiceDemand(0.0)
 
@@ -120,6 +120,7 @@ class _Planner:
         self.perf_cache: dict[tuple[Any, ...], UnitPerf] = {}
         self.batch_cache: dict[tuple[Any, ...], int] = {}
         self.no_pipeline: set[str] = set()  # services no device set can host this call
+        self.pipeline_cache: dict[tuple[Any, ...], Partition | None] = {}
         self.services: dict[str, _Service] = {}
         for name in sorted(services):
             spec = services[name]
@@ -314,10 +315,23 @@ class _Planner:
             room = self.config.pipeline_pool - len(pool)
             if room <= 0:
                 break
-            ids = self.pick(rep.profile_key(), smallest, min(room, per_group))
-            pool += [self.devices[i] for i in ids]
-        plan = partition(svc.spec, pool, self.free, objective, svc.allocation.max_batch,
-                         self.config.max_stages, self.config.max_cuts, memory_steps=16)
+            # The roomiest devices: stages are big, and devices with all their memory
+            # free look alike to the partitioner (one group), which keeps it fast.
+            ids = sorted((i for i in self.groups[rep.profile_key()]
+                          if self.free[i] >= smallest),
+                         key=lambda i: (-self.free[i], round(self.util[i], 2), i))
+            pool += [self.devices[i] for i in ids[:min(room, per_group)]]
+        # The same model over the same pool with the same free memory gives the same
+        # plan: fine-tunes of one base model share it, and later sweeps often offer
+        # exactly the pool an earlier one did.
+        key = (repr(replace(svc.spec, name="")), objective, svc.allocation.max_batch,
+               tuple((d.id, self.free[d.id]) for d in pool))
+        if key in self.pipeline_cache:
+            plan = self.pipeline_cache[key]
+        else:
+            plan = partition(svc.spec, pool, self.free, objective, svc.allocation.max_batch,
+                             self.config.max_stages, self.config.max_cuts, memory_steps=64)
+            self.pipeline_cache[key] = plan
         if plan is None:
             # Memory only shrinks while the sweeps add units: no later try would fit.
             self.no_pipeline.add(svc.spec.name)
