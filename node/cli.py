@@ -199,6 +199,9 @@ def _parser() -> argparse.ArgumentParser:
     goodput.add_argument("--seconds", type=float, default=30.0,
                          help="with --real: length of the built-in trace")
     goodput.add_argument("--nodes", type=int, default=3, help="with --real: node processes")
+    goodput.add_argument("--bed", help="with --real: run the nodes on an EMULATED bed of "
+                         "namespace hosts of these device classes (comma list of server, "
+                         "jetson, pi; needs root) instead of loopback")
     goodput.add_argument("--load", type=float, default=1.0,
                          help="with --real: scale the built-in trace's rates")
     goodput.add_argument("--policies", default=",".join(("epara", "one-replica",
@@ -517,7 +520,8 @@ def _cmd_bench_goodput(args: argparse.Namespace) -> int:
         from epara.node.loadgen import run_real_goodput
 
         print(run_real_goodput(args.trace, args.seconds, args.nodes, args.store, args.json,
-                               args.plot, args.policies.split(","), args.load))
+                               args.plot, args.policies.split(","), args.load,
+                               args.bed.split(",") if args.bed else ()))
         return 0
     from epara.node.leader.sim import run_goodput_bench
 

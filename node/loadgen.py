@@ -464,31 +464,51 @@ def table_lines(results: Sequence[PolicyResult], summary: dict[str, Any]) -> lis
 
 def run_real_goodput(trace_path: Path | None, seconds: float, nodes: int,
                      store: Path | None, json_out: bool, plot: Path | None,
-                     policies: Sequence[str] = REAL_POLICIES, load: float = 1.0) -> str:
+                     policies: Sequence[str] = REAL_POLICIES, load: float = 1.0,
+                     bed_classes: Sequence[str] = ()) -> str:
+    """Every policy on the same trace. ``bed_classes`` (device class names of
+    ``node/testbed.py``, one per host; needs root): the nodes run on an emulated bed
+    of namespace hosts, one fresh bed per policy; else loopback processes."""
     from epara.models.store import ModelStore
     from epara.models.zoo import prepare, sample_photo
     from epara.node.leader.workloads import read_trace
+    from epara.node.testbed import EmulatedBed, have_bed, host
 
+    if bed_classes:
+        why = have_bed()
+        if why is not None:
+            raise RuntimeError(f"no emulated bed here: {why}")
+        nodes = len(bed_classes)
     model_store = ModelStore(store)
     trace = read_trace(trace_path) if trace_path else builtin_trace(seconds, nodes,
                                                                     load=load)
     for service in sorted({r.service for r in trace}):
         prepare(service, model_store)
     inputs = _Inputs(sample_photo(model_store).read_bytes())
-    results = [run_policy(p, trace, model_store.root, nodes, inputs) for p in policies]
+    results = []
+    for policy in policies:
+        if bed_classes:
+            with EmulatedBed([host(c) for c in bed_classes]) as bed:
+                results.append(run_policy(policy, trace, model_store.root, nodes, inputs,
+                                          bed))
+        else:
+            results.append(run_policy(policy, trace, model_store.root, nodes, inputs))
     summary = summarize(results)
+    where = (f"EMULATED namespace hosts ({', '.join(bed_classes)}; CPU quotas and link "
+             "rates, no link delay)" if bed_classes else
+             f"{nodes} node processes on this machine (loopback)")
     report: dict[str, Any] = {
-        "emulated": False, "nodes": nodes, "requests": len(trace),
+        "emulated": bool(bed_classes), "where": where, "nodes": nodes,
+        "requests": len(trace),
         "trace": str(trace_path) if trace_path else f"builtin, load {load:g}",
         "routing": "epara (least expected completion) for every policy", **summary}
     if plot is not None:
-        plot_results(results, plot, "real cluster (node processes on one machine)")
+        plot_results(results, plot, f"real cluster: {where}")
         report["plot"] = str(plot)
     if json_out:
         return json.dumps(report, indent=2)
-    lines = [f"real cluster: {nodes} node processes on this machine (loopback), "
-             f"{len(trace)} requests ({report['trace']}) over {seconds:.0f} s; routing is "
-             "epara's for all", *table_lines(results, summary)]
+    lines = [f"real cluster: {where}, {len(trace)} requests ({report['trace']}) over "
+             f"{seconds:.0f} s; routing is epara's for all", *table_lines(results, summary)]
     for r in results:
         lines.append(f"  {r.policy} placement:")
         lines += [f"    {line}" for line in placement_lines(r.placement)]

@@ -124,6 +124,8 @@ def test_killing_a_stage_node_mid_stream_replays_without_wrong_or_repeated_token
             assert value == reference  # replayed, never wrong or repeated
         else:
             assert value.code and value.message  # a clear error
-    assert sum(kind == "ok" for kind, _, _ in outcomes) >= 8, [(k, getattr(v, "message", ""), round(e, 1)) for k, v, e in outcomes]
+    assert sum(kind == "ok" for kind, _, _ in outcomes) >= 8, [
+        (kind, getattr(value, "message", ""), round(elapsed, 1))
+        for kind, value, elapsed in outcomes]
     repaired = pipeline_units(cluster[clients[0]][1])
     assert repaired and all(victim not in devices for devices in repaired)
