@@ -115,6 +115,9 @@ class _Planner:
         self.hosted: dict[str, set[str]] = {d: set() for d in self.devices}
         # device -> service -> the longest step that service's units run there
         self.steps: dict[str, dict[str, float]] = {d: {} for d in self.devices}
+        # device -> its two longest steps of different services, (step, service):
+        # the longest one another service waits for is one of these
+        self.top_steps: dict[str, list[tuple[float, str]]] = {d: [] for d in self.devices}
         self.version = dict.fromkeys(self.devices, 0)
         self.heaps: dict[tuple[Any, ...], list[tuple[float, float, str, int]]] = {}
         self.perf_cache: dict[tuple[Any, ...], UnitPerf] = {}
@@ -157,8 +160,24 @@ class _Planner:
     def blocking(self, svc: _Service, unit: _Live) -> float:
         """How long a request of ``svc`` may wait for another service's step to end on
         one of ``unit``'s devices (steps are not preempted)."""
-        return max((step for d in unit.use for name, step in self.steps[d].items()
-                    if name != svc.spec.name), default=0.0)
+        name = svc.spec.name
+        worst = 0.0
+        for d in unit.use:
+            for step, owner in self.top_steps[d]:
+                if owner != name:
+                    worst = max(worst, step)
+                    break
+        return worst
+
+    def set_step(self, device: str, service: str, step: float | None) -> None:
+        """Record (None: forget) the longest step ``service`` runs on ``device``."""
+        steps = self.steps[device]
+        if step is None:
+            steps.pop(service, None)
+        else:
+            steps[service] = step
+        self.top_steps[device] = sorted(((v, k) for k, v in steps.items()),
+                                        reverse=True)[:2]
 
     def evaluate(self, svc: _Service, units: list[_Live],
                  shift: Mapping[str, float] | None = None
@@ -203,7 +222,7 @@ class _Planner:
         # Its steps also block the neighbours while they run.
         saved = {d: self.steps[d].get(svc.spec.name) for d in candidate.steps}
         for d, step in candidate.steps.items():
-            self.steps[d][svc.spec.name] = max(step, saved[d] or 0.0)
+            self.set_step(d, svc.spec.name, max(step, saved[d] or 0.0))
         try:
             for name in sorted({n for d in candidate.unit.devices for n in self.hosted[d]}):
                 if name != svc.spec.name:
@@ -211,10 +230,7 @@ class _Planner:
                     gain += self.evaluate(other, other.units, shift)[0] - other.goodput
         finally:
             for d, step in saved.items():
-                if step is None:
-                    del self.steps[d][svc.spec.name]
-                else:
-                    self.steps[d][svc.spec.name] = step
+                self.set_step(d, svc.spec.name, step)
         return gain
 
     # --- device choice -------------------------------------------------------------
@@ -267,10 +283,11 @@ class _Planner:
                 self.free[s.device] -= s.memory_mb
                 self.hosted[s.device].add(svc.spec.name)
         for d in {d for u in svc.units for d in u.steps}:
-            self.steps[d].pop(svc.spec.name, None)
+            self.set_step(d, svc.spec.name, None)
         for u in units:
             for d, step in u.steps.items():
-                self.steps[d][svc.spec.name] = max(step, self.steps[d].get(svc.spec.name, 0.0))
+                self.set_step(d, svc.spec.name,
+                              max(step, self.steps[d].get(svc.spec.name, 0.0)))
         goodput, contrib, rates = self.evaluate(svc, units)
         for d in old_devices | set(contrib):
             self.util[d] += contrib.get(d, 0.0) - svc.contrib.get(d, 0.0)
@@ -322,9 +339,11 @@ class _Planner:
                          key=lambda i: (-self.free[i], round(self.util[i], 2), i))
             pool += [self.devices[i] for i in ids[:min(room, per_group)]]
         # The same model over the same pool with the same free memory gives the same
-        # plan: fine-tunes of one base model share it, and later sweeps often offer
-        # exactly the pool an earlier one did.
-        key = (repr(replace(svc.spec, name="")), objective, svc.allocation.max_batch,
+        # plan (the partitioner reads neither the name nor the answer length):
+        # fine-tunes of one base model share it, and later sweeps often offer exactly
+        # the pool an earlier one did.
+        key = (repr(replace(svc.spec, name="", mean_output_tokens=0.0)), objective,
+               svc.allocation.max_batch,
                tuple((d.id, self.free[d.id]) for d in pool))
         if key in self.pipeline_cache:
             plan = self.pipeline_cache[key]
