@@ -121,10 +121,10 @@ def choose_batch(spec: ServiceSpec, allocation: Allocation,
                  perf_at: Callable[[int], UnitPerf]) -> int:
     """The batch limit of one unit, from ``perf_at(batch)`` (its estimates at a batch).
 
-    Latency rule: the largest power of two keeping a request at full batches within
-    ``LATENCY_BATCH_SHARE`` of its deadline. Throughput rule: grow while a doubled batch
-    still fits ``STREAM_BATCH_SHARE`` of the deadline and adds ``STREAM_BATCH_GAIN`` to
-    capacity, so accelerators batch deeply and CPUs (no gain) stay small.
+    Both rules double the batch while the doubled one still adds ``STREAM_BATCH_GAIN``
+    to capacity (accelerators batch deeply, CPUs with no gain stay at 1) and keeps a
+    request at full batches within a share of its deadline: ``LATENCY_BATCH_SHARE``
+    (latency rule) or ``STREAM_BATCH_SHARE`` (throughput rule, streams).
     """
     if allocation.batch_rule == "fixed":
         return allocation.max_batch
@@ -136,8 +136,9 @@ def choose_batch(spec: ServiceSpec, allocation: Allocation,
         bigger = perf_at(batch * 2)
         if bigger.full_latency_s > budget:
             break
-        if allocation.batch_rule == "throughput" and \
-                bigger.capacity_hz < perf.capacity_hz * STREAM_BATCH_GAIN:
+        if bigger.capacity_hz < perf.capacity_hz * STREAM_BATCH_GAIN:
+            # No throughput for it (a CPU already uses every core on one input): a
+            # bigger batch would only make each step, and what waits behind it, longer.
             break
         batch, perf = batch * 2, bigger
     return batch

@@ -59,8 +59,8 @@ class SchedulerConfig:
     max_cuts: int = 16  # cut points the partitioner considers (evenly spaced)
     standby: bool = True  # keep one replica of an idle service where memory is free
     sweeps: int = 3  # greedy passes at most per decision
-    headroom: int = 2  # spare-memory replicas added at most per service and decision
-    headroom_factor: float = 2.0  # ... while its units offer less than this x its bursts
+    headroom: int = 4  # spare-memory replicas added at most per service and decision
+    headroom_factor: float = 4.0  # ... while its units offer less than this x its bursts
 
 
 @dataclass(frozen=True)
@@ -314,7 +314,10 @@ class _Planner:
         return Unit(svc.spec.name, stages, batch)
 
     def replica(self, svc: _Service, key: tuple[Any, ...]) -> _Live | None:
-        device = self.pick(key, svc.spec.memory_mb)
+        # One replica of a service per device: a second would share the first's
+        # device time, and nodes load each model once (a unit is service@device).
+        hosting = frozenset(d for u in svc.units for d in u.unit.devices)
+        device = self.pick(key, svc.spec.memory_mb, exclude=hosting)
         if not device:
             return None
         return self.live(svc, self.batched(svc, (Stage(
