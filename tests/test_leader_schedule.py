@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from epara.node.leader.allocate import DEFAULT_BATCH
+from epara.node.leader.demand import observe
 from epara.node.leader.model import (
     ClusterState,
     DeviceState,
     Placement,
     ServiceDemand,
+    ServicePlan,
+    ServiceSpec,
     Stage,
     Unit,
 )
 from epara.node.leader.routing import Target, route, targets_for
 from epara.node.leader.scheduler import SchedulerConfig, schedule
-from epara.node.leader.workloads import catalogue, fleet
+from epara.node.leader.workloads import TEMPLATES, catalogue, fleet
 
 DEVICES = fleet(20)
 SERVICES = catalogue(12, 2, (("classify", 0.4), ("detect", 0.3), ("chat-1b", 0.3)))
@@ -158,3 +163,72 @@ def test_an_idle_standby_gives_its_memory_to_demand() -> None:
     state_ = ClusterState({d.id: DeviceState(d) for d in devices})
     after, _ = schedule(idle_first, state_, {busy: ServiceDemand(0.5, 1.0)}, services, 5.0)
     assert after.units_of(busy)
+
+
+def test_demand_reports_the_rate_bursts_reach() -> None:
+    # 5 s window: 40 arrivals in the first second, 2 in each of the other four. The
+    # mean is 9.6/s; the scheduler sizes for the busy seconds.
+    arrivals = sorted([0.01 + i / 40 for i in range(40)] + [1.1 + s + k / 2 for s in range(4)
+                                                     for k in range(2)])
+    seen = observe(arrivals, 5.0, 5.0)
+    assert seen is not None
+    assert seen.rate_hz == pytest.approx(48 / 5)
+    assert seen.peak_hz is not None and seen.load_hz > 2 * seen.rate_hz
+    steady = observe([0.05 + i / 10 for i in range(50)], 5.0, 5.0)
+    assert steady is not None and steady.load_hz == pytest.approx(steady.rate_hz, rel=0.1)
+    assert steady.cv < 0.5
+    assert observe([], 5.0, 5.0) is None
+
+
+def test_planning_for_bursts_adds_capacity() -> None:
+    devices = fleet(12, (("pi", 1.0),))
+    services = catalogue(1, 4, (("embed", 1.0),))
+    (name,) = services
+    fresh = ClusterState({d.id: DeviceState(d) for d in devices})
+    calm, _ = schedule(Placement(), fresh, {name: ServiceDemand(40.0, 1.0)}, services, 0.0,
+                       SchedulerConfig(headroom=0))
+    bursty, _ = schedule(Placement(), fresh, {name: ServiceDemand(40.0, 1.0, None, 120.0)},
+                         services, 0.0, SchedulerConfig(headroom=0))
+    assert len(bursty.units_of(name)) > len(calm.units_of(name))
+
+
+def test_a_tight_slo_model_avoids_a_device_busy_with_long_steps() -> None:
+    # Jetson 0 runs a rarely used 1B chat (nearly idle, but its prefill steps take
+    # ~0.3 s); Jetson 1 runs busy detection (short steps). By utilisation alone Jetson 0
+    # is the better home for a 50 ms intent model; the chat's steps would block it there.
+    devices = fleet(2, (("jetson", 1.0),))
+    chat = replace(TEMPLATES["chat-1b"], name="chat")
+    detect = replace(TEMPLATES["detect"], name="detect")
+    intent = replace(TEMPLATES["intent"], name="intent")
+    services = {"chat": chat, "detect": detect, "intent": intent}
+
+    def on(spec: ServiceSpec, device: str) -> ServicePlan:
+        return ServicePlan(spec.name, "", "replicas", (Unit(spec.name, (Stage(
+            device, 0, len(spec.layers), spec.memory_mb),), 8),), "")
+
+    current = Placement(1, {"chat": on(chat, devices[0].id),
+                            "detect": on(detect, devices[1].id)})
+    demand = {"chat": ServiceDemand(0.05, 1.0), "detect": ServiceDemand(40.0, 1.0),
+              "intent": ServiceDemand(5.0, 1.0)}
+    fresh = ClusterState({d.id: DeviceState(d) for d in devices})
+    placed, _ = schedule(current, fresh, demand, services, 0.0,
+                         SchedulerConfig(headroom=0))
+    assert [u.head for u in placed.units_of("intent")] == [devices[1].id]
+
+
+def test_headroom_fills_spare_memory_once_and_one_replica_per_device() -> None:
+    devices = fleet(6, (("pi", 1.0),))
+    services = catalogue(2, 4, (("classify", 1.0),))
+    demand = {n: ServiceDemand(40.0, 1.0) for n in services}
+    fresh = ClusterState({d.id: DeviceState(d) for d in devices})
+    lean, _ = schedule(Placement(), fresh, demand, services, 0.0, SchedulerConfig(headroom=0))
+    spare, decisions = schedule(Placement(), fresh, demand, services, 0.0)
+    assert sum(1 for _ in spare.units()) > sum(1 for _ in lean.units())
+    assert any(d.reason.startswith("spare memory") for d in decisions)
+    for name in services:
+        heads = [u.head for u in spare.units_of(name)]
+        assert len(heads) == len(set(heads))  # never two replicas on one device
+    settled = spare
+    for _ in range(3):  # headroom stops once capacity is ample: the placement settles
+        settled, decisions = schedule(settled, fresh, demand, services, 5.0)
+    assert decisions == ()

@@ -160,14 +160,14 @@ class _Planner:
     def blocking(self, svc: _Service, unit: _Live) -> float:
         """How long a request of ``svc`` may wait for another service's step to end on
         one of ``unit``'s devices (steps are not preempted)."""
-        name = svc.spec.name
-        worst = 0.0
-        for d in unit.use:
-            for step, owner in self.top_steps[d]:
-                if owner != name:
-                    worst = max(worst, step)
-                    break
-        return worst
+        return max((self.device_blocking(svc.spec.name, d) for d in unit.use), default=0.0)
+
+    def device_blocking(self, service: str, device: str) -> float:
+        """The longest step another service runs on ``device``."""
+        for step, owner in self.top_steps[device]:
+            if owner != service:
+                return step
+        return 0.0
 
     def set_step(self, device: str, service: str, step: float | None) -> None:
         """Record (None: forget) the longest step ``service`` runs on ``device``."""
@@ -317,11 +317,13 @@ class _Planner:
         # One replica of a service per device: a second would share the first's
         # device time, and nodes load each model once (a unit is service@device).
         hosting = frozenset(d for u in svc.units for d in u.unit.devices)
-        device = self.pick(key, svc.spec.memory_mb, exclude=hosting)
-        if not device:
+        devices = self.pick(key, svc.spec.memory_mb, count=3, exclude=hosting)
+        if not devices:
             return None
+        # Of the least-loaded few, the one whose other services' steps block it least.
+        device = min(devices, key=lambda d: self.device_blocking(svc.spec.name, d))
         return self.live(svc, self.batched(svc, (Stage(
-            device[0], 0, len(svc.spec.layers), svc.spec.memory_mb),)))
+            device, 0, len(svc.spec.layers), svc.spec.memory_mb),)))
 
     def pipeline(self, svc: _Service) -> tuple[_Live, str] | None:
         """A pipeline over a pool of the fastest lightly loaded devices with room."""
