@@ -9,7 +9,10 @@ each other and elect a leader, prepares the LLM (smollm2-135m) and person segmen
 twice: under epara's placement and under a baseline's (``replicate-all``: every service
 on every node), each on a fresh cluster. A live line shows progress; the end is a goodput
 and SLO table with the ratio, a plot (PNG), the photo's mask, and a shutdown that leaves
-no process, namespace or cgroup behind, also on Ctrl-C or SIGTERM.
+no process, namespace or cgroup behind, also on Ctrl-C or SIGTERM. Each run's dashboard
+URL is printed while it lasts. ``--stay``: then one more epara cluster with HTTP on every
+node stays up, with commands to paste (status, plan, doctor, metrics, the OpenAI API,
+the dashboard), until Ctrl-C or SIGTERM.
 
 Cluster start, replay and reporting are ``node/loadgen.py``'s (shared with
 ``epara bench goodput --real``).

@@ -15,6 +15,9 @@ top of that:
   near-zero propagation delay".
 - **Memory**: the class's budget for ``epara node --memory-budget-mb`` (what the planner
   sees); physical memory is not capped.
+- **Reaching a host from the machine**: the root namespace has no address on the bed's
+  bridge; ``forward(i, port)`` listens on 127.0.0.1 in the caller's process and connects
+  to host i's address from inside its namespace (``PortForward``).
 
 Device classes, in CPUs of the host running the bed (document these beside any number):
 
