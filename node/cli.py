@@ -166,6 +166,10 @@ def _parser() -> argparse.ArgumentParser:
                       "$EPARA_MODEL_STORE or ~/.cache/epara/models)")
     demo.add_argument("--loopback", action="store_true", help="loopback processes even "
                       "as root (no namespace hosts with emulated device classes)")
+    demo.add_argument("--stay", action="store_true", help="after the comparison, keep an "
+                      "epara cluster running with HTTP on every node, print how to reach "
+                      "it (status, plan, doctor, metrics, dashboard, OpenAI API), and stop "
+                      "it on Ctrl-C or SIGTERM")
     demo.set_defaults(run=_cmd_demo)
 
     doctor = sub.add_parser("doctor", help="why a node is not discovered or cannot join")
@@ -512,7 +516,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise SystemExit("epara demo: --nodes must be at least 2, --seconds and --load "
                          "positive")
     return run_demo(args.nodes, args.seconds, args.out, args.store, args.loopback,
-                    args.load)
+                    args.load, args.stay)
 
 
 def _cmd_bench_goodput(args: argparse.Namespace) -> int:

@@ -9,7 +9,10 @@ each other and elect a leader, prepares the LLM (smollm2-135m) and person segmen
 twice: under epara's placement and under a baseline's (``replicate-all``: every service
 on every node), each on a fresh cluster. A live line shows progress; the end is a goodput
 and SLO table with the ratio, a plot (PNG), the photo's mask, and a shutdown that leaves
-no process, namespace or cgroup behind, also on Ctrl-C or SIGTERM.
+no process, namespace or cgroup behind, also on Ctrl-C or SIGTERM. Each run's dashboard
+URL is printed while it lasts. ``--stay``: then one more epara cluster with HTTP on every
+node stays up, with commands to paste (status, plan, doctor, metrics, the OpenAI API,
+the dashboard), until Ctrl-C or SIGTERM.
 
 Cluster start, replay and reporting are ``node/loadgen.py``'s (shared with
 ``epara bench goodput --real``).
@@ -19,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -33,10 +38,12 @@ from epara.node.loadgen import (
     NodeProc,
     PolicyResult,
     Watch,
+    _check_running,
     _Inputs,
     builtin_trace,
     plot_results,
     run_policy,
+    running_cluster,
     summarize,
     table_lines,
 )
@@ -130,8 +137,89 @@ def _maybe_bed(use: bool, nodes: int) -> Iterator[EmulatedBed | None]:
         print(f"   warning: left behind: {', '.join(left)}", flush=True)
 
 
+def epara_command() -> str:
+    """How to run ``epara`` from a shell: the bare name where it is on PATH and is this
+    installation's, else this installation's script, else ``python -m``."""
+    script = Path(sys.executable).parent / "epara"
+    on_path = shutil.which("epara")
+    if on_path is not None and Path(on_path) == script:
+        return "epara"
+    if script.exists():
+        return str(script)
+    return f"{sys.executable} -m epara.node.cli"
+
+
+@dataclass
+class Endpoint:
+    """How to reach one running node from this machine's shell."""
+
+    node: str
+    socket: Path
+    http: str  # the URL this machine reaches (a forward on namespace hosts)
+    served: str  # the URL the node serves on
+    namespace: str | None = None  # the node's network namespace, on namespace hosts
+    ip: str = "127.0.0.1"
+
+
+def endpoints(cluster: list[NodeProc], bed: EmulatedBed | None) -> list[Endpoint]:
+    """Each node's socket and HTTP URL. On namespace hosts the HTTP endpoint listens on
+    the host's namespace address, which the root namespace has no route to: the demo
+    forwards a port on 127.0.0.1 to it (``EmulatedBed.forward``)."""
+    found = []
+    for i, node in enumerate(cluster):
+        with Client(node.socket, timeout=10) as client:
+            served = client.status()["http"]
+        if bed is None:
+            found.append(Endpoint(node.name, node.socket, served, served))
+        else:
+            forward = bed.forward(i, int(served.rsplit(":", 1)[1]))
+            found.append(Endpoint(node.name, node.socket, f"http://127.0.0.1:{forward.port}",
+                                  served, bed.lab.hosts[i], bed.ip(i)))
+    return found
+
+
+def stay_hints(points: list[Endpoint], leader: str, credentials: Path) -> list[str]:
+    """Copy-pasteable commands against the running cluster."""
+    epara = epara_command()
+    lines = [f"{'node':<9} {'socket':<52} HTTP"]
+    for p in points:
+        how = (f"{p.http} (forwarded by the demo to {p.served} in namespace {p.namespace})"
+               if p.namespace else p.http)
+        lines.append(f"{p.node:<9} {p.socket!s:<52} {how}"
+                     + ("   <- leader" if p.node == leader else ""))
+    first = points[0]
+    url = first.http
+    ask = ('{"model": "smollm2-135m", "messages": [{"role": "user", "content": '
+           '"Name a colour."}], "max_tokens": 16}')
+    python = (f"{sys.executable} -c \"import openai; print(openai.OpenAI(base_url='{url}/v1',"
+              " api_key='none').chat.completions.create(model='smollm2-135m', messages=["
+              "{'role': 'user', 'content': 'Name a colour.'}], max_tokens=16)"
+              ".choices[0].message.content)\"")
+    doctor = (f"{epara} doctor --cluster {credentials} --socket {first.socket} "
+              f"--interface {first.ip}")
+    if first.namespace:  # mDNS adverts are only seen inside the bed's network
+        doctor = f"ip netns exec {first.namespace} {doctor}"
+    lines += [
+        "try (every node answers for the whole cluster; any node's socket or URL works):",
+        f"  {epara} status --socket {first.socket}",
+        f"  {epara} plan --socket {first.socket}",
+        f"  {doctor}",
+        f"  curl -s {url}/metrics | grep '^epara_' | grep -v _bucket",
+        f"  curl -s {url}/v1/models",
+        f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"-d '{ask}'",
+        f"  {python}",
+        f"  dashboard: {url}/",
+    ]
+    if first.namespace:
+        lines.append(f"  inside the bed: ip netns exec {first.namespace} curl -s "
+                     f"{first.served}/metrics")
+    return lines
+
+
 def run_demo(nodes: int = 3, seconds: float = 20.0, out_dir: Path = Path("epara-demo"),
-             store: Path | None = None, loopback: bool = False, load: float = 2.0) -> int:
+             store: Path | None = None, loopback: bool = False, load: float = 2.0,
+             stay: bool = False) -> int:
     from epara.models.store import ModelStore
 
     began = time.monotonic()
@@ -141,7 +229,8 @@ def run_demo(nodes: int = 3, seconds: float = 20.0, out_dir: Path = Path("epara-
     print(f"epara demo: {nodes} nodes as {why}")
     try:
         with _signals_as_interrupt():
-            return _run(nodes, seconds, out_dir, model_store, use_bed, load, console, began)
+            return _run(nodes, seconds, out_dir, model_store, use_bed, load, console, began,
+                        stay)
     except RuntimeError as exc:
         print(f"\nerror: {exc}\nevery node stopped"
               + (", namespaces and cgroups removed" if use_bed else ""), flush=True)
@@ -153,7 +242,7 @@ def run_demo(nodes: int = 3, seconds: float = 20.0, out_dir: Path = Path("epara-
 
 
 def _run(nodes: int, seconds: float, out_dir: Path, model_store: ModelStore, use_bed: bool,
-         load: float, console: Console, began: float) -> int:
+         load: float, console: Console, began: float, stay: bool) -> int:
     from epara.models.zoo import prepare, sample_photo
 
     print(f"1. preparing models {', '.join(DEMO_MODELS)} in {model_store.root}", flush=True)
@@ -192,26 +281,65 @@ def _run(nodes: int, seconds: float, out_dir: Path, model_store: ModelStore, use
             role = "epara's placement" if policy == "epara" else f"baseline {policy}"
             print(f"{step}. {role}: a fresh cluster of {nodes} nodes", flush=True)
             started = time.monotonic()
+            forwards = len(bed.forwards) if bed is not None else 0
+
+            def show_dashboard(cluster: list[NodeProc], bed: EmulatedBed | None = bed) -> None:
+                point = endpoints(cluster[:1], bed)[0]
+                console.line(f"dashboard while this run lasts: {point.http}/"
+                             + (f" (forwarded to {point.served} in namespace "
+                                f"{point.namespace})" if point.namespace else ""))
+
             results.append(run_policy(policy, trace, model_store.root, nodes, inputs, bed,
-                                      console, keep_mask if policy == "epara" else None))
+                                      console, keep_mask if policy == "epara" else None,
+                                      show_dashboard, http=True))
+            if bed is not None:  # this run's forwards end with its nodes
+                for forward in bed.forwards[forwards:]:
+                    forward.close()
+                del bed.forwards[forwards:]
             console.line(f"done in {time.monotonic() - started:.0f} s; nodes stopped")
-    summary = summarize(results)
-    where = "namespace hosts, EMULATED device classes" if use_bed else "loopback processes"
-    print(f"5. results ({nodes} nodes, {where}; same trace, epara's routing for both):",
-          flush=True)
-    for line in table_lines(results, summary):
-        console.line(line)
-    plot = out_dir / "goodput.png"
-    try:
-        plot_results(results, plot, f"epara demo: {nodes} nodes ({where})")
-    except ImportError:
-        console.line("no plot: matplotlib is not installed (pip install 'epara[bench]')")
-    (out_dir / "report.json").write_text(json.dumps(
-        {"nodes": nodes, "emulated": use_bed, "seconds": seconds, "requests": len(trace),
-         **summary, "placement": {r.policy: r.placement for r in results}}, indent=2))
-    print(f"6. wrote {plot if plot.exists() else 'no plot'}, {out_dir / 'report.json'}, "
-          f"{out_dir / 'mask.png'} and {out_dir / 'overlay.png'} "
-          f"({written.get('mask', 'no mask')})", flush=True)
-    print(f"7. stopped every node{', removed namespaces and cgroups' if use_bed else ''}; "
-          f"nothing left running (demo took {time.monotonic() - began:.0f} s)", flush=True)
+        summary = summarize(results)
+        where = "namespace hosts, EMULATED device classes" if use_bed else "loopback processes"
+        print(f"5. results ({nodes} nodes, {where}; same trace, epara's routing for both):",
+              flush=True)
+        for line in table_lines(results, summary):
+            console.line(line)
+        plot = out_dir / "goodput.png"
+        try:
+            plot_results(results, plot, f"epara demo: {nodes} nodes ({where})")
+        except ImportError:
+            console.line("no plot: matplotlib is not installed (pip install 'epara[bench]')")
+        (out_dir / "report.json").write_text(json.dumps(
+            {"nodes": nodes, "emulated": use_bed, "seconds": seconds, "requests": len(trace),
+             **summary, "placement": {r.policy: r.placement for r in results}}, indent=2))
+        print(f"6. wrote {plot if plot.exists() else 'no plot'}, {out_dir / 'report.json'}, "
+              f"{out_dir / 'mask.png'} and {out_dir / 'overlay.png'} "
+              f"({written.get('mask', 'no mask')})", flush=True)
+        if stay:
+            _stay(nodes, model_store, inputs, bed, console)
+    print(f"{8 if stay else 7}. stopped every node"
+          f"{', removed namespaces and cgroups' if use_bed else ''}; nothing left running "
+          f"(demo took {time.monotonic() - began:.0f} s)", flush=True)
     return 0
+
+
+def _stay(nodes: int, model_store: ModelStore, inputs: _Inputs, bed: EmulatedBed | None,
+          console: Console) -> None:
+    """A fresh epara cluster with HTTP on every node, up until Ctrl-C or SIGTERM."""
+    print(f"7. --stay: a fresh cluster of {nodes} nodes under epara's placement, HTTP on "
+          "every node", flush=True)
+    with running_cluster("epara", model_store.root, nodes, DEMO_MODELS, inputs, bed, console,
+                         http=True, prefix="epara-demo-") as cluster:
+        points = endpoints(cluster, bed)
+        with Client(cluster[0].socket, timeout=10) as client:
+            leader = client.status()["cluster"]["leader"]
+        credentials = cluster[0].socket.parent.parent / "cluster"
+        for line in stay_hints(points, leader, credentials):
+            console.line(line)
+        print("   the cluster stays up until Ctrl-C (or SIGTERM), which stops every node",
+              flush=True)
+        try:
+            while True:
+                _check_running(cluster)
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            console.line("stopping the cluster")

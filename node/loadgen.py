@@ -232,12 +232,13 @@ class NodeProc:
 
 
 def start_cluster(policy: str, work: Path, store: Path, nodes: int, credentials: Path,
-                  bed: EmulatedBed | None = None,
-                  services: Collection[str] = ()) -> list[NodeProc]:
+                  bed: EmulatedBed | None = None, services: Collection[str] = (),
+                  http: bool = False) -> list[NodeProc]:
     """``nodes`` node processes with ``--placement-policy policy``: on loopback, or one
     per host of ``bed`` (inside its namespace and cgroup, with its class's threads and
     memory budget; ``nodes`` is then the bed's size). ``services``: serve only these
-    models of the store (default: all)."""
+    models of the store (default: all). ``http``: each node also serves HTTP on a free
+    port (on 127.0.0.1, or its namespace address on a bed; its status says the URL)."""
     started = []
     count = len(bed.specs) if bed is not None else nodes
     for i in range(count):
@@ -250,6 +251,9 @@ def start_cluster(policy: str, work: Path, store: Path, nodes: int, credentials:
         else:
             prefix = bed.prefix(i)
             where = ["--interface", bed.ip(i), *bed.node_args(i)]
+        if http:
+            where += ["--http-port", "0", "--http-host",
+                      "127.0.0.1" if bed is None else bed.ip(i)]
         command = [*prefix, sys.executable, "-m", "epara.node.cli", "--log-level", "info",
                    "node", "--store", str(store), "--socket", str(sock), "--cluster",
                    str(credentials), "--node-id", name, "--port", "0", *where,
@@ -364,19 +368,23 @@ def placement_lines(placement: dict[str, Any]) -> list[str]:
     return lines
 
 
-def run_policy(policy: str, trace: Sequence[Request], store: Path, nodes: int,
-               inputs: _Inputs, bed: EmulatedBed | None = None, watch: Watch = QUIET,
-               after: Callable[[list[NodeProc]], None] | None = None) -> PolicyResult:
-    """One policy on a fresh cluster: start it, wait for the cluster and the placement,
-    replay ``trace``, read the final placement, call ``after`` with the running nodes,
-    and stop every node (also on an error or an interrupt)."""
+@contextlib.contextmanager
+def running_cluster(policy: str, store: Path, nodes: int, services: Collection[str],
+                    inputs: _Inputs, bed: EmulatedBed | None = None, watch: Watch = QUIET,
+                    http: bool = False, prefix: str = "epara-goodput-",
+                    ) -> Iterator[list[NodeProc]]:
+    """A fresh cluster under ``policy`` with new credentials (in a temporary directory,
+    ``cluster``, beside the nodes' sockets): started, formed, shown one request per
+    service (the demand the leader places by) and with every service placed and ready.
+    Every node is stopped and the directory removed on leaving, also on an error or an
+    interrupt."""
     from epara.peer.security import create_cluster_credentials
 
-    with tempfile.TemporaryDirectory(prefix=f"epara-goodput-{policy}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}{policy}-") as tmp:
         work = Path(tmp)
         create_cluster_credentials(work / "cluster")
-        services = {r.service for r in trace}
-        cluster = start_cluster(policy, work, store, nodes, work / "cluster", bed, services)
+        cluster = start_cluster(policy, work, store, nodes, work / "cluster", bed, services,
+                                http)
         try:
             sockets = [n.socket for n in cluster]
             view = wait_cluster(cluster, 120, watch)
@@ -384,40 +392,58 @@ def run_policy(policy: str, trace: Sequence[Request], store: Path, nodes: int,
                        f"term {view['term']}")
             # Warm-up: one request per service makes the demand visible to the leader.
             warm = [Request(0.0, s, BUILTIN_SLO_MS.get(s, 5000.0) * 10, 4, origin=0)
-                    for s in sorted({r.service for r in trace})]
+                    for s in sorted(services)]
             replay(warm, sockets, inputs)
-            placed = _wait_placed(sockets[0], services, 120, watch)
+            placed = _wait_placed(sockets[0], set(services), 120, watch)
             watch.line(f"placement v{placed.get('version')} ready:")
             for line in placement_lines(placed):
                 watch.line(f"  {line}")
-            live = Live()
-            ticking = threading.Event()
-
-            def tick() -> None:
-                total = len(trace)
-                span = max((r.t for r in trace), default=0.0)
-                while not ticking.wait(0.5):
-                    elapsed = min(time.monotonic() - live.started, span)
-                    share = live.within_slo / max(1, live.answered) * 100
-                    watch.status(f"[{policy}] {elapsed:5.1f}/{span:.0f} s  sent "
-                                 f"{live.sent}/{total}  answered {live.answered}  within "
-                                 f"SLO {live.within_slo} ({share:.0f}%)")
-
-            ticker = threading.Thread(target=tick, daemon=True)
-            ticker.start()
-            try:
-                outcomes, seconds = replay(trace, sockets, inputs, live=live)
-            finally:
-                ticking.set()
-                ticker.join()
-            # The leader's placement at the end of the run: what the load made of it.
-            with Client(_leader_socket(sockets), timeout=10) as client:
-                placement = client.status()["plan"]["placement"]
-            if after is not None:
-                after(cluster)
-            return PolicyResult(policy, outcomes, seconds, placement)
+            yield cluster
         finally:
             stop_cluster(cluster)
+
+
+def run_policy(policy: str, trace: Sequence[Request], store: Path, nodes: int,
+               inputs: _Inputs, bed: EmulatedBed | None = None, watch: Watch = QUIET,
+               after: Callable[[list[NodeProc]], None] | None = None,
+               ready: Callable[[list[NodeProc]], None] | None = None,
+               http: bool = False) -> PolicyResult:
+    """One policy on a fresh cluster (``running_cluster``): call ``ready`` with the
+    running nodes once every service is placed, replay ``trace``, read the final
+    placement, call ``after`` with the running nodes, and stop every node (also on an
+    error or an interrupt)."""
+    services = {r.service for r in trace}
+    with running_cluster(policy, store, nodes, services, inputs, bed, watch,
+                         http) as cluster:
+        sockets = [n.socket for n in cluster]
+        if ready is not None:
+            ready(cluster)
+        live = Live()
+        ticking = threading.Event()
+
+        def tick() -> None:
+            total = len(trace)
+            span = max((r.t for r in trace), default=0.0)
+            while not ticking.wait(0.5):
+                elapsed = min(time.monotonic() - live.started, span)
+                share = live.within_slo / max(1, live.answered) * 100
+                watch.status(f"[{policy}] {elapsed:5.1f}/{span:.0f} s  sent "
+                             f"{live.sent}/{total}  answered {live.answered}  within "
+                             f"SLO {live.within_slo} ({share:.0f}%)")
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            outcomes, seconds = replay(trace, sockets, inputs, live=live)
+        finally:
+            ticking.set()
+            ticker.join()
+        # The leader's placement at the end of the run: what the load made of it.
+        with Client(_leader_socket(sockets), timeout=10) as client:
+            placement = client.status()["plan"]["placement"]
+        if after is not None:
+            after(cluster)
+        return PolicyResult(policy, outcomes, seconds, placement)
 
 
 # --- reporting --------------------------------------------------------------------------

@@ -15,6 +15,9 @@ top of that:
   near-zero propagation delay".
 - **Memory**: the class's budget for ``epara node --memory-budget-mb`` (what the planner
   sees); physical memory is not capped.
+- **Reaching a host from the machine**: the root namespace has no address on the bed's
+  bridge; ``forward(i, port)`` listens on 127.0.0.1 in the caller's process and connects
+  to host i's address from inside its namespace (``PortForward``).
 
 Device classes, in CPUs of the host running the bed (document these beside any number):
 
@@ -36,9 +39,12 @@ machine's cores (quotas that add up to more than the host's cores contend).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,6 +107,89 @@ def have_bed() -> str | None:
     return None
 
 
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"setns: {os.strerror(error)}")
+
+
+def connect_in_namespace(ns: str, address: tuple[str, int],
+                         timeout: float = 10.0) -> socket.socket:
+    """A TCP connection made from inside network namespace ``ns`` (by ``ip netns``
+    name). Only the calling thread enters the namespace, and it comes back before this
+    returns; the socket keeps the namespace it was made in."""
+    with open(f"/run/netns/{ns}") as target, open("/proc/thread-self/ns/net") as home:
+        _setns(target.fileno())
+        try:
+            return socket.create_connection(address, timeout=timeout)
+        finally:
+            _setns(home.fileno())
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+class PortForward:
+    """``127.0.0.1:port`` in the caller's network namespace, forwarded to ``address``
+    inside namespace ``ns``: the root namespace has no address on a bed's bridge, so
+    this is how a browser or curl on the machine reaches a host's HTTP endpoint. It
+    lives in the caller's process (threads) until ``close()``."""
+
+    def __init__(self, ns: str, address: tuple[str, int]) -> None:
+        self.ns = ns
+        self.address = address
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._server.getsockname()[1]
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True,
+                         name=f"forward-{self.port}").start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            upstream = connect_in_namespace(self.ns, self.address)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        with self._lock:
+            self._open |= {client, upstream}
+        back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+        back.start()
+        _pump(client, upstream)
+        back.join()
+        with self._lock:
+            self._open -= {client, upstream}
+        client.close()
+        upstream.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self._server.close()
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
 class EmulatedBed:
     """``hosts[i]`` runs in namespace ``lab.hosts[i]`` at ``ip(i)``, inside its own cpu
     cgroup, behind a shaped link. Use as a context manager: ``close()`` always runs."""
@@ -111,6 +200,7 @@ class EmulatedBed:
         self.groups = [CGROUP_CPU / f"epara-{self.lab.tag}-h{i}"
                        for i in range(len(self.specs))]
         self.not_emulated: list[str] = []  # what this kernel could not emulate
+        self.forwards: list[PortForward] = []
 
     def __enter__(self) -> EmulatedBed:
         try:
@@ -174,6 +264,13 @@ class EmulatedBed:
         return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.groups[i] / "cgroup.procs"),
                 *self.lab.prefix(i)]
 
+    def forward(self, i: int, port: int) -> PortForward:
+        """``127.0.0.1:<forward.port>`` here reaches ``ip(i):port`` on host i, until
+        ``close()``."""
+        forward = PortForward(self.lab.hosts[i], (self.ip(i), port))
+        self.forwards.append(forward)
+        return forward
+
     def node_args(self, i: int) -> list[str]:
         """``epara node`` arguments that match host i's class (threads, memory budget)."""
         spec = self.specs[i]
@@ -189,6 +286,9 @@ class EmulatedBed:
     def close(self) -> None:
         """Kill what runs in the bed, delete the namespaces and the cgroups. Safe to call
         after any failure, and more than once."""
+        for forward in self.forwards:
+            forward.close()
+        self.forwards.clear()
         self.lab.close()
         for group in self.groups:
             if not group.exists():

@@ -1,17 +1,22 @@
 """`epara demo` end to end, for real: a cluster forms, the leader places the LLM and the
 segmentation model, the same workload runs under epara's placement and a baseline's, the
 table, ratio and plot come out, and nothing is left behind — after a normal run and after
-Ctrl-C, on loopback and (as root) on namespace hosts with emulated device classes."""
+Ctrl-C, on loopback and (as root) on namespace hosts with emulated device classes. With
+``--stay`` the printed commands (status, plan, doctor, curl, the OpenAI client) work
+against the cluster it keeps up, and Ctrl-C stops it cleanly."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,3 +121,124 @@ def test_ctrl_c_mid_workload_stops_every_node_and_leaves_nothing(
     assert "interrupted: every node stopped" in output
     assert leftovers(store) == ""
     assert (namespaces(), cgroups()) == before
+
+
+# --- epara demo --stay: the operator's views against the demo's running cluster ----------
+
+STAY_SECONDS = 4
+
+
+def _until_staying(process: subprocess.Popen[str], timeout: float) -> str:
+    """The demo's output up to the line that says the cluster stays up."""
+    assert process.stdout is not None
+    seen = []
+    end = time.monotonic() + timeout
+    for line in process.stdout:
+        seen.append(line)
+        if "the cluster stays up until Ctrl-C" in line:
+            return "".join(seen)
+        assert time.monotonic() < end, "".join(seen)
+    raise AssertionError("the demo ended without staying up:\n" + "".join(seen))
+
+
+def _hint(output: str, marker: str) -> str:
+    """The printed command containing ``marker``, as printed."""
+    found = [line.strip() for line in output.splitlines() if marker in line]
+    assert found, f"no hint with {marker!r}:\n{output}"
+    return found[0]
+
+
+def _run_hint(command: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run a printed command as a user would paste it into a shell."""
+    return subprocess.run(["bash", "-c", " ".join([command, *extra])], capture_output=True,
+                          text=True, timeout=60)
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.status == 200
+        return response.read().decode()
+
+
+def check_staying_cluster(output: str, bed: bool, openai: Any) -> None:
+    nodes = re.findall(r"^ +(epara-n\d) +(/\S+/node\.sock) +(http://127\.0\.0\.1:\d+)(.*)$",
+                       output, re.M)
+    assert [n[0] for n in nodes] == ["epara-n0", "epara-n1", "epara-n2"], output
+    assert all(("forwarded by the demo" in n[3]) == bed for n in nodes), output
+    for _, _, url, _ in nodes:  # HTTP on every node
+        assert "smollm2-135m" in _get(url + "/v1/models")
+
+    status = _run_hint(_hint(output, " status --socket "), "--json")
+    assert status.returncode == 0, status.stderr
+    cluster = json.loads(status.stdout)["cluster"]
+    assert len(cluster["members"]) == 3 and cluster["leader"] in {n[0] for n in nodes}
+
+    plan = _run_hint(_hint(output, " plan --socket "), "--json")
+    assert plan.returncode == 0, plan.stderr
+    services = {s["service"]: s for s in json.loads(plan.stdout)["placement"]["services"]}
+    assert set(services) == {"selfie-seg", "smollm2-135m"}
+    assert all(s["category"] and s["mode"] and s["units"] for s in services.values()), \
+        services
+
+    doctor = _run_hint(_hint(output, " doctor --cluster "))
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "3 of this cluster" in doctor.stdout, doctor.stdout
+
+    url = re.search(r"curl -s (http://127\.0\.0\.1:\d+)/v1/models", output)
+    assert url is not None, output
+    base = url.group(1)
+    metrics = _get(base + "/metrics")
+    assert "epara_request_latency_seconds" in metrics and "\nepara_" in metrics
+    assert "<html" in _get(base + "/")
+    assert _get(base + "/api/status")
+    assert f"dashboard: {base}/" in output
+
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0,
+                           timeout=60)
+    assert "smollm2-135m" in [m.id for m in client.models.list()]
+    answer = client.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "Name a colour."}],
+        max_tokens=8, temperature=0)
+    assert answer.choices[0].message.content
+    assert answer.usage is not None and answer.usage.completion_tokens > 0
+    # The printed snippet and curl work as pasted.
+    snippet = _run_hint(_hint(output, "import openai"))
+    assert snippet.returncode == 0 and snippet.stdout.strip(), snippet.stderr
+    chat = _run_hint(_hint(output, "/v1/chat/completions"))
+    assert json.loads(chat.stdout)["object"] == "chat.completion", chat.stdout
+
+
+def run_staying_demo(tmp_path: Path, store: Path, *extra: str) -> None:
+    openai = pytest.importorskip("openai")  # the dev extra's official client
+    command = demo_command(store, tmp_path / "out", "--stay", *extra)
+    command[command.index("--seconds") + 1] = str(STAY_SECONDS)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        output = _until_staying(process, 240)
+        check_staying_cluster(output, "--loopback" not in extra, openai)
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output + rest
+    assert "stopping the cluster" in rest and "nothing left running" in rest, rest
+    assert leftovers(store) == ""
+    # This demo's bed (by its tag; other beds may come and go on a shared machine).
+    tags = set(re.findall(r"in namespace eph\d+-(\w+)", output))
+    assert bool(tags) == ("--loopback" not in extra), output
+    assert not {name for name in namespaces() | cgroups() if any(t in name for t in tags)}
+
+
+def test_demo_stay_keeps_a_cluster_up_for_the_operator_views_on_loopback(
+        tmp_path: Path, store: Path) -> None:
+    run_staying_demo(tmp_path, store, "--loopback")
+
+
+@pytest.mark.root
+@pytest.mark.skipif(have_bed() is not None, reason=f"{have_bed()}")
+def test_demo_stay_reaches_namespace_hosts_through_forwarded_ports(
+        tmp_path: Path, store: Path) -> None:
+    run_staying_demo(tmp_path, store)
