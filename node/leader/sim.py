@@ -662,8 +662,11 @@ def production_workload(load: float = 1.0, devices: int = 40, services: int = 15
 
 def suite(quick: bool = False) -> list[Workload]:
     duration = 40.0 if quick else 60.0
+    # The load sweep runs past saturation: at x4 every good strategy still meets ~94% of
+    # SLOs (most requests are small models any device serves in time); placement
+    # decides the outcome only once the accelerators run out.
     out = [production_workload(load, duration_s=duration)
-           for load in ((0.5, 1.0, 2.0) if quick else (0.5, 1.0, 1.5, 2.0))]
+           for load in ((0.5, 1.0, 4.0) if quick else (0.5, 1.0, 2.0, 4.0, 8.0))]
     simple_services = catalogue(1, 3, (("detect", 1.0),))
     simple_devices = tuple(fleet(6, (("jetson", 0.5), ("pi", 0.5))))
     out.append(Workload("simple", simple_devices, simple_services, tuple(generate(
@@ -674,8 +677,8 @@ def suite(quick: bool = False) -> list[Workload]:
     out.append(Workload("homogeneous", homo_devices, homo_services, tuple(generate(
         homo_services, WorkloadShape(duration_s=duration, rate_hz=500.0, streams=0), 4,
         len(homo_devices)))))
-    over = production_workload(4.0, duration_s=duration)
-    out.append(replace(over, name="overloaded x4"))
+    over = production_workload(16.0, duration_s=duration)
+    out.append(replace(over, name="overloaded x16"))
     loss = production_workload(1.0, duration_s=duration)
     victims = tuple(sorted(d.id for d in loss.devices if d.device_class != "microcomputer")
                     [::3])
