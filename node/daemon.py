@@ -127,9 +127,10 @@ class Node:
                 "queue": stats["queue_depth"],
                 "p50_ms": stats.get("latency_ms_p50") or stats.get("ttft_ms_p50"),
                 "served": stats["served"],
-                # Service time of one model run as measured here (under whatever else
-                # this device is doing): the leader's capacity estimates start from it.
-                "batch_ms": stats.get("batch_ms_ewma"),
+                # One request's run time as measured here (under whatever else this
+                # device is doing; not the batches load brings): the leader's
+                # capacity estimates start from it.
+                "run_ms": stats.get("run_ms_ewma"),
             }
         load1, _, _ = os.getloadavg()
         record = {"services": services, "mem_free_mb": _mem_available_mb(),

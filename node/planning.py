@@ -153,7 +153,7 @@ def measured_ms(members: Iterable[Any]) -> dict[str, dict[str, float]]:
         device_class = device_profile(member.node_id, member.capabilities, member.headline,
                                       state).device_class
         for name, record in (state.get("services") or {}).items():
-            value = record.get("batch_ms")
+            value = record.get("run_ms")
             if value:
                 per_class = out.setdefault(name, {})
                 per_class[device_class] = max(per_class.get(device_class, 0.0), float(value))

@@ -61,15 +61,34 @@ class LatencyTracker:
 
     def __init__(self, window: int = 256) -> None:
         self.batch_seconds: float | None = None
+        # One request's run time: from batches of one row, else a batch's time per row
+        # (an upper bound's opposite on accelerators, about right on CPUs). The leader
+        # plans from it, so it must not grow with the batches that load brings.
+        self.single_seconds: float | None = None
         self.recent_ms: deque[float] = deque(maxlen=window)
+        self.recent_batches: deque[float] = deque(maxlen=16)
+        self._cold = True  # the first run after loading (caches, JIT) says little
         self._lock = threading.Lock()
 
-    def record_batch(self, seconds: float) -> None:
+    def fastest_batch(self) -> float | None:
         with self._lock:
-            if self.batch_seconds is None:
-                self.batch_seconds = seconds
-            else:
-                self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * seconds
+            return min(self.recent_batches, default=None)
+
+    @staticmethod
+    def _ewma(old: float | None, new: float) -> float:
+        return new if old is None else 0.8 * old + 0.2 * new
+
+    def record_batch(self, seconds: float, rows: int = 1) -> None:
+        with self._lock:
+            if self._cold:
+                self._cold = False
+                return
+            self.recent_batches.append(seconds)
+            self.batch_seconds = self._ewma(self.batch_seconds, seconds)
+            if rows <= 1:
+                self.single_seconds = self._ewma(self.single_seconds, seconds)
+            elif self.single_seconds is None:
+                self.single_seconds = seconds / rows
 
     def record_request(self, ms: float) -> None:
         with self._lock:
@@ -165,7 +184,14 @@ class ModelService:
                     self._waiting -= 1
 
     def expected_completion(self, now: float) -> float:
-        """When a request submitted now would finish, from queue depth and batch time."""
+        """When a request submitted now would finish, from queue depth and batch time.
+
+        With nothing queued it is the fastest recent batch, not the average: a refused
+        request refreshes no estimate, so an average raised by a passing overload would
+        keep an idle service refusing for good."""
+        if self._waiting == 0:
+            fastest = self.latency.fastest_batch()
+            return now if fastest is None else now + fastest
         per_batch = self.latency.batch_seconds
         if per_batch is None:
             return now
@@ -185,6 +211,8 @@ class ModelService:
             "latency_ms_p99": p99,
             "batch_ms_ewma": None if self.latency.batch_seconds is None
             else self.latency.batch_seconds * 1000,
+            "run_ms_ewma": None if self.latency.single_seconds is None
+            else self.latency.single_seconds * 1000,
             **self.counts,
         }
 
@@ -283,7 +311,7 @@ class ModelService:
                     "inference_failed", f"model {self.manifest.name}: {exc}"))
             return
         end = time.monotonic()
-        self.latency.record_batch(end - start)
+        self.latency.record_batch(end - start, sum(job.rows for job in jobs))
         self.counts["batches"] += 1
         self.counts["served"] += len(jobs)
         for job, out in zip(jobs, outputs, strict=True):

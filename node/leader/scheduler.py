@@ -398,16 +398,21 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
             idle.setdefault(svc.spec.name, unit)
             continue
         p.commit(svc, [*svc.units, p.live(svc, unit)])
-    # Units that cannot meet their SLO only take memory and routing attempts.
+    # Units that cannot meet their SLO only take memory and routing attempts. But a
+    # service keeps its fastest unit when every unit looks doomed: the estimate may
+    # rest on run times measured under a passing overload, and with nothing loaded no
+    # node would measure it again (routing still refuses what cannot make it).
     for svc in p.services.values():
         doomed = [u for u in svc.units if u.slack_s <= 0]
+        if doomed and len(doomed) == len(svc.units):
+            doomed.remove(min(doomed, key=lambda u: (u.perf.latency_s, u.unit.id)))
         if doomed:
             for u in doomed:
                 decisions.append(Decision("remove", u.unit.id, 0.0,
                                           f"cannot meet the {svc.spec.deadline_ms():.0f} ms "
                                           f"SLO (alone it takes "
                                           f"{u.perf.latency_s * 1000:.0f} ms)"))
-            p.commit(svc, [u for u in svc.units if u.slack_s > 0])
+            p.commit(svc, [u for u in svc.units if u not in doomed])
     # Lazy greedy sweeps until one adds nothing: interactions between services on shared
     # devices make gains not strictly diminishing, so one sweep can leave a gain behind.
     for _ in range(config.sweeps):
