@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from epara.models.manifest import Manifest
@@ -145,8 +145,9 @@ def cluster_state(members: Iterable[Any], now: float) -> ClusterState:
 
 
 def measured_ms(members: Iterable[Any]) -> dict[str, dict[str, float]]:
-    """Per service, per device class: the slowest measured run time among the nodes of
-    that class that serve it (slowest: the estimate must hold on every such device)."""
+    """Per service: each serving node's measured run time (key "@" + node id), and per
+    device class the slowest among the nodes of that class that serve it (for nodes
+    that have not run it yet: the estimate must hold on every such device)."""
     out: dict[str, dict[str, float]] = {}
     for member in members:
         state = member.state or {}
@@ -155,8 +156,9 @@ def measured_ms(members: Iterable[Any]) -> dict[str, dict[str, float]]:
         for name, record in (state.get("services") or {}).items():
             value = record.get("run_ms")
             if value:
-                per_class = out.setdefault(name, {})
-                per_class[device_class] = max(per_class.get(device_class, 0.0), float(value))
+                measured = out.setdefault(name, {})
+                measured[f"@{member.node_id}"] = float(value)
+                measured[device_class] = max(measured.get(device_class, 0.0), float(value))
     return out
 
 
@@ -167,15 +169,36 @@ def demand(members: Iterable[Any]) -> dict[str, ServiceDemand]:
     rates: dict[str, float] = {}
     peaks: dict[str, float] = {}
     cvs: dict[str, float] = {}
+    slos: dict[str, list[tuple[float, float]]] = {}  # (rate, median deadline) per node
     for member in members:
         for name, seen in ((member.state or {}).get("demand") or {}).items():
             if isinstance(seen, int | float):  # a node from before bursts were reported
                 seen = {"rate": seen, "peak": seen, "cv": 1.0}
-            rates[name] = rates.get(name, 0.0) + float(seen["rate"])
-            peaks[name] = peaks.get(name, 0.0) + float(seen.get("peak", seen["rate"]))
+            rate = float(seen["rate"])
+            rates[name] = rates.get(name, 0.0) + rate
+            peaks[name] = peaks.get(name, 0.0) + float(seen.get("peak", rate))
             cvs[name] = max(cvs.get(name, 0.0), float(seen.get("cv", 1.0)))
-    return {name: ServiceDemand(rate, cvs[name], None, peaks[name])
-            for name, rate in rates.items()}
+            if seen.get("slo_ms"):
+                slos.setdefault(name, []).append((rate, float(seen["slo_ms"])))
+    out = {}
+    for name, rate in rates.items():
+        weighted = slos.get(name)
+        slo = sum(r * s for r, s in weighted) / sum(r for r, _ in weighted) \
+            if weighted and sum(r for r, _ in weighted) > 0 else None
+        out[name] = ServiceDemand(rate, cvs[name], None, peaks[name], slo)
+    return out
+
+
+def with_observed_slo(spec: ServiceSpec, demand: ServiceDemand | None) -> ServiceSpec:
+    """``spec`` planned for the deadlines its requests actually carry (rate-weighted
+    over the nodes), when they carry one: the manifest's SLO is the model author's
+    guess, the clients' deadlines are what goodput counts. An LLM's time to first
+    token and per-token budget scale together to the observed whole-answer deadline."""
+    if demand is None or not demand.slo_ms:
+        return spec
+    factor = demand.slo_ms / spec.deadline_ms()
+    return replace(spec, slo_ms=spec.slo_ms * factor,
+                   slo_ms_per_token=spec.slo_ms_per_token * factor)
 
 
 def catalogue(members: Iterable[Any]) -> dict[str, dict[str, Any]]:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -67,27 +68,37 @@ class _NotPlaced(Exception):
 
 
 class RateMeter:
-    """Arrivals per service over a sliding window, summarised for the demand record."""
+    """Arrivals per service over a sliding window, summarised for the demand record:
+    rates, burstiness, and the deadlines requests actually carry."""
 
     def __init__(self, window_s: float = WINDOW_S) -> None:
         self.window_s = window_s
         self._arrivals: dict[str, list[float]] = {}
+        self._budgets: dict[str, list[tuple[float, float]]] = {}
 
-    def hit(self, service: str) -> None:
-        self._arrivals.setdefault(service, []).append(time.monotonic())
+    def hit(self, service: str, budget_ms: float | None = None) -> None:
+        now = time.monotonic()
+        self._arrivals.setdefault(service, []).append(now)
+        if budget_ms is not None:
+            self._budgets.setdefault(service, []).append((now, budget_ms))
 
     def rates(self) -> dict[str, dict[str, float]]:
-        """Per service: mean rate, the rate its busy seconds reach, and how variable
-        the gaps between arrivals are (leader/demand.py)."""
+        """Per service: mean rate, the rate its busy seconds reach, how variable the
+        gaps between arrivals are (leader/demand.py), and the median deadline."""
         now = time.monotonic()
-        out = {}
+        out: dict[str, dict[str, float]] = {}
         for name, times in self._arrivals.items():
             times[:] = [t for t in times if t > now - self.window_s]
             seen = observe(times, now, self.window_s)
-            if seen is not None:
-                out[name] = {"rate": round(seen.rate_hz, 3),
-                             "peak": round(seen.peak_hz or seen.rate_hz, 3),
-                             "cv": round(seen.cv, 3)}
+            if seen is None:
+                continue
+            out[name] = {"rate": round(seen.rate_hz, 3),
+                         "peak": round(seen.peak_hz or seen.rate_hz, 3),
+                         "cv": round(seen.cv, 3)}
+            budgets = self._budgets.get(name, [])
+            budgets[:] = [(t, b) for t, b in budgets if t > now - self.window_s]
+            if budgets:
+                out[name]["slo_ms"] = round(statistics.median(b for _, b in budgets), 1)
         return out
 
 
@@ -212,10 +223,12 @@ class ClusterRuntime:
         members = [m for m in view.members if m.status != "suspect"]
         models = planning.catalogue(members)
         measured = planning.measured_ms(members)
-        specs = {name: planning.service_spec(name, known["entry"], measured.get(name))
+        demand = planning.demand(members)
+        specs = {name: planning.with_observed_slo(
+                     planning.service_spec(name, known["entry"], measured.get(name)),
+                     demand.get(name))
                  for name, known in models.items()}
         state = planning.cluster_state(members, time.time())
-        demand = planning.demand(members)
         if self.policy == "epara":
             placement, decisions = await asyncio.to_thread(
                 schedule, self.placement, state, demand, specs, time.time(),
@@ -417,7 +430,8 @@ class ClusterRuntime:
         A model placed nowhere yet (a cold cluster) is served from this device's store
         when it fits here; otherwise the request waits, within its deadline, for the
         leader to place it (the demand it adds is what makes the leader do so)."""
-        self.demand.hit(name)
+        self.demand.hit(name, None if deadline is None
+                        else (deadline - time.monotonic()) * 1000)
         end = time.monotonic() + COLD_START_WAIT_S
         if deadline is not None:
             end = min(end, deadline)

@@ -232,3 +232,26 @@ def test_headroom_fills_spare_memory_once_and_one_replica_per_device() -> None:
     for _ in range(3):  # headroom stops once capacity is ample: the placement settles
         settled, decisions = schedule(settled, fresh, demand, services, 5.0)
     assert decisions == ()
+
+
+def test_the_planner_uses_the_deadlines_requests_carry() -> None:
+    # Two nodes saw requests for a model whose manifest asks 100 ms, with deadlines of
+    # 400 ms (3/s) and 200 ms (1/s): the planner plans for 350 ms.
+    from types import SimpleNamespace
+
+    from epara.node.planning import demand, with_observed_slo
+
+    members = [SimpleNamespace(state={"demand": {"m": {"rate": 3.0, "peak": 4.0, "cv": 1.0,
+                                                       "slo_ms": 400.0}}}),
+               SimpleNamespace(state={"demand": {"m": {"rate": 1.0, "peak": 2.0, "cv": 0.2,
+                                                       "slo_ms": 200.0}}})]
+    seen = demand(members)["m"]
+    assert seen.rate_hz == 4.0 and seen.peak_hz == 6.0 and seen.cv == 1.0
+    assert seen.slo_ms == pytest.approx(350.0)
+    spec = replace(TEMPLATES["embed"], name="m", slo_ms=100.0)
+    assert with_observed_slo(spec, seen).deadline_ms() == pytest.approx(350.0)
+    assert with_observed_slo(spec, ServiceDemand(1.0)) == spec
+    chat = TEMPLATES["chat-1b"]
+    scaled = with_observed_slo(chat, ServiceDemand(1.0, slo_ms=2 * chat.deadline_ms()))
+    assert scaled.slo_ms == pytest.approx(2 * chat.slo_ms)
+    assert scaled.slo_ms_per_token == pytest.approx(2 * chat.slo_ms_per_token)

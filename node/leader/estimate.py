@@ -51,7 +51,8 @@ def stage_cost(spec: ServiceSpec, device: DeviceProfile, first: int = 0,
         share, weights = 1.0, spec.weights
     per_gflop = share / device.gflops
     read = weights / 1024 / device.mem_bandwidth_gbs
-    measured = spec.measured_ms.get(device.device_class)
+    # This device's own measurement first ("@" + its id), else its class's.
+    measured = spec.measured_ms.get(f"@{device.id}", spec.measured_ms.get(device.device_class))
     if measured is not None:
         roofline = max(spec.gflop / device.gflops, spec.weights / 1024 /
                        device.mem_bandwidth_gbs)

@@ -81,7 +81,8 @@ class ServiceSpec:
     input_mb: float = 0.0  # request payload sent to a remote replica
     weight_mb: float | None = None  # None: equal to memory_mb
     layers: tuple[Layer, ...] = ()  # empty: the model cannot be split into stages
-    measured_ms: Mapping[str, float] = field(default_factory=dict)  # class -> batch-1 pass
+    # batch-1 pass measured per device class, or per device under "@" + its id
+    measured_ms: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def weights(self) -> float:
@@ -116,6 +117,7 @@ class ServiceDemand:
     cv: float = 1.0  # coefficient of variation of inter-arrival gaps: 1 Poisson, <0.5 steady
     mean_output_tokens: float | None = None  # LLM: observed, overrides the spec's guess
     peak_hz: float | None = None  # the rate its busy seconds reach (leader/demand.py)
+    slo_ms: float | None = None  # the deadline its requests carry (median), if they do
 
     @property
     def load_hz(self) -> float:

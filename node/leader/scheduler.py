@@ -142,7 +142,8 @@ class _Planner:
 
     def perf(self, spec: ServiceSpec, unit: Unit) -> UnitPerf:
         key = (spec.name, spec.mean_output_tokens, unit.max_batch,
-               tuple((self.devices[s.device].profile_key(), s.first, s.end)
+               tuple((self.devices[s.device].profile_key(), s.first, s.end,
+                      s.device if f"@{s.device}" in spec.measured_ms else None)
                      for s in unit.stages))
         perf = self.perf_cache.get(key)
         if perf is None:
@@ -305,7 +306,9 @@ class _Planner:
         """A unit over ``stages`` with the batch its allocation's rule picks there (the
         same for every device set of the same profiles)."""
         key = (svc.spec.name, svc.spec.mean_output_tokens,
-               tuple((self.devices[s.device].profile_key(), s.first, s.end) for s in stages))
+               tuple((self.devices[s.device].profile_key(), s.first, s.end,
+                      s.device if f"@{s.device}" in svc.spec.measured_ms else None)
+                     for s in stages))
         batch = self.batch_cache.get(key)
         if batch is None:
             batch = choose_batch(svc.spec, svc.allocation, lambda b: self.perf(
