@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -252,6 +253,28 @@ def classify_device(machine: str, board: str, accelerators: tuple[Accelerator, .
 
 # --- measurements ---
 
+def cpu_quota() -> float | None:
+    """CPUs this process may use under a CFS bandwidth limit (a container's --cpus, a
+    cgroup's quota), or None when unlimited. Short benchmarks run at full speed inside
+    a quota's period, so measured speed alone overstates a limited node."""
+    for line in _read("/proc/self/cgroup").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # cgroup v2: cpu.max is "quota period" or "max period"
+            fields = _read(f"/sys/fs/cgroup{path}/cpu.max").split()
+            if len(fields) == 2 and fields[0] != "max":
+                return int(fields[0]) / int(fields[1])
+        elif "cpu" in controllers.split(","):
+            root = "/sys/fs/cgroup/" + controllers
+            quota = _read(f"{root}{path}/cpu.cfs_quota_us").strip()
+            period = _read(f"{root}{path}/cpu.cfs_period_us").strip()
+            if quota and period and int(quota) > 0:
+                return int(quota) / int(period)
+    return None
+
+
 def measure_gflops(seconds: float = 0.2) -> float:
     """Sustained float32 matmul speed (GFLOP/s), best of repeated runs in ~``seconds``."""
     n = 256
@@ -338,17 +361,25 @@ def probe(cache_dir: Path | None = None) -> Capabilities:
     total, free = meminfo()
     source, battery = power()
     machine = platform.machine()
+    cores = usable_cores()
+    gflops = measured["gflops"]
+    quota = cpu_quota()
+    if quota is not None and quota < cores:
+        # The matmul benchmark used every core; under a quota the node sustains only
+        # its share (the measurement is cached per boot, the quota applies on top).
+        gflops *= quota / cores
+        cores = max(1, math.ceil(quota))
     return Capabilities(
         hostname=platform.node(),
         machine=machine,
         cpu_model=cpu_model(),
-        cpu_cores=usable_cores(),
+        cpu_cores=cores,
         mem_total_mb=total,
         mem_free_mb=free,
         accelerators=accelerators,
         runtimes=tuple(Runtime(r["name"], r["version"], tuple(r["providers"]))
                        for r in measured["runtimes"]),
-        gflops=round(measured["gflops"], 2),
+        gflops=round(gflops, 2),
         mem_bandwidth_gbs=round(measured["mem_bandwidth_gbs"], 2),
         device_class=classify_device(machine, board, accelerators, total),
         power_source=source,

@@ -101,3 +101,18 @@ def test_teardown_removes_namespaces_and_cgroups() -> None:
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert bed.lab.tag not in listed
     assert not any(g.exists() for g in bed.groups)
+
+
+def test_a_node_advertises_its_cpu_quota(bed: EmulatedBed) -> None:
+    # The capability probe's benchmark is short enough to run unthrottled inside one CFS
+    # period; the node scales its speed and cores by the quota it runs under.
+    probe = ("from epara.peer.capabilities import cpu_quota, probe; c = probe(); "
+             "print(cpu_quota(), c.cpu_cores, c.gflops)")
+    quota, cores, gflops = run_in(bed, 1, probe).split()  # the Pi class: 0.4 CPU
+    assert float(quota) == pytest.approx(0.4)
+    assert int(cores) == 1
+    # The server class: 2 CPUs (no limit at all when the machine has no more).
+    server_quota, _, server_gflops = run_in(bed, 0, probe).split()
+    assert server_quota == "None" or float(server_quota) == pytest.approx(2.0)
+    # The same cached measurement underneath, scaled by the quotas.
+    assert float(gflops) < float(server_gflops) * 0.5
