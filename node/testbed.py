@@ -260,9 +260,15 @@ class EmulatedBed:
 
     def prefix(self, i: int) -> list[str]:
         """Command prefix that runs a command on host i: it joins host i's cgroup, then
-        execs into the namespace (the same PID throughout, so nothing escapes the quota)."""
+        execs into the namespace (the same PID throughout, so nothing escapes the quota).
+        ``ip netns exec`` gives the command a fresh /sys without the cgroup mounts; the
+        cpu hierarchy is mounted again inside its private mount namespace, so a node
+        there can read its quota like one in a container can."""
+        remount = ('mount -t tmpfs cgroup_root /sys/fs/cgroup 2>/dev/null && '
+                   'mkdir -p /sys/fs/cgroup/cpu && '
+                   'mount -t cgroup -o cpu cgroup /sys/fs/cgroup/cpu 2>/dev/null; exec "$@"')
         return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.groups[i] / "cgroup.procs"),
-                *self.lab.prefix(i)]
+                *self.lab.prefix(i), "sh", "-c", remount, "sh"]
 
     def forward(self, i: int, port: int) -> PortForward:
         """``127.0.0.1:<forward.port>`` here reaches ``ip(i):port`` on host i, until
