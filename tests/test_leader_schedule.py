@@ -54,8 +54,14 @@ def test_schedule_is_deterministic_and_stable() -> None:
     first, _ = schedule(Placement(), state(), DEMAND, SERVICES, 0.0)
     again, _ = schedule(Placement(), state(), DEMAND, SERVICES, 0.0)
     assert first == again
-    steady, decisions = schedule(first, state(), DEMAND, SERVICES, 5.0)
-    assert steady.version == first.version and decisions == ()
+    # Settles: at most one refinement (a spare replica moved where it burdens nobody),
+    # then no decisions and no new versions.
+    second, _ = schedule(first, state(), DEMAND, SERVICES, 5.0)
+    assert second.version <= first.version + 1
+    steady, decisions = schedule(second, state(), DEMAND, SERVICES, 10.0)
+    assert steady.version == second.version and decisions == ()
+    again, decisions = schedule(steady, state(), DEMAND, SERVICES, 15.0)
+    assert again == steady and decisions == ()
 
 
 def test_moves_only_what_pays_for_its_load_time() -> None:

@@ -61,6 +61,7 @@ class SchedulerConfig:
     sweeps: int = 3  # greedy passes at most per decision
     headroom: int = 4  # spare-memory replicas added at most per service and decision
     headroom_factor: float = 4.0  # ... while its units offer less than this x its bursts
+    headroom_min_units: int = 2  # ... or it has fewer units than this
 
 
 @dataclass(frozen=True)
@@ -421,9 +422,11 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
     for _ in range(config.sweeps):
         if not _sweep(p, config, decisions):
             break
-    _prune(p, config, decisions)
     if config.headroom:
         _headroom(p, config, decisions)
+    # After the headroom: a spare replica that later additions made a burden goes now,
+    # not in the next decision (which would then add it back: churn).
+    _prune(p, config, decisions)
     if config.standby:
         _standby(p, idle, decisions)
     for name, unit in sorted(idle.items()):
@@ -526,8 +529,12 @@ def _headroom(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -
     place to finish. Once a service has that much capacity, later decisions add none.
     """
     def short(svc: _Service) -> float:
+        """Above 1 while the service wants more: capacity for its bursts times the
+        factor, and (demand seen only for moments, as at a cold start, says little)
+        at least ``headroom_min_units`` units where memory allows."""
         capacity = sum(u.perf.capacity_hz for u in svc.units if u.slack_s > 0)
-        return config.headroom_factor * svc.demand.load_hz / capacity if capacity else 0.0
+        wanted = config.headroom_factor * svc.demand.load_hz / capacity if capacity else 0.0
+        return max(wanted, config.headroom_min_units / len(svc.units))
 
     for _ in range(config.headroom):
         busy = sorted((svc for svc in p.services.values()
