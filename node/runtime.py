@@ -52,6 +52,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCHEDULE_PERIOD_S = 3.0  # re-plan at least this often (and on membership change)
+# ... and sooner, at most once per SURGE_MIN_GAP_S, when a service's burst rate grew
+# SURGE_FACTOR-fold since the last decision (and is at least SURGE_MIN_HZ)
+SURGE_MIN_GAP_S = 0.5
+SURGE_FACTOR = 2.0
+SURGE_MIN_HZ = 1.0
 TICK_S = 0.5  # how often the leader checks that every member applied its placement
 REBROADCAST_S = 5.0
 FORWARD_TIMEOUT_S = 120.0
@@ -132,6 +137,7 @@ class ClusterRuntime:
         self._applied_version = -1
         self._wake_scheduler = asyncio.Event()
         self._last_broadcast = 0.0
+        self._planned_load: dict[str, float] = {}  # burst rates the last decision used
         self._tasks: list[asyncio.Task[None]] = []
         self._forwards: dict[str, tuple[asyncio.Queue[Any], str]] = {}
         self._ids = itertools.count()
@@ -203,7 +209,8 @@ class ClusterRuntime:
                 continue
             try:
                 now = time.monotonic()
-                if woken or now - last_run >= SCHEDULE_PERIOD_S:
+                if woken or now - last_run >= SCHEDULE_PERIOD_S or (
+                        now - last_run >= SURGE_MIN_GAP_S and self._demand_surged(view)):
                     last_run = now
                     await self._schedule_once(view)
                 elif self._lagging(view) or now - self._last_broadcast > REBROADCAST_S:
@@ -212,6 +219,16 @@ class ClusterRuntime:
                 continue
             except Exception:  # a planning bug must not stop the leader's loop
                 log.exception("scheduling failed")
+
+    def _demand_surged(self, view: Any) -> bool:
+        """Some service's burst rate more than doubled since the last decision: a
+        stream that just started should not wait a whole period for its replicas."""
+        members = [m for m in view.members if m.status != "suspect"]
+        for name, seen in planning.demand(members).items():
+            if seen.load_hz >= SURGE_MIN_HZ and \
+                    seen.load_hz > SURGE_FACTOR * self._planned_load.get(name, 0.0):
+                return True
+        return False
 
     def _lagging(self, view: Any) -> bool:
         """Some live member has not applied the current placement (commands are best
@@ -224,6 +241,7 @@ class ClusterRuntime:
         models = planning.catalogue(members)
         measured = planning.measured_ms(members)
         demand = planning.demand(members)
+        self._planned_load = {name: d.load_hz for name, d in demand.items()}
         specs = {name: planning.with_observed_slo(
                      planning.service_spec(name, known["entry"], measured.get(name)),
                      demand.get(name))
