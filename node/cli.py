@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--no-mdns", action="store_true", help="find peers only via --peer")
     node.add_argument("--never-lead", action="store_true",
                       help="never become the cluster leader")
+    node.add_argument("--device-class", choices=("server", "embedded", "microcomputer"),
+                      help="advertise this device class instead of the one probed from "
+                      "the hardware")
     node.add_argument("--memory-budget-mb", type=float,
                       help="memory models may use on this device (default: free memory)")
     node.add_argument("--placement-policy", default="epara",
@@ -258,7 +261,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
         config.cluster_dir = cluster_dir
         config.member = MemberConfig(
             interfaces=tuple(args.interface) or None, control_port=args.port,
-            seeds=tuple(args.peer), mdns=not args.no_mdns, never_lead=args.never_lead)
+            seeds=tuple(args.peer), mdns=not args.no_mdns, never_lead=args.never_lead,
+            device_class=args.device_class)
     elif args.cluster:
         print(f"epara: no cluster credentials in {cluster_dir}; create them with "
               f"`epara cluster init --dir {cluster_dir}`", file=sys.stderr)

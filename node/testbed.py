@@ -76,6 +76,9 @@ DEVICE_CLASSES: dict[str, DeviceClass] = {
     "jetson": DeviceClass("jetson", 1.0, 1, 2048),
     "pi": DeviceClass("pi", 0.4, 1, 1024),
 }
+# The capability class a host of each emulated class advertises (the probe would see
+# the machine running the bed).
+ADVERTISED_CLASS = {"server": "server", "jetson": "embedded", "pi": "microcomputer"}
 LINKS: dict[str, LinkClass] = {
     "wired": LinkClass("wired", 1000.0, 0.2),
     "wifi": LinkClass("wifi", 50.0, 3.0),
@@ -278,9 +281,11 @@ class EmulatedBed:
         return forward
 
     def node_args(self, i: int) -> list[str]:
-        """``epara node`` arguments that match host i's class (threads, memory budget)."""
+        """``epara node`` arguments that match host i's class (threads, memory budget,
+        the device class it advertises)."""
         spec = self.specs[i]
-        return ["--threads", str(spec.device.threads), "--memory-budget-mb", str(spec.budget)]
+        return ["--threads", str(spec.device.threads), "--memory-budget-mb", str(spec.budget),
+                "--device-class", ADVERTISED_CLASS[spec.device.name]]
 
     def describe(self) -> list[str]:
         lines = [f"host {i} {self.ip(i)}: {s.device.name} ({s.device.cpus:g} CPU quota, "

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,9 @@ class MemberConfig:
     seeds: tuple[str, ...] = ()  # "host:port" control endpoints, for LANs without multicast
     mdns: bool = True
     never_lead: bool = False
+    # The probe's class from the hardware, unless set (a board the probe misreads, a
+    # container standing in for a smaller device): server, embedded or microcomputer.
+    device_class: str | None = None
     priority: int | None = None  # override the capability-derived leadership priority
     heartbeat_interval: float = 0.2
     suspect_after: float = 0.75
@@ -125,6 +128,9 @@ class ClusterMember:
         self._credentials = load_cluster_credentials(self._credentials_dir)
         if self.capabilities is None:
             self.capabilities = await asyncio.to_thread(caps_mod.probe, self.config.cache_dir)
+        if self.config.device_class is not None:
+            self.capabilities = replace(self.capabilities,
+                                        device_class=self.config.device_class)
         caps = self.capabilities
         self.priority = (self.config.priority if self.config.priority is not None else
                          election.leadership_priority(caps.headline(), caps.power_source,

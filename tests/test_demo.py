@@ -172,6 +172,11 @@ def check_staying_cluster(output: str, bed: bool, openai: Any) -> None:
     assert status.returncode == 0, status.stderr
     cluster = json.loads(status.stdout)["cluster"]
     assert len(cluster["members"]) == 3 and cluster["leader"] in {n[0] for n in nodes}
+    if bed:  # each host advertises its emulated class, not the machine's
+        classes = {m["node_id"]: (m.get("capabilities") or {}).get("device_class")
+                   for m in cluster["members"]}
+        assert classes == {"epara-n0": "server", "epara-n1": "embedded",
+                           "epara-n2": "microcomputer"}, classes
 
     plan = _run_hint(_hint(output, " plan --socket "), "--json")
     assert plan.returncode == 0, plan.stderr
