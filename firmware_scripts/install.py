@@ -58,6 +58,17 @@ class InstallError(RuntimeError):
     pass
 
 
+def _remove_path(path: Path) -> bool:
+    """Remove a file, link or directory tree; False when there was nothing there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+    else:
+        return False
+    return True
+
+
 class Installer:
     """Applies one unpacked bundle to one root file system and reports what changed."""
 
@@ -124,14 +135,8 @@ class Installer:
         self.changed.append(f"{target} -> {points_to}")
 
     def remove(self, target: str) -> None:
-        path = self.at(target)
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)
-        else:
-            return
-        self.changed.append(f"removed {target}")
+        if _remove_path(self.at(target)):
+            self.changed.append(f"removed {target}")
 
     # --- install -----------------------------------------------------------------------
 
@@ -385,14 +390,8 @@ def uninstall(root: Path, purge: bool) -> list[str]:
     if purge:
         paths += [ETC, STATE, "/etc/sysusers.d/epara.conf"]
     for target in paths:
-        path = root / target.lstrip("/")
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)
-        else:
-            continue
-        removed.append(target)
+        if _remove_path(root / target.lstrip("/")):
+            removed.append(target)
     if live and systemd_running():
         _run_ok(["systemctl", "daemon-reload"])
     return removed

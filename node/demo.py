@@ -41,6 +41,7 @@ from epara.node.loadgen import (
     _check_running,
     _Inputs,
     builtin_trace,
+    interrupts_handled_by,
     plot_results,
     run_policy,
     running_cluster,
@@ -110,13 +111,8 @@ def where_to_run(loopback: bool) -> tuple[bool, str]:
 def _signals_as_interrupt() -> Iterator[None]:
     """SIGTERM, and SIGINT even where the shell started us ignoring it (a background job),
     raise KeyboardInterrupt: the demo then stops what it started."""
-    previous = {s: signal.signal(s, signal.default_int_handler)
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with interrupts_handled_by(signal.default_int_handler):
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 @contextlib.contextmanager

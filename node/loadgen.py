@@ -269,21 +269,27 @@ def start_cluster(policy: str, work: Path, store: Path, nodes: int, credentials:
 
 
 @contextlib.contextmanager
+def interrupts_handled_by(handler: Any) -> Iterator[None]:
+    """SIGINT and SIGTERM go to ``handler`` while the body runs, as before after it."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+@contextlib.contextmanager
 def shielded() -> Iterator[None]:
     """Ctrl-C and SIGTERM wait while the body (a clean-up) runs, then take effect."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending: list[int] = []
-    previous = {s: signal.signal(s, lambda n, _f: pending.append(n))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with interrupts_handled_by(lambda n, _f: pending.append(n)):
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if pending:
-            raise KeyboardInterrupt
+    if pending:
+        raise KeyboardInterrupt
 
 
 def stop_cluster(nodes: Sequence[NodeProc]) -> None:
@@ -512,13 +518,10 @@ def run_real_goodput(trace_path: Path | None, seconds: float, nodes: int,
         prepare(service, model_store)
     inputs = _Inputs(sample_photo(model_store).read_bytes())
     results = []
-    for policy in policies:
-        if bed_classes:
-            with EmulatedBed([host(c) for c in bed_classes]) as bed:
-                results.append(run_policy(policy, trace, model_store.root, nodes, inputs,
-                                          bed))
-        else:
-            results.append(run_policy(policy, trace, model_store.root, nodes, inputs))
+    for policy in policies:  # a fresh bed per policy: nothing carries over between them
+        with EmulatedBed([host(c) for c in bed_classes]) if bed_classes \
+                else contextlib.nullcontext() as bed:
+            results.append(run_policy(policy, trace, model_store.root, nodes, inputs, bed))
     summary = summarize(results)
     where = (f"EMULATED namespace hosts ({', '.join(bed_classes)}; CPU quotas and link "
              "rates, no link delay)" if bed_classes else

@@ -123,7 +123,6 @@ class _Planner:
         self.heaps: dict[tuple[Any, ...], list[tuple[float, float, str, int]]] = {}
         self.perf_cache: dict[tuple[Any, ...], UnitPerf] = {}
         self.batch_cache: dict[tuple[Any, ...], int] = {}
-        self.no_pipeline: set[str] = set()  # services no device set can host this call
         self.pipeline_cache: dict[tuple[Any, ...], Partition | None] = {}
         self.services: dict[str, _Service] = {}
         for name in sorted(services):
@@ -331,8 +330,6 @@ class _Planner:
 
     def pipeline(self, svc: _Service) -> tuple[_Live, str] | None:
         """A pipeline over a pool of the fastest lightly loaded devices with room."""
-        if svc.spec.name in self.no_pipeline:
-            return None
         objective = svc.allocation.objective or "latency"
         smallest = min(svc.spec.stage_memory_mb(i, i + 1) for i in range(len(svc.spec.layers)))
         pool: list[DeviceProfile] = []
@@ -361,8 +358,6 @@ class _Planner:
                              self.config.max_stages, self.config.max_cuts, memory_steps=64)
             self.pipeline_cache[key] = plan
         if plan is None:
-            # Memory only shrinks while the sweeps add units: no later try would fit.
-            self.no_pipeline.add(svc.spec.name)
             return None
         return self.live(svc, self.batched(svc, plan.stages)), plan.reason
 

@@ -424,34 +424,47 @@ def one_replica_placement(services: Mapping[str, ServiceSpec],
     return Placement(1, plans)
 
 
-def replicate_all_placement(services: Mapping[str, ServiceSpec],
-                            devices: Sequence[DeviceProfile],
-                            popularity: Mapping[str, float] | None = None) -> Placement:
-    """Replicate wherever it fits: rounds over the services, most popular first (the
-    order known up front), each round giving every service one more replica on the
-    device with the most free memory that holds it, until no model fits anywhere.
-    Memory is the only constraint it knows: not speed, not SLOs, not batching."""
+def _in_rounds(services: Mapping[str, ServiceSpec], popularity: Mapping[str, float] | None,
+               add: Callable[[ServiceSpec], Unit | None], mode: str) -> Placement:
+    """Rounds over the services, most popular first (the order known up front), each
+    round giving every service one more unit from ``add`` (None: no room left for it),
+    until a round places nothing."""
     popularity = popularity or {}
     names = sorted(services, key=lambda n: (-popularity.get(n, 0.0), n))
-    free = {d.id: d.mem_mb for d in devices}
     units: dict[str, list[Unit]] = {n: [] for n in names}
-    hosts: dict[str, set[str]] = {n: set() for n in names}
     placed = True
     while placed:
         placed = False
         for name in names:
-            spec = services[name]
-            fits = [d for d in devices
-                    if free[d.id] >= spec.memory_mb and d.id not in hosts[name]]
-            if not fits:
-                continue
-            d = max(fits, key=lambda d: (free[d.id], d.id))
-            free[d.id] -= spec.memory_mb
-            hosts[name].add(d.id)
-            units[name].append(_whole(spec, d.id))
-            placed = True
-    return Placement(1, {n: ServicePlan(n, "", "replicas", tuple(u), "")
+            unit = add(services[name])
+            if unit is not None:
+                units[name].append(unit)
+                placed = True
+    return Placement(1, {n: ServicePlan(n, "", mode, tuple(u), "")
                          for n, u in units.items() if u})
+
+
+def replicate_all_placement(services: Mapping[str, ServiceSpec],
+                            devices: Sequence[DeviceProfile],
+                            popularity: Mapping[str, float] | None = None) -> Placement:
+    """Replicate wherever it fits: rounds over the services, most popular first, each
+    round giving every service one more replica on the device with the most free memory
+    that holds it, until no model fits anywhere. Memory is the only constraint it
+    knows: not speed, not SLOs, not batching."""
+    free = {d.id: d.mem_mb for d in devices}
+    hosts: dict[str, set[str]] = {n: set() for n in services}
+
+    def add(spec: ServiceSpec) -> Unit | None:
+        fits = [d for d in devices
+                if free[d.id] >= spec.memory_mb and d.id not in hosts[spec.name]]
+        if not fits:
+            return None
+        d = max(fits, key=lambda d: (free[d.id], d.id))
+        free[d.id] -= spec.memory_mb
+        hosts[spec.name].add(d.id)
+        return _whole(spec, d.id)
+
+    return _in_rounds(services, popularity, add, "replicas")
 
 
 def pipeline_all_placement(services: Mapping[str, ServiceSpec],
@@ -465,34 +478,27 @@ def pipeline_all_placement(services: Mapping[str, ServiceSpec],
     n_groups = max(1, len(ordered) // group)
     groups = [ordered[g::n_groups] for g in range(n_groups)]
     free = {d.id: d.mem_mb for d in ordered}
-    popularity = popularity or {}
-    names = sorted(services, key=lambda n: (-popularity.get(n, 0.0), n))
-    units: dict[str, list[Unit]] = {n: [] for n in names}
-    used: dict[str, set[int]] = {n: set() for n in names}
-    placed = True
-    while placed:
-        placed = False
-        for name in names:
-            spec = services[name]
-            for g in sorted((g for g in range(n_groups) if g not in used[name]),
-                            key=lambda g: (-sum(free[d.id] for d in groups[g]), g)):
-                members = groups[g]
-                if spec.layers:
-                    stages = proportional_split(spec, members, free)
-                else:
-                    room = max(members, key=lambda d: (free[d.id], d.id))
-                    stages = (Stage(room.id, 0, 0, spec.memory_mb),) \
-                        if free[room.id] >= spec.memory_mb else None
-                if stages is None:
-                    continue
-                for s in stages:
-                    free[s.device] -= s.memory_mb
-                units[name].append(Unit(name, stages, _fixed_batch(spec)))
-                used[name].add(g)
-                placed = True
-                break
-    return Placement(1, {n: ServicePlan(n, "", "pipeline_throughput", tuple(u), "")
-                         for n, u in units.items() if u})
+    used: dict[str, set[int]] = {n: set() for n in services}
+
+    def add(spec: ServiceSpec) -> Unit | None:
+        for g in sorted((g for g in range(n_groups) if g not in used[spec.name]),
+                        key=lambda g: (-sum(free[d.id] for d in groups[g]), g)):
+            members = groups[g]
+            if spec.layers:
+                stages = proportional_split(spec, members, free)
+            else:
+                room = max(members, key=lambda d: (free[d.id], d.id))
+                stages = (Stage(room.id, 0, 0, spec.memory_mb),) \
+                    if free[room.id] >= spec.memory_mb else None
+            if stages is None:
+                continue
+            for s in stages:
+                free[s.device] -= s.memory_mb
+            used[spec.name].add(g)
+            return Unit(spec.name, stages, _fixed_batch(spec))
+        return None
+
+    return _in_rounds(services, popularity, add, "pipeline_throughput")
 
 
 # --- the run --------------------------------------------------------------------------------
