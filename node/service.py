@@ -62,7 +62,7 @@ class LatencyTracker:
     def __init__(self, window: int = 256) -> None:
         self.batch_seconds: float | None = None
         # One request's run time: from batches of one row, else a batch's time per row
-        # (an upper bound's opposite on accelerators, about right on CPUs). The leader
+        # (a lower bound on accelerators, about right on CPUs). The leader
         # plans from it, so it must not grow with the batches that load brings.
         self.single_seconds: float | None = None
         self.recent_ms: deque[float] = deque(maxlen=window)
