@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from epara.node.client import Client, Done, EparaError
+from epara.node.leader.policies import POLICIES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--memory-budget-mb", type=float,
                       help="memory models may use on this device (default: free memory)")
     node.add_argument("--placement-policy", default="epara",
-                      choices=["epara", "one-replica", "replicate-all", "pipeline-all"],
+                      choices=sorted(POLICIES),
                       help="what this node places by when it leads (baselines exist to "
                       "measure epara against them)")
     node.add_argument("--http-port", type=int, metavar="PORT",

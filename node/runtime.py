@@ -32,8 +32,9 @@ from epara.node.dataplane import DataPlane, Endpoint
 from epara.node.generation import GenerationService
 from epara.node.leader.demand import WINDOW_S, observe
 from epara.node.leader.model import Placement, Unit
+from epara.node.leader.policies import make_policy
 from epara.node.leader.routing import route, targets_for
-from epara.node.leader.scheduler import SchedulerConfig, schedule
+from epara.node.leader.scheduler import SchedulerConfig
 from epara.node.pipeline import (
     LlmStageAdapter,
     PipelineClient,
@@ -64,7 +65,6 @@ COLD_START_WAIT_S = 15.0  # how long a request waits for the leader to place its
 ROUTING_VIEW_S = 0.05  # how stale the routing snapshot of the cluster may be
 # "epara" is the state-aware scheduler; the others are the baseline strategies of the
 # simulator, here so a real cluster can be measured under each of them.
-PLACEMENT_POLICIES = ("epara", "one-replica", "replicate-all", "pipeline-all")
 Reply = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -115,14 +115,10 @@ class ClusterRuntime:
     def __init__(self, node: Node, member: ClusterMember, credentials_dir: Path,
                  budget_mb: float | None = None,
                  config: SchedulerConfig | None = None, policy: str = "epara") -> None:
-        if policy not in PLACEMENT_POLICIES:
-            raise ValueError(f"unknown placement policy {policy!r}; "
-                             f"one of {', '.join(PLACEMENT_POLICIES)}")
-        self.policy = policy
+        self.policy = make_policy(policy, config)
         self.node = node
         self.member = member
         self.budget_mb = budget_mb
-        self.scheduler_config = config or SchedulerConfig()
         self.dataplane = DataPlane(credentials_dir, member.host)
         self.stages = StageHost(self.dataplane, node.node_id)
         self.pipeline = PipelineClient(self.dataplane, node.node_id)
@@ -247,12 +243,8 @@ class ClusterRuntime:
                      demand.get(name))
                  for name, known in models.items()}
         state = planning.cluster_state(members, time.time())
-        if self.policy == "epara":
-            placement, decisions = await asyncio.to_thread(
-                schedule, self.placement, state, demand, specs, time.time(),
-                self.scheduler_config)
-        else:
-            placement, decisions = self._baseline_placement(specs, state, demand)
+        placement, decisions = await asyncio.to_thread(
+            self.policy.place, self.placement, state, demand, specs, time.time())
         if placement.version != self.placement.version:
             if decisions:
                 self.decisions = decisions
@@ -263,28 +255,6 @@ class ClusterRuntime:
             await self._broadcast()
         elif self._lagging(view) or time.monotonic() - self._last_broadcast > REBROADCAST_S:
             await self._broadcast()
-
-    def _baseline_placement(self, specs: dict[str, Any], state: Any,
-                            demand: dict[str, Any]) -> tuple[Placement, tuple[Any, ...]]:
-        """A baseline strategy's placement (for measuring epara against it on a real
-        cluster): the same functions the simulator's baselines use, fed from the live
-        view. Popularity is the demand seen so far; the version moves only on change."""
-        from epara.node.leader import sim
-
-        devices = state.alive()
-        popularity = {name: d.rate_hz for name, d in demand.items()}
-        if self.policy == "one-replica":
-            fresh = sim.one_replica_placement(specs, devices)
-        elif self.policy == "replicate-all":
-            fresh = sim.replicate_all_placement(specs, devices, popularity)
-        else:
-            fresh = sim.pipeline_all_placement(specs, devices, popularity=popularity)
-        reason = f"baseline policy {self.policy}"
-        plans = {name: replace(plan, category="-", reason=reason)
-                 for name, plan in fresh.plans.items()}
-        if plans == dict(self.placement.plans):
-            return self.placement, ()
-        return Placement(self.placement.version + 1, plans), ()
 
     async def _broadcast(self) -> None:
         await self.member.broadcast_command("placement", self.placement.to_dict())
