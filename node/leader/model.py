@@ -118,6 +118,10 @@ class ServiceDemand:
     mean_output_tokens: float | None = None  # LLM: observed, overrides the spec's guess
     peak_hz: float | None = None  # the rate its busy seconds reach (leader/demand.py)
     slo_ms: float | None = None  # the deadline its requests carry (median), if they do
+    # Fraction of the window's finished requests that met their deadline, as the nodes
+    # measured it (None: nothing finished yet). The policy compares it with its own
+    # estimate and corrects itself; the simulator's leader fills it the same way.
+    attained: float | None = None
 
     @property
     def load_hz(self) -> float:
