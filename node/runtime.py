@@ -171,8 +171,14 @@ class ClusterRuntime:
 
     def state(self) -> dict[str, Any]:
         """This node's part of the synced state record."""
+        demand = self.demand.rates()
+        # The SLO attainment of the requests that entered here, over the demand window:
+        # what the leader compares with the estimate it planned by.
+        for name, (met, ended) in self.node.requests.attainment(WINDOW_S).items():
+            if name in demand:
+                demand[name].update(met=met, ended=ended)
         return {"data_port": self.dataplane.port, "catalogue": self.catalogue,
-                "ready": sorted(self.ready_units), "demand": self.demand.rates(),
+                "ready": sorted(self.ready_units), "demand": demand,
                 "budget_mb": self.budget_mb, "placement_version": self._applied_version}
 
     def status(self) -> dict[str, Any]:
