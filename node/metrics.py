@@ -77,9 +77,9 @@ class RequestLog:
             if met:
                 good = (finished.model, finished.source)
                 self.goodput[good] = self.goodput.get(good, 0) + 1
-            # Invalid requests say nothing about the service; a refusal or an expiry is
-            # a request the cluster did not serve in time.
-            if finished.source != "peer" and outcome not in ("invalid", "cancelled"):
+            # Served, refused or expired: whether the cluster was quick enough. Invalid
+            # or cancelled requests and failures (a node died) say nothing of its speed.
+            if finished.source != "peer" and outcome in ("ok", "refused", "expired"):
                 self.recent.setdefault(finished.model, deque(maxlen=ATTAINMENT_KEEP)) \
                     .append((time.monotonic(), met))
         if self.exporter is not None:
