@@ -112,7 +112,9 @@ class ClusterRuntime:
     def __init__(self, node: Node, member: ClusterMember, credentials_dir: Path,
                  budget_mb: float | None = None,
                  config: SchedulerConfig | None = None, policy: str = "epara") -> None:
-        self.policy = make_policy(policy, config)
+        # A real cluster's estimates start from a roofline: place what is demanded so
+        # that it runs and is measured (SchedulerConfig.place_to_measure).
+        self.policy = make_policy(policy, config or SchedulerConfig(place_to_measure=True))
         self.node = node
         self.member = member
         self.budget_mb = budget_mb

@@ -59,7 +59,7 @@ class Job:
 class LatencyTracker:
     """Exponentially weighted batch time plus a window of recent request latencies."""
 
-    def __init__(self, window: int = 256) -> None:
+    def __init__(self, window: int = 256, skip_first: bool = True) -> None:
         self.batch_seconds: float | None = None
         # One request's run time: from batches of one row, else a batch's time per row
         # (a lower bound on accelerators, about right on CPUs). The leader
@@ -67,7 +67,8 @@ class LatencyTracker:
         self.single_seconds: float | None = None
         self.recent_ms: deque[float] = deque(maxlen=window)
         self.recent_batches: deque[float] = deque(maxlen=16)
-        self._cold = True  # the first run after loading (caches, JIT) says little
+        # the first run after loading (caches, JIT) says little, where there is a JIT
+        self._cold = skip_first
         self._lock = threading.Lock()
 
     def fastest_batch(self) -> float | None:

@@ -17,7 +17,7 @@ from epara.node.leader.model import (
     ServiceSpec,
 )
 from epara.node.leader.policies import CorrectionLaw, EparaPolicy, corrected_scale
-from epara.node.leader.scheduler import estimated_attainment, schedule
+from epara.node.leader.scheduler import SchedulerConfig, estimated_attainment, schedule
 
 # A server-, a Jetson- and a Pi-class host, as on the emulated bed.
 DEVICES = (
@@ -114,3 +114,18 @@ def test_nodes_demand_records_aggregate_into_attainment() -> None:
     assert seen["chat"].attained == 0.7
     assert seen["chat"].rate_hz == 3.0
     assert seen["camera"].attained is None  # nothing ended there yet
+
+
+def test_a_demanded_service_is_placed_to_be_measured_when_asked() -> None:
+    # A trickle of demand whose estimated gain stays under the bar: by default left
+    # unplaced; a real leader (place_to_measure) gives it its quickest unit anyway, so a
+    # node runs it and measures what the roofline only guessed.
+    slow = replace(CHAT, slo_ms=200.0, gflop=0.9)
+    trickle = {"chat": ServiceDemand(0.002, 1.0)}
+    plain, _ = schedule(Placement(), STATE, trickle, {"chat": slow}, 0.0)
+    assert not plain.units_of("chat")
+    measured, decisions = schedule(Placement(), STATE, trickle, {"chat": slow}, 0.0,
+                                   SchedulerConfig(place_to_measure=True))
+    (unit,) = measured.units_of("chat")
+    assert unit.head == "server"
+    assert "first unit" in decisions[0].reason
