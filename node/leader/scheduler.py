@@ -473,13 +473,16 @@ def _standby(p: _Planner, idle: Mapping[str, Unit], decisions: list[Decision]) -
     that still has room (no reload), else where its first requests will be served well
     (``cold_start_choice``)."""
     for svc in p.services.values():
-        if svc.units or svc.demand.rate_hz > 0 or \
-                svc.allocation.mode.startswith("pipeline"):
+        if svc.units or svc.demand.rate_hz > 0:
             continue
         before = idle.get(svc.spec.name)
         if before is not None and all(
                 p.free[s.device] >= s.memory_mb for s in before.stages):
+            # Any mode: a unit that stays costs no reload, and a service whose demand
+            # blinks (an LLM's few requests) would otherwise be loaded and unloaded.
             p.commit(svc, [p.live(svc, before)])
+            continue
+        if svc.allocation.mode.startswith("pipeline"):
             continue
         found = [f[0] for rep in p.reps
                  if (f := p.candidate(svc, rep.profile_key())) is not None]
