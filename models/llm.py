@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -184,8 +185,9 @@ class LlmStage:
     with different cache lengths batch together without padding.
 
     ``slots``: sequences the pool holds at once; ``capacity``: positions per sequence
-    (default the model's context). A sequence idle for ``idle_seconds`` (its head died,
-    say) is freed by ``expire``.
+    (default the model's context). ``expire`` frees sequences idle for a while (their
+    head died, say). ``providers``: ONNX Runtime execution providers, by default the
+    device's (``device_providers``).
     """
 
     def __init__(self, path: Path, threads: int | None = None, slots: int = 16,
@@ -205,9 +207,10 @@ class LlmStage:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self.providers = list(providers or ["CPUExecutionProvider"])
-        self._session = ort.InferenceSession(str(path), sess_options=options,
-                                             providers=self.providers)
+        self.providers = list(providers or device_providers())
+        self._session = ort.InferenceSession(
+            str(path), sess_options=options,
+            providers=[_provider_options(p, Path(path).parent) for p in self.providers])
         self._ortvalue = ort.OrtValue.ortvalue_from_numpy
         self._input_name = "input_ids" if self.first else "hidden_in"
         self._output = "logits" if self.last else "hidden_out"
@@ -282,6 +285,48 @@ class LlmStage:
             pool.length[seq_id] = end
             self._last_used[seq_id] = now
         return result if ordered else result[np.argsort(order)]
+
+
+ACCELERATED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def choose_providers(available: Sequence[str], accelerators: Sequence[str]) -> list[str]:
+    """Execution providers for an LLM stage, best first, CPU always last.
+
+    ``available``: what the installed onnxruntime offers (``onnxruntime-gpu``, or the
+    Jetson wheel, offers CUDA and TensorRT); ``accelerators``: the kinds of accelerator
+    the capability probe found (``cuda``, ``jetson``). A GPU provider is used only where
+    both agree: an onnxruntime-gpu wheel on a machine without a GPU runs on the CPU.
+    Operators a GPU provider lacks (the float32 GroupQueryAttention over the KV pool)
+    run on the CPU provider, which ONNX Runtime assigns node by node.
+    """
+    chosen = []
+    if {"cuda", "jetson"} & set(accelerators):
+        chosen = [p for p in ACCELERATED_PROVIDERS if p in available]
+    return [*chosen, "CPUExecutionProvider"]
+
+
+def device_providers() -> list[str]:
+    """``choose_providers`` for this device: onnxruntime's providers and the probe's
+    accelerator figures (``epara.peer.capabilities``; only its cheap hardware part)."""
+    import onnxruntime as ort
+
+    from epara.peer import capabilities
+
+    kinds = [a.kind for a in capabilities.cuda_devices()]
+    if capabilities.jetson(capabilities.board_model()) is not None:
+        kinds.append("jetson")
+    return choose_providers(ort.get_available_providers(), kinds)
+
+
+def _provider_options(provider: str, model_dir: Path) -> str | tuple[str, dict[str, Any]]:
+    if provider == "TensorrtExecutionProvider":
+        # Building a TensorRT engine takes minutes on a Jetson: keep it across restarts,
+        # in the user's cache (the model store's directories are hashed, read-only).
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return provider, {"trt_engine_cache_enable": True, "trt_engine_cache_path":
+                          str(cache / "epara" / "tensorrt" / Path(model_dir).name)}
+    return provider
 
 
 class Detokenizer:
