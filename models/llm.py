@@ -375,9 +375,10 @@ class LlmEngine:
 
     Each ``step()`` decodes one token for every running sequence (one batched forward
     per stage), then prefills newly added sequences in chunks: while sequences are
-    decoding, only as many prompt tokens as take about one decode step, so a long prompt
-    never stalls the running streams for more than about one extra step; with nothing
-    decoding, ``prefill_chunk`` tokens at a time.
+    decoding, only as many prompt tokens as take about ``interleave_steps`` decode steps
+    (measured, adapted chunk by chunk), so a long prompt stretches the running streams'
+    token gaps to about 1 + ``interleave_steps`` steps instead of stalling them for a
+    whole prefill; with nothing decoding, ``prefill_chunk`` tokens at a time.
 
     Sequences are admitted by KV memory: each holds ``prompt + max_tokens`` positions
     (at most ``context``) of ``kv_budget_tokens`` (default: the manifest's
@@ -426,9 +427,11 @@ class LlmEngine:
         self._sequences: dict[str, _Sequence] = {}
         self._cancelled: list[str] = []
         self._reserved = 0
-        # Measured costs that size the prefill chunks interleaved with decoding.
+        # Prefill chunks beside decoding are sized to take about this many decode steps
+        # (measured), so a running stream's token gap stays near 1 + this.
+        self.interleave_steps = 1.5
         self._decode_seconds: float | None = None
-        self._prefill_seconds_per_token: float | None = None
+        self._interleave_tokens = min(16, prefill_chunk)
 
     @property
     def active(self) -> int:
@@ -521,8 +524,8 @@ class LlmEngine:
                     raise
                 events.append(self._fail(seq, exc))
                 continue
-            self._prefill_seconds_per_token = _ewma(
-                self._prefill_seconds_per_token, (time.perf_counter() - started) / count)
+            if running:
+                self._adapt_budget(time.perf_counter() - started)
             seq.fed += count
             budget -= count
             if seq.fed == len(tokens):
@@ -531,11 +534,25 @@ class LlmEngine:
         return events
 
     def _prefill_budget(self) -> int:
-        """Prompt tokens to prefill beside a decode step: about one decode step's time."""
-        if self._decode_seconds is None or self._prefill_seconds_per_token is None:
-            return min(32, self.prefill_chunk)
-        fits = int(self._decode_seconds / self._prefill_seconds_per_token)
-        return max(8, min(self.prefill_chunk, fits))
+        """Prompt tokens to prefill beside a decode step (see ``_adapt_budget``)."""
+        return min(self._interleave_tokens, self.prefill_chunk)
+
+    def _adapt_budget(self, chunk_seconds: float) -> None:
+        """Steer the interleaved chunk's time towards ``interleave_steps`` decode steps.
+
+        A chunk's cost is far from proportional to its tokens (a matmul over several
+        rows re-expands the 4-bit weights once per call, whatever the rows), so the
+        budget follows the measured time of the last chunk instead of a per-token rate:
+        shrink when it ran long, grow when it ran short."""
+        if self._decode_seconds is None:
+            return
+        target = self.interleave_steps * self._decode_seconds
+        tokens = self._interleave_tokens
+        if chunk_seconds > target:
+            tokens = int(tokens * max(0.5, target / chunk_seconds))
+        elif chunk_seconds < 0.7 * target:
+            tokens = int(tokens * 1.25) + 1
+        self._interleave_tokens = max(1, min(self.prefill_chunk, tokens))
 
     def _decode(self, running: list[_Sequence]) -> list[TokenEvent]:
         last = np.array([[s.generated[-1]] for s in running], np.int64)
