@@ -22,7 +22,6 @@ request's work at once (the generation stops, the queued job is withdrawn).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import math
@@ -44,6 +43,7 @@ Serve = Callable[[dict[str, Any], Reply], Awaitable[None]]  # (request message, 
 MAX_IN_FLIGHT_PER_PEER = 64  # forwarded requests per peer, each direction
 IDLE_S = 60.0  # a request without a deadline fails after this long without a reply
 SEND_TIMEOUT_S = 1.0  # how long a send may wait for a fresh connection's handshake
+MAX_PENDING_REFUSALS = 1024  # refusals waiting to be sent (each for SEND_TIMEOUT_S at most)
 
 
 class _PeerGone(Exception):
@@ -75,6 +75,7 @@ class Forwarder:
         # serving side: (origin, req) -> the task serving it
         self._serving: dict[tuple[Endpoint, str], asyncio.Task[Any]] = {}
         self._per_origin: Counter[Endpoint] = Counter()
+        self._refusals: set[asyncio.Task[bool]] = set()
         dataplane.on("api", self._on_api, refuse=self._refuse)
         dataplane.on("api_reply", self._on_api_reply, inline=True)
         dataplane.on("api_cancel", self._on_api_cancel, inline=True)
@@ -181,11 +182,22 @@ class Forwarder:
         await self._answer_error(header, "overloaded", reason)
 
     async def _answer_error(self, header: dict[str, Any], code: str, reason: str) -> None:
+        """Answer a refused request. In the background: the connection back to its origin
+        may still be in its handshake, and the receive loop must not wait for it."""
+        try:
+            origin = self._origin(header)
+        except (KeyError, TypeError, ValueError):
+            return
+        if len(self._refusals) >= MAX_PENDING_REFUSALS:
+            log.warning("dropped a refusal to %s:%d: too many pending", *origin)
+            return
         message = {"v": wire.PROTOCOL_VERSION, "ok": False,
                    "error": {"code": code, "message": f"{self.node_id}: {reason}"}}
         frames = wire.pack_message({"kind": "api_reply", "req": header.get("req")}, message)
-        with contextlib.suppress(KeyError, TypeError, ValueError):
-            self.dataplane.send_frames(self._origin(header), frames)
+        task = asyncio.create_task(self.dataplane.send_frames_when_connected(
+            origin, frames, self.send_timeout_s))
+        self._refusals.add(task)
+        task.add_done_callback(self._refusals.discard)
 
     async def _on_api(self, header: dict[str, Any], tensors: dict[str, Any]) -> None:
         origin = self._origin(header)
