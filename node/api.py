@@ -423,11 +423,18 @@ class LocalApi:
                     break
                 if isinstance(event, ServiceError):
                     raise event
+                if event.finish_reason == "error":  # this sequence failed alone
+                    raise ServiceError("inference_failed", event.text or "generation failed")
+                if event.finish_reason is not None:
+                    finish_reason = event.finish_reason
+                # The end-of-sequence token (or the one completing a stop string) is not
+                # output: only a final event that still carries text is streamed.
+                if event.token_id < 0 or (event.finish_reason is not None
+                                          and not event.text):
+                    continue
                 tokens += 1
                 await reply({"id": request.id, "ok": True, "event": "token",
                              "token": event.token_id, "text": event.text})
-                if event.finish_reason is not None:
-                    finish_reason = event.finish_reason
         except asyncio.CancelledError:
             service.cancel(seq_id)
             raise

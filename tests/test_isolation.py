@@ -232,3 +232,54 @@ def test_segment_refuses_bad_thresholds_and_empty_images(
         assert answer["ok"] and answer["mask"].shape == (32, 48)
     finally:
         service.stop()
+
+
+# --- generate: a NaN beside healthy streams, and the end-of-sequence token ----------------
+
+
+def test_a_nan_temperature_is_refused_and_healthy_streams_finish_without_eos_events(
+        prepared: Any) -> None:
+    """The real SmolLM2 in a real GenerationService behind the API handler: a request with
+    temperature NaN is refused at the boundary while two healthy greedy streams run
+    beside it; they end with `done` and never stream the end-of-sequence token."""
+    import asyncio
+
+    pytest.importorskip("epara.models.llm")
+    from epara.node.api import LocalApi
+
+    directory = prepared("smollm2-135m")
+    manifest = load_manifest(directory)
+    stop_ids = {int(t) for t in manifest.extra.get("stop_token_ids", ())}
+    service = load_service(directory, manifest, 1)
+    api = LocalApi({"llm": service}, lambda: [], lambda: {})
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+
+    async def call(request_id: int, params: dict[str, Any]) -> list[dict[str, Any]]:
+        replies: list[dict[str, Any]] = []
+
+        async def reply(answer: dict[str, Any]) -> None:
+            replies.append(answer)
+
+        await api._handle(Request({"id": request_id, "op": "generate", "model": "llm",
+                                   "messages": question, "params": params}), reply, {})
+        return replies
+
+    async def run() -> list[list[dict[str, Any]]]:
+        return await asyncio.gather(
+            call(1, {"temperature": 0, "max_tokens": 32}),
+            call(2, {"temperature": math.nan, "max_tokens": 32}),
+            call(3, {"temperature": 0, "max_tokens": 32}))
+
+    try:
+        healthy_a, poisoned, healthy_b = asyncio.run(run())
+    finally:
+        service.stop()
+    assert poisoned == [{"id": 2, "ok": False, "error": {
+        "code": "bad_request", "message": poisoned[0]["error"]["message"]}}]
+    for stream in (healthy_a, healthy_b):
+        assert stream[-1]["event"] == "done", stream[-1]
+        tokens = [r for r in stream if r.get("event") == "token"]
+        assert "Paris" in "".join(r["text"] for r in tokens)
+        assert not stop_ids & {r["token"] for r in tokens}
+        assert stream[-1]["usage"]["completion_tokens"] == len(tokens)
+    assert [r.get("token") for r in healthy_a] == [r.get("token") for r in healthy_b]
