@@ -201,6 +201,13 @@ class ModelService:
     def queue_depth(self) -> int:
         return self._waiting
 
+    def set_max_batch(self, batch: int) -> None:
+        """Run batches of at most ``batch`` rows (the placement's choice for this unit),
+        within what the model allows (its manifest's max batch; 1 when it has no batch
+        axis). The worker reads it for its next batch."""
+        if self.batch_axis is not None:
+            self.max_batch = max(1, min(int(batch), self.manifest.hints.max_batch))
+
     def submit(self, inputs: Mapping[str, Any], deadline: float | None) -> Future[InferResult]:
         """Validate and enqueue; raise ServiceError for what must be refused now."""
         if self._stopping:
@@ -212,9 +219,10 @@ class ModelService:
         rows = 1
         if self.declared_axis is not None and checked:
             rows = next(iter(checked.values())).shape[self.declared_axis]
-            if rows > self.max_batch:
+            # The model's limit, not the placement's batch: a larger request runs alone.
+            if rows > self.manifest.hints.max_batch:
                 raise ServiceError("bad_input", f"batch of {rows} exceeds this service's "
-                                   f"max batch {self.max_batch}")
+                                   f"max batch {self.manifest.hints.max_batch}")
         work = input_work(checked)
         now = time.monotonic()
         if deadline is not None:
