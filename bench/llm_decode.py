@@ -83,7 +83,8 @@ def token_gap_steps(engine: LlmEngine, prompt_tokens: int = 1000, before: int = 
     """The stall of a running stream while a long prompt is admitted: the longest gap
     between two of its tokens from the prompt's arrival until the prompt's first token,
     over the stream's median gap before the arrival (its decode step)."""
-    engine.add("stream", prompt=PROMPTS[0], params=GenerationParams(max_tokens=400))
+    # Long enough to outlast the prompt's whole prefill (it is cancelled then).
+    engine.add("stream", prompt=PROMPTS[0], params=GenerationParams(max_tokens=4000))
     stamps: list[float] = []
     arrival = first_long = None
     while engine.active:

@@ -126,8 +126,11 @@ class KvPool:
             raise KvPoolFull(f"the KV pool has {self.slots} slots, "
                              f"{self.owner.count(None)} free; {len(new)} new sequences")
         members = set(seq_ids)
+        # The range holding most of them, then the most free slots (a new sequence goes
+        # to a free slot, not over another batch's), then the lowest.
         start = max(range(self.slots - n + 1), key=lambda a: (
-            sum(1 for s in seq_ids if s in self.slot and a <= self.slot[s] < a + n), -a))
+            sum(1 for s in seq_ids if s in self.slot and a <= self.slot[s] < a + n),
+            self.owner[a:a + n].count(None), -a))
         span = range(start, start + n)
         outside = [s for s in seq_ids if s in self.slot and self.slot[s] not in span]
         free_in = [p for p in span if self.owner[p] is None]

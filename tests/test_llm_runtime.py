@@ -88,6 +88,9 @@ def test_kv_pool_keeps_a_batch_in_adjacent_slots_and_moves_only_on_change() -> N
         pool.length[s] = 3
     before = dict(pool.slot)
     assert pool.arrange(["c", "a", "b"]) == start and pool.slot == before  # no move
+    pool.arrange(["n"])  # a new sequence (a prompt's chunk) takes a free slot
+    assert pool.slot == {**before, "n": pool.slot["n"]}
+    pool.release("n")
     pool.release("b")  # a hole in the middle: the next batch [a, c] must be adjacent
     start = pool.arrange(["a", "c"])
     assert {pool.slot["a"], pool.slot["c"]} == {start, start + 1}
