@@ -431,10 +431,17 @@ async def _await_result(request: Request, future: Future[InferResult]) -> InferR
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
         future.cancel()
-        task = asyncio.current_task()
-        if request.cancelled and task is not None and not task.cancelling():
+        if request.cancelled and not _task_being_cancelled():
             raise ServiceError("cancelled", "cancelled by the client") from None
         raise
+
+
+def _task_being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (its client left). A helper, so
+    no frame the CancelledError's traceback keeps holds the task: that cycle would keep
+    the request's inputs (maybe a client's shared memory) alive until a GC pass."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _generation_params(request: Request) -> Any:

@@ -212,6 +212,7 @@ class Node:
             "socket": str(self.config.socket_path),
             "model_store": str(self.store.root),
             "connections": self.api.connections,
+            "buffered_bytes": self.api.buffered_bytes,
             "http": self.http.url if self.http is not None else None,
             "backends": self.backends,
             "services": [s.stats() for _, s in sorted(self.services.items())],

@@ -32,14 +32,17 @@ import contextlib
 import ctypes
 import ctypes.util
 import fcntl
+import gc
 import logging
 import mmap
 import os
 import socket
 import stat
 import termios
+import time
+import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +116,37 @@ class _Allocator:
 
 _ALLOCATOR = _Allocator()
 TRIM_AFTER_BYTES = 4 * 1024 * 1024  # a connection that buffered this much trims on close
+
+
+class _UnmapWatch:
+    """A closed connection's regions are unmapped when the last view of them goes, which
+    reference counting does at once unless a reference cycle holds one (an exception's
+    traceback, say). As a safety net, a region still mapped a while after its connection
+    closed (its requests are long cancelled) gets a GC pass, at most one per interval."""
+
+    def __init__(self, delay: float = 5.0, interval: float = 30.0) -> None:
+        self.delay = delay
+        self.interval = interval
+        self._last = -interval
+
+    def watch(self, loop: asyncio.AbstractEventLoop, regions: Iterable[SharedRegion]) -> None:
+        refs = [weakref.ref(region) for region in regions]
+        loop.call_later(self.delay, self._check, refs)
+
+    def _check(self, refs: list[weakref.ref[SharedRegion]]) -> None:
+        if not any(ref() is not None for ref in refs):
+            return
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return
+        self._last = now
+        collected = gc.collect()
+        left = sum(ref() is not None for ref in refs)
+        log.info("shared regions of a closed connection outlived it: a GC pass freed %d "
+                 "objects, %d regions still mapped", collected, left)
+
+
+_UNMAP_WATCH = _UnmapWatch()
 
 
 class LocalSocketServer:
@@ -442,6 +476,9 @@ class Connection:
         try:
             message = wire.decode(payload, self.limits.max_items, self._resolve)
         except WireError as exc:
+            # The traceback's frames may hold views of a shared region; in a reference
+            # cycle (the decoder re-raises causes) they would keep it mapped until a GC pass.
+            exc.__traceback__ = None
             self._write(_error(wire.peek_id(payload), exc.code, str(exc)))
             return
         raw_id = message.get("id")
@@ -477,7 +514,7 @@ class Connection:
 
     def _resolve(self, reference: Any) -> np.ndarray:
         """A TAG_SHARED [slot, offset, length] → that part of the region, no copy."""
-        if not (isinstance(reference, list) and len(reference) == 3):
+        if not (isinstance(reference, (list, tuple)) and len(reference) == 3):
             raise WireError("bad_frame", "a shared-memory reference is [slot, offset, length]")
         slot, offset, length = (_whole(v, 0, 2**63) for v in reference)
         region = self.regions.get(slot) if slot is not None else None
@@ -666,6 +703,8 @@ class Connection:
         while self._fds:
             os.close(self._fds.popleft())
         # Running requests may still read a region; the mapping goes with their views.
+        if self.regions:
+            _UNMAP_WATCH.watch(self.loop, self.regions.values())
         self.regions.clear()
         self._out.clear()
         self._out_bytes = 0
