@@ -479,7 +479,9 @@ class Connection:
             # The traceback's frames may hold views of a shared region; in a reference
             # cycle (the decoder re-raises causes) they would keep it mapped until a GC pass.
             exc.__traceback__ = None
-            self._write(_error(wire.peek_id(payload), exc.code, str(exc)))
+            # Past the item limit the id is not looked for: that would decode the frame.
+            request_id = None if exc.too_many_items else wire.peek_id(payload)
+            self._write(_error(request_id, exc.code, str(exc)))
             return
         raw_id = message.get("id")
         request_id = raw_id if wire.valid_id(raw_id) else None

@@ -17,6 +17,7 @@ to the bytes; ``encode(place=...)`` writes such references).
 from __future__ import annotations
 
 import io
+import re
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,7 +33,7 @@ MAX_NESTING = 32
 # A legal 8 MB frame of one-byte items would otherwise decode into millions of Python
 # objects, holding the event loop for a second and growing memory by hundreds of MB;
 # counting heads costs time in proportion to the limit, not to the frame's size.
-DEFAULT_MAX_ITEMS = 32768
+DEFAULT_MAX_ITEMS = 16384
 
 TAG_NDARRAY = 40  # RFC 8746: multi-dimensional array, row-major order
 TAG_SHARED = 0x65706172  # "epar": [slot, offset, length] in a client's shared memory
@@ -80,9 +81,10 @@ SUPPORTED_DTYPES = tuple(_SEND_TAGS)
 class WireError(ValueError):
     """A message or frame that cannot be decoded. ``code`` is the protocol error code."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, too_many_items: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.too_many_items = too_many_items
 
 
 def _tensor_tag(array: np.ndarray) -> cbor2.CBORTag:
@@ -184,6 +186,19 @@ def _tag_hook(resolve: Resolve | None) -> Callable[[cbor2.CBORTag, bool], Any]:
 _PLAIN_TAG_HOOK = _tag_hook(None)
 
 
+_ONE_BYTE_CLASS = rb"\x00-\x17\x20-\x37\x40\x60\x80-\x97\xa0-\xb7\xe0-\xf7"
+_ONE_BYTE_RUN = re.compile(b"[" + _ONE_BYTE_CLASS + b"]+")
+_ONE_BYTE_HEAD = [bool(re.fullmatch(b"[" + _ONE_BYTE_CLASS + b"]", bytes([b])))
+                  for b in range(256)]
+
+# Integers, negative integers and floats whose argument follows the head (1, 2, 4, 8 bytes).
+_SCALAR_STRIDE = [1 + (1 << ((b & 31) - 24)) if b >> 5 in (0, 1, 7) and 24 <= b & 31 <= 27
+                  else 0 for b in range(256)]
+_SCALAR_RUNS = {b: re.compile(b"(?:" + re.escape(bytes([b])) + b".{%d})+" % (stride - 1),
+                              re.DOTALL)
+                for b, stride in enumerate(_SCALAR_STRIDE) if stride}
+
+
 def count_items(payload: bytes | bytearray | memoryview, limit: int) -> int:
     """The number of CBOR data-item heads in ``payload``, counting at most ``limit + 1``.
 
@@ -194,10 +209,31 @@ def count_items(payload: bytes | bytearray | memoryview, limit: int) -> int:
     pos = 0
     items = 0
     while pos < end:
+        head = data[pos]
+        if _ONE_BYTE_HEAD[head]:
+            # A run of one-byte items (small integers, empty or short containers' heads,
+            # simple values) is counted by the regex engine, not item by item: a frame of
+            # millions of them costs milliseconds.
+            run = _ONE_BYTE_RUN.match(data, pos, min(end, pos + limit + 1 - items))
+            assert run is not None
+            items += run.end() - pos
+            pos = run.end()
+            if items > limit:
+                return limit + 1
+            continue
+        stride = _SCALAR_STRIDE[head]
+        if stride and pos + stride < end and data[pos + stride] == head:
+            # Likewise a run of one multi-byte scalar kind (say 24, 24, 24, ...).
+            run = _SCALAR_RUNS[head].match(data, pos, min(end, pos + stride * (limit + 1 - items)))
+            if run is not None and run.end() - pos > stride:
+                items += (run.end() - pos) // stride
+                pos = run.end()
+                if items > limit:
+                    return limit + 1
+                continue
         items += 1
         if items > limit:
             break
-        head = data[pos]
         info = head & 31
         pos += 1
         if info < 24:
@@ -245,7 +281,7 @@ def decode(payload: bytes | bytearray | memoryview, max_items: int = DEFAULT_MAX
     ``resolve`` maps shared-memory references (the local socket's attached regions)."""
     if count_items(payload, max_items) > max_items:
         raise WireError("bad_frame", f"the message holds more than {max_items} CBOR data "
-                        "items")
+                        "items", too_many_items=True)
     stream = io.BytesIO(payload)
     hook = _PLAIN_TAG_HOOK if resolve is None else _tag_hook(resolve)
     try:
