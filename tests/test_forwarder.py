@@ -211,3 +211,35 @@ def test_work_nobody_waits_for_is_cancelled_on_the_peer(
 
     counts = asyncio.run(run())
     assert counts["served"] == 3  # the abandoned request never ran to completion
+
+
+# --- the frame form itself ---------------------------------------------------------------
+
+
+def test_pack_message_moves_every_tensor_and_byte_string_out_of_the_header() -> None:
+    from epara.peer import wire
+
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    message = {"id": 1, "op": "segment", "image": b"\x89PNG" * 1000,
+               "inputs": {"x": x, "mask": np.array([True, False])}, "n": [1, 2]}
+    frames = wire.pack_message({"kind": "api", "req": "r"}, message)
+    assert len(frames) == 4 and len(frames[0]) < 400  # the header holds no tensor bytes
+    header, back = wire.unpack_message([bytes(f) for f in frames])
+    assert header == {"kind": "api", "req": "r"}
+    np.testing.assert_array_equal(back["inputs"]["x"], x)
+    np.testing.assert_array_equal(back["inputs"]["mask"], [1, 0])
+    assert back["image"] == message["image"] and back["n"] == [1, 2]
+    # The sender's frame is the array's own memory: no copy on the way out.
+    assert any(np.shares_memory(np.frombuffer(f, np.uint8), x) for f in frames[1:])
+
+
+@pytest.mark.parametrize("places", [
+    [{"path": []}], [{"path": ["nowhere", "x"]}], [{"path": [True]}], ["x"], {"a": 1},
+])
+def test_unpack_message_refuses_bad_places(places: Any) -> None:
+    from epara.peer import wire
+
+    frames = wire.pack({"kind": "api", "msg": {"id": 1}, "places": places},
+                       {"0": np.ones(2, np.float32)})
+    with pytest.raises(wire.WireError):
+        wire.unpack_message([bytes(f) for f in frames])
