@@ -172,7 +172,11 @@ class ClusterRuntime:
     def status(self) -> dict[str, Any]:
         return {"placement": self.placement.to_dict(),
                 "decisions": [d.__dict__ for d in self.decisions],
-                "ready": sorted(self.ready_units), "stages": self.stages.ready()}
+                "ready": sorted(self.ready_units), "stages": self.stages.ready(),
+                "forwarding": {**self.forwarder.counts,
+                               "in_flight": self.forwarder.in_flight(),
+                               "dataplane_tasks": self.dataplane.running_tasks,
+                               "dataplane_refused": self.dataplane.refused}}
 
     def _on_view(self, view: Any) -> None:
         members = {m.node_id for m in view.members}

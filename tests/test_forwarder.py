@@ -243,3 +243,57 @@ def test_unpack_message_refuses_bad_places(places: Any) -> None:
                        {"0": np.ones(2, np.float32)})
     with pytest.raises(wire.WireError):
         wire.unpack_message([bytes(f) for f in frames])
+
+
+# --- two real node processes: forwarding, then a peer that stops answering ---------------
+
+
+def test_a_node_forwards_to_its_peer_and_a_frozen_peer_costs_only_the_deadline(
+        tmp_path: Path, cluster_dir: Path) -> None:
+    """Node b has no model; node a serves `add`. A request to b is forwarded to a and
+    relayed back. Then a is frozen (SIGSTOP: its sockets stay open, it answers nothing):
+    a request to b with a 1.5 s deadline ends with a clear error by about then, not after
+    the old fixed 120 s forwarding timeout."""
+    import os
+    import signal
+
+    from epara.node.client import Client, EparaError
+
+    from .helpers import start_node, stop_node, wait_for_socket, wait_until
+
+    make_add_model(tmp_path / "store-a", "add", batch=None)
+    (tmp_path / "store-b").mkdir()
+    socks = {name: tmp_path / name / "node.sock" for name in ("a", "b")}
+    processes = {name: start_node(tmp_path / f"store-{name}", socks[name], "--cluster",
+                                  str(cluster_dir), "--node-id", name, "--interface",
+                                  "127.0.0.1", "--port", "0") for name in socks}
+    x = np.ones((1, 4), np.float32)
+    try:
+        for name, process in processes.items():
+            wait_for_socket(socks[name], process)
+
+        def forwarded() -> bool:
+            try:
+                with Client(socks["b"], timeout=10) as client:
+                    answer = client._call({"op": "infer", "model": "add", "inputs": {"x": x},
+                                           "deadline_ms": 5000})
+            except EparaError:
+                return False  # not placed or not ready yet
+            np.testing.assert_array_equal(answer["outputs"]["y"], x + 1)
+            return answer.get("served_by") == "a"
+
+        wait_until(forwarded, 60, "b to forward `add` to a")
+        os.kill(processes["a"].pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with Client(socks["b"], timeout=60) as client, pytest.raises(EparaError) as info:
+                client._call({"op": "infer", "model": "add", "inputs": {"x": x},
+                              "deadline_ms": 1500})
+            elapsed = time.monotonic() - started
+        finally:
+            os.kill(processes["a"].pid, signal.SIGCONT)
+        assert info.value.code in ("deadline_exceeded", "unavailable"), info.value
+        assert elapsed < 30  # bounded by the deadline (1.5 s), not by a fixed 120 s
+    finally:
+        for process in processes.values():
+            stop_node(process)
