@@ -276,35 +276,43 @@ class ClusterMember:
     async def _receive_loop(self) -> None:
         assert self._router is not None
         while True:
-            frames = await self._router.recv_multipart()
-            if len(frames) != 2:
-                continue
-            ident, payload = frames
-            try:
-                msg = wire.decode(payload)
-            except wire.WireError as exc:
-                log.debug("undecodable control message: %s", exc)
-                continue
-            if msg.get("v") != wire.PROTOCOL_VERSION:
-                log.debug("ignoring message of protocol version %s", msg.get("v"))
-                continue
-            kind = msg.get("type")
-            if kind == "hb":
-                self._on_heartbeat(msg)
-            elif kind == "st":
-                self._on_state(msg)
-            elif kind == "sget":
-                self._on_state_request(msg)
-            elif kind == "cmd":
-                self._on_command_message(msg)
-            elif kind == "status":
-                await self._router.send_multipart([ident, control_message(
-                    "status", view=self._status_dict())])
-            elif kind == "caps":
-                assert self.capabilities is not None
-                await self._router.send_multipart([ident, control_message(
-                    "caps", node=self.node_id, inc=self.incarnation,
-                    caps=self.capabilities.to_dict())])
+            batch = [await self._router.recv_multipart()]
+            # Drain what else is queued without a trip through the event loop each.
+            while len(batch) < 64 and (frames := _recv_now(self._router)) is not None:
+                batch.append(frames)
+            for frames in batch:
+                await self._on_frames(frames)
+
+    async def _on_frames(self, frames: list[bytes]) -> None:
+        assert self._router is not None
+        if len(frames) != 2:
+            return
+        ident, payload = frames
+        try:
+            msg = wire.decode(payload)
+        except wire.WireError as exc:
+            log.debug("undecodable control message: %s", exc)
+            return
+        if msg.get("v") != wire.PROTOCOL_VERSION:
+            log.debug("ignoring message of protocol version %s", msg.get("v"))
+            return
+        kind = msg.get("type")
+        if kind == "hb":
+            self._on_heartbeat(msg)
+        elif kind == "st":
+            self._on_state(msg)
+        elif kind == "sget":
+            self._on_state_request(msg)
+        elif kind == "cmd":
+            self._on_command_message(msg)
+        elif kind == "status":
+            await self._router.send_multipart([ident, control_message(
+                "status", view=self._status_dict())])
+        elif kind == "caps":
+            assert self.capabilities is not None
+            await self._router.send_multipart([ident, control_message(
+                "caps", node=self.node_id, inc=self.incarnation,
+                caps=self.capabilities.to_dict())])
 
     def _on_heartbeat(self, msg: Mapping[str, Any]) -> None:
         try:
@@ -315,6 +323,7 @@ class ClusterMember:
         if hb.node_id == self.node_id:
             return  # a seed list that names this node itself
         now = time.monotonic()
+        old = self._members.get(hb.node_id)
         self._members, news = membership.apply_heartbeat(self._members, hb, now)
         if not news:
             return
@@ -322,9 +331,14 @@ class ClusterMember:
         update = msg.get("su")
         if isinstance(update, Mapping) and not self._members[hb.node_id].state_current:
             self._fold_state(hb.node_id, hb.incarnation, update, now)
-        # Fold claims at once: a leader's commands follow its heartbeat on the same
-        # connection and must find it already accepted as leader.
-        self._update(now)
+        # Fold a new member or a changed claim at once: a leader's commands follow its
+        # heartbeat on the same connection and must find it already accepted as leader.
+        # Anything else waits for the next tick (re-electing on every heartbeat costs
+        # O(members) each time, O(members^2) a tick).
+        if old is None or old.status != membership.ALIVE or \
+                (old.incarnation, old.term, old.leader, old.priority, old.eligible) != \
+                (hb.incarnation, hb.term, hb.leader, hb.priority, hb.eligible):
+            self._update(now)
 
     def _on_state(self, msg: Mapping[str, Any]) -> None:
         node_id, incarnation, update = msg.get("id"), msg.get("inc"), msg.get("su")
@@ -339,6 +353,9 @@ class ClusterMember:
         if not applied:
             return
         self._state_pending.pop(node_id, None)
+        changed = update.get("full") or update.get("set")
+        if not isinstance(changed, Mapping) or "_peers" not in changed:
+            return  # the endpoints it knows are the same as before
         peers = self._members[node_id].synced
         for entry in ((peers.record.get("_peers") if peers else None) or ())[
                 :_MAX_PEERS_GOSSIPED]:
@@ -542,6 +559,18 @@ class ClusterMember:
                 self._members, member.node_id, int(reply.get("inc", -1)), reply["caps"])
 
 
+def _recv_now(sock: zmq.asyncio.Socket) -> list[bytes] | None:
+    """One queued multipart message, or None, without waiting (the synchronous base
+    class methods: the asyncio socket's own return futures)."""
+    try:
+        frames = [zmq.Socket.recv(sock, zmq.NOBLOCK)]
+    except zmq.Again:
+        return None
+    while sock.getsockopt(zmq.RCVMORE):
+        frames.append(zmq.Socket.recv(sock, zmq.NOBLOCK))
+    return frames
+
+
 async def request(transport: Transport, host: str, port: int, msg_type: str, /, *,
                   timeout: float = 2.0, **fields: Any) -> dict[str, Any]:
     """One request/reply over a fresh CURVE DEALER; TimeoutError when nobody answers
@@ -607,7 +636,7 @@ async def _run(args: argparse.Namespace) -> None:
         cache_dir=args.cache_dir, status_file=args.status_file)
     started = time.monotonic()
     member = ClusterMember(config, args.credentials, lambda: {
-        "uptime_s": round(time.monotonic() - started, 1),
+        "uptime_s": round(time.monotonic() - started),
         "mem_free_mb": caps_mod.meminfo()[1]})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -55,19 +55,20 @@ class Heartbeat:
     def from_wire(cls, msg: Mapping[str, Any]) -> Heartbeat:
         """Parse a received heartbeat; raise ValueError on a malformed one."""
         try:
+            version, fingerprint = statesync.parse_announcement(msg)
             hb = cls(node_id=str(msg["id"]), incarnation=int(msg["inc"]), seq=int(msg["seq"]),
                      host=str(msg["host"]), port=int(msg["port"]), term=int(msg["term"]),
                      leader=None if msg.get("leader") is None else str(msg["leader"]),
                      priority=int(msg["prio"]), eligible=bool(msg["elig"]),
+                     state_version=version, state_digest=fingerprint,
                      interval=int(msg["ivl"]) / 1000)
-            version, fingerprint = statesync.parse_announcement(msg)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed heartbeat: {exc}") from None
         if not hb.node_id or not 0 < hb.port < 65536:
             raise ValueError("malformed heartbeat: empty id or bad port")
         if not 0.01 <= hb.interval <= 60.0:
             raise ValueError(f"malformed heartbeat: interval {hb.interval} s out of range")
-        return replace(hb, state_version=version, state_digest=fingerprint)
+        return hb
 
 
 @dataclass(frozen=True)
