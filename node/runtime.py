@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import statistics
 import time
@@ -24,11 +23,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from epara.models.manifest import Manifest
 from epara.node import planning, reconcile
 from epara.node.dataplane import DataPlane, Endpoint
+from epara.node.forwarder import Forwarder
 from epara.node.generation import GenerationService
 from epara.node.leader.demand import WINDOW_S, observe
 from epara.node.leader.model import Placement, Unit
@@ -45,7 +43,6 @@ from epara.node.pipeline import (
 )
 from epara.node.reconcile import Running, stage_key
 from epara.node.service import ServiceError
-from epara.peer import wire
 from epara.peer.member import ClusterMember, NotLeader
 
 if TYPE_CHECKING:
@@ -61,7 +58,6 @@ SURGE_FACTOR = 2.0
 SURGE_MIN_HZ = 1.0
 TICK_S = 0.5  # how often the leader checks that every member applied its placement
 REBROADCAST_S = 5.0
-FORWARD_TIMEOUT_S = 120.0
 COLD_START_WAIT_S = 15.0  # how long a request waits for the leader to place its model
 ROUTING_VIEW_S = 0.05  # how stale the routing snapshot of the cluster may be
 # "epara" is the state-aware scheduler; the others are the baseline strategies of the
@@ -134,8 +130,8 @@ class ClusterRuntime:
         self._last_broadcast = 0.0
         self._planned_load: dict[str, float] = {}  # burst rates the last decision used
         self._tasks: list[asyncio.Task[None]] = []
-        self._forwards: dict[str, tuple[asyncio.Queue[Any], str]] = {}
-        self._ids = itertools.count()
+        self.forwarder = Forwarder(self.dataplane, node.node_id, self._serve_forwarded,
+                                   self._endpoint)
         self._members: set[str] = set()
         self._loading: dict[str, asyncio.Lock] = {}
         self._routing_cache: tuple[int, float, tuple[list[Any], Placement, Any, dict[str, Any]]] \
@@ -153,8 +149,6 @@ class ClusterRuntime:
             self._manifests[model.manifest.name] = (model.directory, model.manifest)
             self.catalogue[model.manifest.name] = planning.catalogue_entry(model.manifest)
         await self.dataplane.start()
-        self.dataplane.on("api", self._on_api)
-        self.dataplane.on("api_reply", self._on_api_reply)
         self.member.on_command("placement", self._on_placement)
         self.member.subscribe(self._on_view)
         self._tasks = [asyncio.create_task(self._scheduler_loop()),
@@ -193,7 +187,11 @@ class ClusterRuntime:
                                 getattr(self.policy, "scales", {}).items()},
                 "estimated_attainment": {
                     name: round(value, 4) for name, value in
-                    getattr(self.policy, "estimates", {}).items()}}
+                    getattr(self.policy, "estimates", {}).items()},
+                "forwarding": {**self.forwarder.counts,
+                               "in_flight": self.forwarder.in_flight(),
+                               "dataplane_tasks": self.dataplane.running_tasks,
+                               "dataplane_refused": self.dataplane.refused}}
 
     def _on_view(self, view: Any) -> None:
         members = {m.node_id for m in view.members}
@@ -201,9 +199,7 @@ class ClusterRuntime:
         self._members = members
         if gone:
             self.pipeline.nodes_lost(gone)
-            for queue, node_id in list(self._forwards.values()):
-                if node_id in gone:
-                    queue.put_nowait(StageFailed(f"node {node_id} left the cluster", node_id))
+            self.forwarder.nodes_lost(gone)
         self._wake_scheduler.set()
 
     # --- the leader: schedule and publish -------------------------------------------
@@ -522,53 +518,16 @@ class ClusterRuntime:
                 if all(u.id in ready_on.get(device, ()) for device in u.devices)))
             for name, plan in self.placement.plans.items()})
 
-    async def forward(self, node_id: str, message: dict[str, Any], reply: Reply) -> None:
-        """Send an API request to a peer and relay its replies (one, or a token stream)."""
-        req = f"{self.node.node_id}-{next(self._ids)}"
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._forwards[req] = (queue, node_id)
-        encoded = np.frombuffer(wire.encode({**message, "forwarded": True}), np.uint8)
+    async def forward(self, node_id: str, message: dict[str, Any], reply: Reply,
+                      deadline: float | None) -> None:
+        """Send an API request to a peer and relay its replies (node/forwarder.py)."""
         try:
-            sent = await self.dataplane.send_when_connected(
-                self._endpoint(node_id), {"kind": "api", "req": req,
-                                          "origin": list(self.dataplane.endpoint)},
-                {"msg": encoded})
-            if not sent:
-                raise StageFailed(f"node {node_id} is unreachable", node_id)
-            while True:
-                item = await asyncio.wait_for(queue.get(), FORWARD_TIMEOUT_S)
-                if isinstance(item, Exception):
-                    raise item
-                error = item.get("error") or {}
-                if not item.get("ok") and error.get("code") in ("stage_failed", "unavailable"):
-                    # The peer's route broke: let the origin replay it (it knows what the
-                    # client has already seen), rather than relay the failure.
-                    raise ServiceError(error["code"], f"on {node_id}: {error.get('message')}")
-                await reply({**item, "id": message.get("id"), "served_by": node_id})
-                if not item.get("ok") or item.get("event") in (None, "done"):
-                    return
-        except (StageFailed, asyncio.TimeoutError) as exc:
-            raise ServiceError("unavailable", f"forwarding to {node_id} failed: "
-                               f"{exc or 'no reply'}") from None
-        finally:
-            self._forwards.pop(req, None)
+            await self.forwarder.forward(node_id, message, reply, deadline)
+        except StageFailed as exc:  # the peer is not in the view (any more)
+            raise ServiceError("unavailable", f"forwarding to {node_id} failed: {exc}") \
+                from None
 
-    async def _on_api(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    async def _serve_forwarded(self, message: dict[str, Any], reply: Reply) -> None:
         from epara.node.api import Request
 
-        origin = (str(header["origin"][0]), int(header["origin"][1]))
-        message = wire.decode(tensors["msg"].tobytes())
-        request = Request({**message, "forwarded": True})
-
-        async def reply(answer: dict[str, Any]) -> None:
-            body = np.frombuffer(wire.encode({"v": wire.PROTOCOL_VERSION, **answer}), np.uint8)
-            await self.dataplane.send_when_connected(
-                origin, {"kind": "api_reply", "req": header["req"]}, {"msg": body})
-
-        await self.node.api._handle(request, reply, {})
-
-    async def _on_api_reply(self, header: dict[str, Any],
-                            tensors: dict[str, np.ndarray]) -> None:
-        entry = self._forwards.get(str(header.get("req")))
-        if entry is not None:
-            entry[0].put_nowait(wire.decode(tensors["msg"].tobytes()))
+        await self.node.api._handle(Request(message), reply, {})
