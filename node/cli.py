@@ -558,7 +558,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from epara.node.demo import run_demo
+    from epara.node.lab.demo import run_demo
 
     if args.nodes < 2 or args.seconds <= 0 or args.load <= 0 or args.rounds < 1:
         raise SystemExit("epara demo: --nodes must be at least 2, --rounds at least 1, "
@@ -569,7 +569,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench_goodput(args: argparse.Namespace) -> int:
     if args.real:
-        from epara.node.loadgen import run_real_goodput
+        from epara.node.lab.loadgen import run_real_goodput
 
         if args.rounds < 1:
             raise SystemExit("epara bench goodput: --rounds must be at least 1")

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from epara.models.store import ModelStore
-from epara.node.testbed import have_bed
+from epara.node.lab.testbed import have_bed
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

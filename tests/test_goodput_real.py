@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from epara.models.store import ModelStore
-from epara.node.loadgen import (
+from epara.node.lab.loadgen import (
     Outcome,
     PolicyResult,
     builtin_trace,

@@ -4,7 +4,7 @@ policy (``epara bench goodput --real``, and the workload part of ``epara demo``)
 For each policy (epara's scheduler, and the simulator's baseline strategies, selected on
 the leader with ``--placement-policy``) it starts a fresh cluster of node processes on
 this machine — loopback processes, or processes inside the namespace hosts of an
-``EmulatedBed`` (``node/testbed.py``) — waits until they form one cluster and the leader
+``EmulatedBed`` (``node/lab/testbed.py``) — waits until they form one cluster and the leader
 has placed every service of the trace, replays the trace (JSONL, docs/trace-format.md)
 open-loop — each request is sent at its time to its origin node, whatever happened to
 earlier ones — and counts the requests answered within their SLO. Routing is epara's on
@@ -37,7 +37,7 @@ from epara.node.httpapi import load_or_create_token
 from epara.node.leader.workloads import Request
 
 if TYPE_CHECKING:
-    from epara.node.testbed import EmulatedBed
+    from epara.node.lab.testbed import EmulatedBed
 
 REAL_POLICIES = ("epara", "one-replica", "replicate-all")
 BENCH_ROUNDS = 3  # policies run interleaved, A B A B ..., this many rounds each
@@ -667,13 +667,13 @@ def run_real_goodput(trace_path: Path | None, seconds: float, nodes: int,
                      scenario: str | None = None) -> str:
     """Every policy on the same trace, interleaved in ``rounds`` rounds (A B A B ...),
     each run on a fresh cluster. ``bed_classes`` (device class names of
-    ``node/testbed.py``, one per host; needs root): the nodes run on an emulated bed of
+    ``node/lab/testbed.py``, one per host; needs root): the nodes run on an emulated bed of
     namespace hosts, a fresh one per run; else loopback processes. ``scenario`` (a name
     in ``SCENARIOS``): its hosts (an emulated bed), workload and baselines."""
     from epara.models.store import ModelStore
     from epara.models.zoo import prepare, sample_photo
+    from epara.node.lab.testbed import EmulatedBed, have_bed, host
     from epara.node.leader.workloads import read_trace
-    from epara.node.testbed import EmulatedBed, have_bed, host
 
     if rounds < 1:
         raise ValueError("rounds must be at least 1")

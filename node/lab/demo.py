@@ -1,7 +1,7 @@
 """``epara demo``: a small cluster on this machine serving real models to a workload.
 
 With no configuration it starts a few node processes with fresh cluster credentials —
-as namespace hosts with emulated device classes (``node/testbed.py``: a server-, a
+as namespace hosts with emulated device classes (``node/lab/testbed.py``: a server-, a
 Jetson- and a Pi-class host with CPU quotas and shaped links) when run as root where the
 bed works, else as loopback processes, and it says which and why — lets them discover
 each other and elect a leader, prepares the LLM (smollm2-135m) and person segmentation
@@ -14,7 +14,7 @@ URL is printed while it lasts. ``--stay``: then one more epara cluster with HTTP
 node stays up, with commands to paste (status, plan, doctor, metrics, the OpenAI API,
 the dashboard), until Ctrl-C or SIGTERM.
 
-Cluster start, replay and reporting are ``node/loadgen.py``'s (shared with
+Cluster start, replay and reporting are ``node/lab/loadgen.py``'s (shared with
 ``epara bench goodput --real``).
 """
 
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from epara.node.client import Client
 from epara.node.httpapi import load_or_create_token
-from epara.node.loadgen import (
+from epara.node.lab.loadgen import (
     SCENARIOS,
     NodeProc,
     PolicyResult,
@@ -52,7 +52,7 @@ from epara.node.loadgen import (
 
 if TYPE_CHECKING:
     from epara.models.store import ModelStore
-    from epara.node.testbed import EmulatedBed
+    from epara.node.lab.testbed import EmulatedBed
 
 DEMO_MODELS = SCENARIOS["default"].services
 # Rounds of the comparison (epara, then each baseline, on fresh clusters, A B A B): two
@@ -94,7 +94,7 @@ def where_to_run(loopback: bool) -> tuple[bool, str]:
     """(use the emulated bed, why), said to the user as is."""
     import os
 
-    from epara.node.testbed import have_bed
+    from epara.node.lab.testbed import have_bed
 
     if loopback:
         return False, "loopback processes (--loopback)"
@@ -121,7 +121,7 @@ def _maybe_bed(use: bool, nodes: int, scenario: Scenario) -> Iterator[EmulatedBe
     if not use:
         yield None
         return
-    from epara.node.testbed import EmulatedBed, host
+    from epara.node.lab.testbed import EmulatedBed, host
 
     classes = [scenario.hosts[i % len(scenario.hosts)] for i in range(nodes)]
     hosts = [host(device, budget_mb=budget) for device, budget in classes]
