@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -251,9 +252,10 @@ def _parser() -> argparse.ArgumentParser:
     _socket_arg(status)
     status.set_defaults(run=_cmd_status)
 
-    from epara.firmware.cli import add_parser as add_firmware_parser
-
-    add_firmware_parser(sub)
+    # Commands other packages of epara add (``epara firmware``), found through their
+    # entry points, so this module and theirs do not import each other.
+    for command in entry_points(group="epara.commands"):
+        command.load()(sub)
     return parser
 
 
@@ -558,7 +560,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from epara.node.lab.demo import run_demo
+    run_demo = _lab("demo").run_demo
 
     if args.nodes < 2 or args.seconds <= 0 or args.load <= 0 or args.rounds < 1:
         raise SystemExit("epara demo: --nodes must be at least 2, --rounds at least 1, "
@@ -567,10 +569,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     args.load, args.stay, args.rounds, args.scenario)
 
 
+def _lab(module: str) -> Any:
+    """A module of the lab subpackage, or a clear exit where it is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"epara.node.lab.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.startswith("epara.node.lab"):
+            raise SystemExit("this command needs epara's lab code (epara.node.lab), which "
+                             "device bundles leave out: run it where epara is installed "
+                             "from a source checkout or a full wheel") from None
+        raise
+
+
 def _cmd_bench_goodput(args: argparse.Namespace) -> int:
     if args.real:
-        from epara.node.lab.loadgen import run_real_goodput
-
+        run_real_goodput = _lab("loadgen").run_real_goodput
         if args.rounds < 1:
             raise SystemExit("epara bench goodput: --rounds must be at least 1")
         print(run_real_goodput(args.trace, args.seconds, args.nodes, args.store, args.json,
