@@ -129,3 +129,29 @@ def test_a_demanded_service_is_placed_to_be_measured_when_asked() -> None:
     (unit,) = measured.units_of("chat")
     assert unit.head == "server"
     assert "first unit" in decisions[0].reason
+
+
+def test_the_surge_trigger_fires_when_a_burst_rate_doubles() -> None:
+    from epara.node.publisher import SURGE_MIN_HZ, surged
+
+    planned = {"camera": 10.0}
+    assert not surged({"camera": ServiceDemand(15.0, 0.1, peak_hz=18.0)}, planned)
+    assert surged({"camera": ServiceDemand(15.0, 0.1, peak_hz=25.0)}, planned)
+    # A stream that just started: nothing was planned for it.
+    assert surged({"chat": ServiceDemand(SURGE_MIN_HZ, 1.0)}, planned)
+    # A trickle never triggers a decision of its own.
+    assert not surged({"chat": ServiceDemand(SURGE_MIN_HZ / 2, 1.0)}, planned)
+
+
+def test_the_router_sends_requests_only_to_units_ready_on_all_their_nodes() -> None:
+    from epara.node.leader.model import ServicePlan, Stage, Unit
+    from epara.node.router import ready_part
+
+    pipe = Unit("llm", (Stage("a", 0, 2, 1.0), Stage("b", 2, 4, 1.0)))
+    single = Unit("llm", (Stage("c", 0, 4, 2.0),))
+    placement = Placement(3, {"llm": ServicePlan("llm", "latency/multi", "replicas",
+                                                 (pipe, single), "")})
+    half = ready_part(placement, {"a": [pipe.id], "b": [], "c": [single.id]})
+    assert half.units_of("llm") == (single,) and half.version == 3
+    whole = ready_part(placement, {"a": [pipe.id], "b": [pipe.id], "c": []})
+    assert whole.units_of("llm") == (pipe,)
