@@ -114,6 +114,8 @@ def test_nodes_demand_records_aggregate_into_attainment() -> None:
     assert seen["chat"].attained == 0.7
     assert seen["chat"].rate_hz == 3.0
     assert seen["camera"].attained is None  # nothing ended there yet
+    few = [SimpleNamespace(state={"demand": {"chat": {"rate": 0.5, "met": 1, "ended": 3}}})]
+    assert planning.demand(few)["chat"].attained is None  # too few to say
 
 
 def test_a_demanded_service_is_placed_to_be_measured_when_asked() -> None:
