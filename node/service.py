@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -201,6 +202,13 @@ class ModelService:
     def queue_depth(self) -> int:
         return self._waiting
 
+    def set_max_batch(self, batch: int) -> None:
+        """Run batches of at most ``batch`` rows (the placement's choice for this unit),
+        within what the model allows (its manifest's max batch; 1 when it has no batch
+        axis). The worker reads it for its next batch."""
+        if self.batch_axis is not None:
+            self.max_batch = max(1, min(int(batch), self.manifest.hints.max_batch))
+
     def submit(self, inputs: Mapping[str, Any], deadline: float | None) -> Future[InferResult]:
         """Validate and enqueue; raise ServiceError for what must be refused now."""
         if self._stopping:
@@ -212,9 +220,10 @@ class ModelService:
         rows = 1
         if self.declared_axis is not None and checked:
             rows = next(iter(checked.values())).shape[self.declared_axis]
-            if rows > self.max_batch:
+            # The model's limit, not the placement's batch: a larger request runs alone.
+            if rows > self.manifest.hints.max_batch:
                 raise ServiceError("bad_input", f"batch of {rows} exceeds this service's "
-                                   f"max batch {self.max_batch}")
+                                   f"max batch {self.manifest.hints.max_batch}")
         work = input_work(checked)
         now = time.monotonic()
         if deadline is not None:
@@ -235,8 +244,14 @@ class ModelService:
             self._waiting_work += work
         job = Job(checked, rows, deadline, work)
         self._note_arrival(job.enqueued)
-        # A request cancelled while queued (its client left) frees its slot at once.
-        job.future.add_done_callback(lambda f: f.cancelled() and self._release([job]))
+        # A request cancelled while queued (its client left) frees its slot at once. The
+        # callback holds the job weakly: a job <-> future cycle would keep the inputs (maybe
+        # views of a client's shared memory, mapped while referenced) until a GC pass.
+        # A job already gone was taken from the queue, and taking it released it.
+        job_ref = weakref.ref(job)
+        job.future.add_done_callback(
+            lambda f: f.cancelled() and (held := job_ref()) is not None
+            and self._release([held]))
         self._queue.put(job)
         return job.future
 
@@ -341,6 +356,9 @@ class ModelService:
             live = self._drop_dead(batch)
             if live:
                 self._execute(live)
+            # Let go of the inputs before waiting for the next batch: they may be views of
+            # a client's shared memory, which stays mapped while anything refers to it.
+            del batch, live
 
     def _drop_dead(self, batch: list[Job]) -> list[Job]:
         now = time.monotonic()

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # A dead peer is noticed by libzmq's own heartbeats too, so a cut link drops the TCP
 # connection (and reconnects on heal) instead of sitting on a half-open socket.
 _ZMQ_HEARTBEAT_IVL_MS = 500
-_ZMQ_HEARTBEAT_TIMEOUT_MS = 1500
+_ZMQ_HEARTBEAT_TIMEOUTS = 3
 _RECONNECT_IVL_MS = 100
 _RECONNECT_IVL_MAX_MS = 1000
 # Heartbeats are only useful fresh: queue few, drop the rest rather than deliver stale.
@@ -37,8 +37,12 @@ def control_message(msg_type: str, /, **fields: Any) -> bytes:
 class Transport:
     """Creates CURVE server (bind) and client (connect) sockets for one member."""
 
-    def __init__(self, credentials: ClusterCredentials) -> None:
+    def __init__(self, credentials: ClusterCredentials, *,
+                 ping_interval_s: float = _ZMQ_HEARTBEAT_IVL_MS / 1000) -> None:
+        """``ping_interval_s``: libzmq's own keepalive on every connection (the dead
+        connection is dropped after three silent intervals, and redialled)."""
         self._credentials = credentials
+        self._ping_ms = max(1, round(ping_interval_s * 1000))
         self.context = zmq.asyncio.Context()
         self._auth: AsyncioAuthenticator | None = None
 
@@ -60,8 +64,8 @@ class Transport:
 
     def _common(self, sock: zmq.asyncio.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, _ZMQ_HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ZMQ_HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, self._ping_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self._ping_ms * _ZMQ_HEARTBEAT_TIMEOUTS)
         sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)
         sock.setsockopt(zmq.SNDHWM, _SNDHWM)

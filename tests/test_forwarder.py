@@ -292,7 +292,10 @@ def test_a_node_forwards_to_its_peer_and_a_frozen_peer_costs_only_the_deadline(
             elapsed = time.monotonic() - started
         finally:
             os.kill(processes["a"].pid, signal.SIGCONT)
-        assert info.value.code in ("deadline_exceeded", "unavailable"), info.value
+        # Either the wait ran into the deadline, or membership had already marked the
+        # frozen peer dead and b knows no other node with the model: both end quickly.
+        assert info.value.code in ("deadline_exceeded", "unavailable", "unknown_model"), \
+            info.value
         assert elapsed < 30  # bounded by the deadline (1.5 s), not by a fixed 120 s
     finally:
         for process in processes.values():
