@@ -196,3 +196,17 @@ def test_certified_devices_join_impostors_fail_and_revocation_shuts_one_out(
     new_leader = agreed(others, rest)
     assert all(c["from"] == new_leader for v in views(others).values()
                for c in v["commands"][-3:])
+
+
+def test_doctor_reports_the_device_identity_and_its_revocation(tmp_path: Path) -> None:
+    from epara.node.doctor import check_credentials
+
+    create_authority(tmp_path / "auth")
+    admit_device(tmp_path / "auth", "pi-9", tmp_path / "dev")
+    finding, _ = check_credentials(tmp_path / "dev")
+    assert finding.status == "ok" and "device pi-9 certified" in finding.detail
+    assert check_credentials(tmp_path / "auth")[0].status == "warn"  # the authority itself
+    revoke_device(tmp_path / "auth", "pi-9")
+    shutil.copy(tmp_path / "auth" / REVOCATIONS_FILE, tmp_path / "dev" / REVOCATIONS_FILE)
+    load_cluster_credentials(tmp_path / "dev").trust.reload()
+    assert check_credentials(tmp_path / "dev")[0].status == "fail"
