@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
-import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -26,18 +26,35 @@ import numpy as np
 
 from epara.models import imaging
 from epara.node.generation import GenerationService
+from epara.node.localsock import LocalSocketServer, SocketLimits
 from epara.node.service import InferResult, ModelService, ServiceError
 from epara.peer import wire
-from epara.peer.wire import PROTOCOL_VERSION, WireError
+from epara.peer.wire import WireError
 
 log = logging.getLogger(__name__)
 
 Reply = Callable[[dict[str, Any]], Awaitable[None]]
 SEGMENTATION_TASKS = ("segmentation", "text-detection")
 ROUTED_OPS = ("infer", "segment", "generate")
-SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 RETRYABLE = ("stage_failed", "unavailable")  # a route broke: another may serve
 MAX_REPLAYS = 3
+MAX_DEADLINE_MS = 86_400_000.0  # one day: anything longer is a mistake, not a deadline
+MAX_TOKENS_LIMIT = 1 << 20
+MAX_TEMPERATURE = 100.0
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+def checked_number(name: str, value: Any, low: float, high: float) -> Any:
+    """``value`` if it is a finite number in [low, high], else ``bad_request``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ServiceError("bad_request", f"{name} must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ServiceError("bad_request", f"{name} must be a finite number, got {value}")
+    if not low <= value <= high:
+        raise ServiceError("bad_request", f"{name} must be in [{low:g}, {high:g}], got "
+                           f"{value}")
+    return value
 
 
 def default_socket_path() -> Path:
@@ -85,12 +102,20 @@ class Request:
                                f"({type(value).__name__})")
         return value
 
+    def number(self, name: str, low: float, high: float, required: bool = False,
+               integer: bool = False) -> Any:
+        """A numeric field, finite and within [low, high] (NaN, infinities and values
+        out of range are ``bad_request``: one request's bad number must never reach a
+        computation it shares with others)."""
+        value = self.field(name, int if integer else (int, float), required)
+        return None if value is None else checked_number(name, value, low, high)
+
     def deadline(self) -> float | None:
-        budget = self.field("deadline_ms", (int, float), required=False)
+        budget = self.number("deadline_ms", 0, MAX_DEADLINE_MS)
         if budget is None:
             return None
         if budget <= 0:
-            raise ServiceError("deadline_exceeded", "deadline_ms must be positive")
+            raise ServiceError("bad_request", "deadline_ms must be positive")
         return self.received + budget / 1000
 
 
@@ -151,17 +176,25 @@ class LocalApi:
     def __init__(self, services: Mapping[str, ModelService | GenerationService],
                  describe_models: Callable[[], list[dict[str, Any]]],
                  status: Callable[[], dict[str, Any]],
-                 max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES) -> None:
+                 limits: SocketLimits | None = None) -> None:
         self.services = services
         self.describe_models = describe_models
         self.status = status
-        self.max_frame_bytes = max_frame_bytes
-        self.connections = 0
+        self.limits = limits or SocketLimits()
         self.router: Any = None  # the node's ClusterRuntime, when it is in a cluster
         # Told how every model request ended (the node's request counters and metrics).
         self.observer: Callable[[Finished], None] | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server = LocalSocketServer(self._serve, self.limits)
         self._socket_path: Path | None = None
+
+    @property
+    def connections(self) -> int:
+        return len(self._server.connections)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """What the local socket's connections hold in read and write buffers now."""
+        return self._server.buffered
 
     async def start(self, socket_path: Path, group: int | None = None) -> None:
         """Listen on ``socket_path``; only the owner (and ``group``, if given) may connect."""
@@ -175,9 +208,7 @@ class LocalApi:
         await self._remove_stale(socket_path)
         old_umask = os.umask(0o177 if group is None else 0o117)
         try:
-            loop = asyncio.get_running_loop()
-            self._server = await loop.create_unix_server(lambda: _Connection(self),
-                                                         path=str(socket_path))
+            self._server.listen(socket_path)
         finally:
             os.umask(old_umask)
         if group is not None:
@@ -198,12 +229,18 @@ class LocalApi:
         raise RuntimeError(f"another node is already serving on {path}")
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        self._server.close()
         if self._socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._socket_path.unlink()
+
+    def _serve(self, message: dict[str, Any], reply: Reply,
+               inflight: dict[Any, Request]) -> Awaitable[None]:
+        """A request decoded by a local socket connection."""
+        request = Request(message)
+        if request.id is not None:
+            inflight[request.id] = request
+        return self._handle(request, reply, inflight)
 
     async def _handle(self, request: Request, reply: Reply,
                       inflight: dict[Any, Request]) -> None:
@@ -266,7 +303,7 @@ class LocalApi:
             try:
                 peer = await self.router.should_forward(name, deadline)
                 if peer is not None:
-                    await self.router.forward(peer, message, relay)
+                    await self.router.forward(peer, message, relay, deadline)
                 else:
                     # The same Request object: a `cancel` naming it still reaches the
                     # attempt that is running now.
@@ -337,7 +374,9 @@ class LocalApi:
         if not isinstance(image, (bytes, np.ndarray)):
             raise ServiceError("bad_request", "field 'image' must be encoded image bytes or a "
                                "uint8 [H, W, 3] tensor")
-        threshold = request.field("threshold", (int, float), required=False)
+        if (image.size if isinstance(image, np.ndarray) else len(image)) == 0:
+            raise ServiceError("bad_input", "field 'image' is empty")
+        threshold = request.number("threshold", 0.0, 1.0)
         if threshold is None:
             threshold = float(manifest.extra.get("threshold", 0.5))
         want_overlay = request.message.get("overlay") is True
@@ -395,11 +434,18 @@ class LocalApi:
                     break
                 if isinstance(event, ServiceError):
                     raise event
+                if event.finish_reason == "error":  # this sequence failed alone
+                    raise ServiceError("inference_failed", event.text or "generation failed")
+                if event.finish_reason is not None:
+                    finish_reason = event.finish_reason
+                # The end-of-sequence token (or the one completing a stop string) is not
+                # output: only a final event that still carries text is streamed.
+                if event.token_id < 0 or (event.finish_reason is not None
+                                          and not event.text):
+                    continue
                 tokens += 1
                 await reply({"id": request.id, "ok": True, "event": "token",
                              "token": event.token_id, "text": event.text})
-                if event.finish_reason is not None:
-                    finish_reason = event.finish_reason
         except asyncio.CancelledError:
             service.cancel(seq_id)
             raise
@@ -420,10 +466,17 @@ async def _await_result(request: Request, future: Future[InferResult]) -> InferR
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
         future.cancel()
-        task = asyncio.current_task()
-        if request.cancelled and task is not None and not task.cancelling():
+        if request.cancelled and not _task_being_cancelled():
             raise ServiceError("cancelled", "cancelled by the client") from None
         raise
+
+
+def _task_being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (its client left). A helper, so
+    no frame the CancelledError's traceback keeps holds the task: that cycle would keep
+    the request's inputs (maybe a client's shared memory) alive until a GC pass."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _generation_params(request: Request) -> Any:
@@ -432,116 +485,35 @@ def _generation_params(request: Request) -> Any:
     raw = request.message.get("params") or {}
     if not isinstance(raw, dict):
         raise ServiceError("bad_request", "params must be a map")
-    allowed = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float),
-               "top_k": int, "seed": int, "stop": list}
+    # name -> (type, lowest, highest): every number finite and in range, because one
+    # sequence's NaN temperature would poison the decode step it shares with others.
+    ranges: dict[str, tuple[type | tuple[type, ...], float, float]] = {
+        "max_tokens": (int, 1, MAX_TOKENS_LIMIT), "temperature": ((int, float), 0.0,
+                                                                  MAX_TEMPERATURE),
+        "top_p": ((int, float), 0.0, 1.0), "top_k": (int, 0, 2**31 - 1),
+        "seed": (int, 0, 2**64 - 1)}
     values: dict[str, Any] = {}
     for name, value in raw.items():
-        kind = allowed.get(name)
-        if kind is None:
+        if name == "stop":
+            if not isinstance(value, list) or len(value) > MAX_STOP_STRINGS or not all(
+                    isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in value):
+                raise ServiceError("bad_request", f"stop must be a list of at most "
+                                   f"{MAX_STOP_STRINGS} non-empty strings of at most "
+                                   f"{MAX_STOP_CHARS} characters")
+            values[name] = tuple(value)
+            continue
+        known = ranges.get(name)
+        if known is None:
             raise ServiceError("bad_request", f"unknown generation parameter {name!r}; "
-                               f"known: {', '.join(allowed)}")
+                               f"known: {', '.join([*ranges, 'stop'])}")
+        kind, low, high = known
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ServiceError("bad_request", f"generation parameter {name!r} has the wrong "
                                "type")
-        values[name] = tuple(map(str, value)) if name == "stop" else value
-    if values.get("max_tokens", 1) < 1 or values.get("temperature", 0) < 0:
-        raise ServiceError("bad_request", "max_tokens must be >= 1 and temperature >= 0")
+        values[name] = checked_number(f"params.{name}", value, low, high)
+    if values.get("top_p", 1.0) == 0:
+        raise ServiceError("bad_request", "params.top_p must be in (0, 1]")
     return GenerationParams(**values)
-
-
-class _Connection(asyncio.BufferedProtocol):
-    """One client connection. Frames are received straight into a buffer of their
-    announced size (no stream-reader copies: a 1 MB tensor arrives in one pass)."""
-
-    def __init__(self, api: LocalApi) -> None:
-        self.api = api
-        self.transport: asyncio.Transport | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.inflight: dict[Any, Request] = {}  # by id, for the `cancel` op
-        self.closed = False
-        self._header = bytearray(wire.FRAME_HEADER.size)
-        self._buffer = self._header
-        self._filled = 0
-        self._writable = asyncio.Event()
-        self._writable.set()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.api.connections += 1
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # Room for a whole image-sized tensor: fewer wake-ups per frame both ways.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._buffer)[self._filled:]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._filled += nbytes
-        if self._filled < len(self._buffer):
-            return
-        self._filled = 0
-        if self._buffer is self._header:
-            try:
-                length = wire.parse_frame_length(bytes(self._header), self.api.max_frame_bytes)
-            except WireError as exc:
-                # The rest of the stream cannot be trusted to realign: answer, then close
-                # (the transport flushes the answer before closing).
-                self._write(_error(None, exc.code, str(exc)))
-                self._close()
-                return
-            self._buffer = bytearray(length)
-        else:
-            payload, self._buffer = self._buffer, self._header
-            self._dispatch(payload)
-
-    def _dispatch(self, payload: bytearray) -> None:
-        try:
-            message = wire.decode(payload)
-        except WireError as exc:
-            self._write(_error(wire.peek_id(payload), exc.code, str(exc)))
-            return
-        request = Request(message)
-        if request.id is not None:
-            self.inflight[request.id] = request
-        task = asyncio.create_task(self.api._handle(request, self.reply, self.inflight))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def reply(self, message: dict[str, Any]) -> None:
-        self._write(message)
-        await self._writable.wait()  # back-pressure from a client that reads slowly
-
-    def _write(self, message: dict[str, Any]) -> None:
-        if self.closed or self.transport is None:
-            return
-        payload = wire.encode({"v": PROTOCOL_VERSION, **message})
-        self.transport.writelines([wire.FRAME_HEADER.pack(len(payload)), payload])
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def eof_received(self) -> bool:
-        if self._filled or self._buffer is not self._header:
-            log.info("client closed mid-frame")
-        return False  # close our side too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._writable.set()
-        for task in self.tasks:
-            task.cancel()  # the client is gone: stop its work, free its queue slots
-        self.api.connections -= 1
 
 
 def _error(request_id: Any, code: str, message: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import os
@@ -65,10 +66,20 @@ class Stage(Protocol):
 
 
 class LlmStageAdapter:
-    """An ``LlmStage`` (layer range with per-sequence KV cache) as a pipeline stage."""
+    """An ``LlmStage`` (layer range with per-sequence KV cache) as a pipeline stage.
 
-    def __init__(self, stage: Any) -> None:
+    A sequence's cache is freed when its head drops it (the sequence ended) or, if the
+    head never does (it died), once the sequence has not run for ``idle_seconds``:
+    ``StageHost`` calls ``expire`` periodically. A head that comes back after that gets
+    an error for the lost cache and replays, never a wrong answer."""
+
+    def __init__(self, stage: Any, idle_seconds: float = 30.0) -> None:
         self.stage = stage
+        self.idle_seconds = idle_seconds
+
+    def expire(self) -> None:
+        for seq_id in self.stage.expire(self.idle_seconds):
+            log.info("freed the cache of idle sequence %s (its head is gone)", seq_id)
 
     def run(self, header: Mapping[str, Any],
             tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -110,13 +121,33 @@ class StageHost:
         self.stages: dict[str, Stage] = {}
         self.on_run: Callable[[str, float], None] | None = None  # (stage key, seconds)
         self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
-        dataplane.on("forward", self._on_forward)
+        self._sweeper: asyncio.Task[None] | None = None
+        dataplane.on("forward", self._on_forward, refuse=self._refuse)
         dataplane.on("drop", self._on_drop)
 
     def add(self, key: str, stage: Stage) -> None:
         self.stages[key] = stage
         self._executors[key] = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"stage-{key}")
+        if hasattr(stage, "expire") and self._sweeper is None:
+            try:
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            except RuntimeError:  # no event loop (a synchronous caller): no sweeping
+                log.warning("stage %s: no event loop, idle sequences are not expired", key)
+
+    async def _sweep(self, period: float = 1.0) -> None:
+        """Free per-sequence state that no head will ever drop (stages' ``expire``)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(period)
+            for key, stage in list(self.stages.items()):
+                expire = getattr(stage, "expire", None)
+                if expire is not None and key in self._executors:
+                    try:  # on the stage's own thread: it may be mid-forward
+                        await loop.run_in_executor(self._executors[key], expire)
+                    except Exception:
+                        log.warning("expiring idle sequences of %s failed", key,
+                                    exc_info=True)
 
     def remove(self, key: str) -> None:
         self.stages.pop(key, None)
@@ -130,6 +161,9 @@ class StageHost:
     def close(self) -> None:
         for key in list(self.stages):
             self.remove(key)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     async def _on_forward(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         origin = (str(header["origin"][0]), int(header["origin"][1]))
@@ -163,6 +197,15 @@ class StageHost:
         if not await self.dataplane.send_when_connected(origin, result, outputs):
             log.warning("origin %s:%d of %s is unreachable", *origin, header["req"])
 
+    async def _refuse(self, header: dict[str, Any], reason: str) -> None:
+        """Every data-plane task slot is taken: fail this pass at once (the origin
+        replays it or gives up) rather than queue it without bound."""
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            origin = (str(header["origin"][0]), int(header["origin"][1]))
+            self.dataplane.send(origin, {"kind": "error", "req": header["req"],
+                                         "message": f"{self.node_id}: {reason}",
+                                         "node": self.node_id})
+
     async def _fail(self, origin: Endpoint, header: Mapping[str, Any], message: str,
                     node: str | None = None) -> None:
         await self.dataplane.send_when_connected(
@@ -188,8 +231,9 @@ class PipelineClient:
                                        tuple[str, ...]]] = {}
         self._ids = itertools.count()
         self._prefix = f"{node_id}-{os.getpid()}-"
-        dataplane.on("result", self._on_result)
-        dataplane.on("error", self._on_error)
+        # Answers only wake a waiting request: they never wait for a task slot.
+        dataplane.on("result", self._on_result, inline=True)
+        dataplane.on("error", self._on_error, inline=True)
 
     async def run(self, route: Sequence[StageRef], tensors: Mapping[str, np.ndarray],
                   timeout: float, compress: str = "none",
