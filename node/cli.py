@@ -102,7 +102,21 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--dir", type=Path, help="where (default: $EPARA_CLUSTER_DIR or "
                       "~/.config/epara/cluster)")
     init.add_argument("--force", action="store_true", help="replace existing credentials")
+    init.add_argument("--authority", type=Path, metavar="DIR", help="per-device identity: "
+                      "create the signing authority in DIR (keep it off the devices); keeps "
+                      "--dir's cluster key if it has one (the upgrade of a shared-key cluster)")
     init.set_defaults(run=_cmd_cluster_init)
+    admit = csub.add_parser("admit", help="give a device its own key and certificate")
+    admit.add_argument("node_id", metavar="ID")
+    admit.add_argument("--authority", type=Path, required=True, metavar="DIR")
+    admit.add_argument("--out", type=Path, required=True, metavar="DIR",
+                       help="the device's credentials directory (its node.key is kept and "
+                       "signed if it already has one)")
+    admit.set_defaults(run=_cmd_cluster_admit)
+    revoke = csub.add_parser("revoke", help="shut a device out (no re-keying of others)")
+    revoke.add_argument("node_id", metavar="ID")
+    revoke.add_argument("--authority", type=Path, required=True, metavar="DIR")
+    revoke.set_defaults(run=_cmd_cluster_revoke)
 
     models = sub.add_parser("models", help="list served models; prepare or import models")
     _socket_arg(models)
@@ -314,11 +328,44 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
     from epara.peer.security import CredentialsError
 
     directory = args.dir or default_cluster_dir()
+    if args.authority is not None:
+        from epara.peer.cli import authority_init
+
+        try:
+            print(authority_init(args.authority, directory))
+        except CredentialsError as exc:
+            print(f"epara: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         print(format_cluster_init(cluster_init(directory, overwrite=args.force)))
     except CredentialsError:
         print(f"epara: {directory} already holds cluster credentials (--force replaces "
               "them, and every node must then get the new ones)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_cluster_admit(args: argparse.Namespace) -> int:
+    from epara.peer.cli import admit
+    from epara.peer.security import CredentialsError
+
+    try:
+        print(admit(args.authority, args.node_id, args.out))
+    except CredentialsError as exc:
+        print(f"epara: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_cluster_revoke(args: argparse.Namespace) -> int:
+    from epara.peer.cli import revoke
+    from epara.peer.security import CredentialsError
+
+    try:
+        print(revoke(args.authority, args.node_id))
+    except CredentialsError as exc:
+        print(f"epara: {exc}", file=sys.stderr)
         return 1
     return 0
 
