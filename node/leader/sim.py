@@ -60,7 +60,7 @@ from epara.node.leader.workloads import Request
 
 OUTCOMES = ("good", "late", "refused", "expired", "lost")
 # Event kinds, in the order ties at one instant are processed.
-_ARRIVE, _ADMIT, _STEP, _HOP, _FAIL, _DETECT, _PUBLISH, _DECIDE = range(8)
+_FAIL, _DETECT, _PUBLISH, _DECIDE, _ARRIVE, _ADMIT, _STEP, _HOP = range(8)
 
 
 @dataclass(frozen=True)
@@ -665,7 +665,7 @@ def simulate(system: str | PlacementPolicy, requests: Sequence[Request],
             # During the warm-up the cluster is taken to have run this traffic before:
             # what it places then is loaded already. Afterwards a new unit serves only
             # once its weights are read.
-            sim.install(placement, loading=t >= config.warmup_s)
+            sim.install(placement, loading=t > 0 and t >= config.warmup_s)
             if t + config.period_s <= duration:
                 sim.push(t + config.period_s, _DECIDE, None)
     return _result(policy.name, sim, requests, config, duration, decisions_ms,

@@ -327,21 +327,21 @@ class Mix:
 
 
 MIXES: dict[str, Mix] = {m.name: m for m in (
-    Mix("production", 20, PRODUCTION_FLEET, 40, KIND_SHARE, 250.0, 20, diurnal=True,
+    Mix("production", 12, PRODUCTION_FLEET, 30, KIND_SHARE, 150.0, 12, diurnal=True,
         note="Zipf over many services, bursts, a diurnal swing, camera streams, chats "
              "of every size, on a mostly Pi/Jetson fleet"),
-    Mix("edge-llm", 16, (("jetson", 0.2), ("nano", 0.3), ("pi", 0.3), ("pi4g", 0.2)), 14,
+    Mix("edge-llm", 12, (("jetson", 0.2), ("nano", 0.3), ("pi", 0.3), ("pi4g", 0.2)), 12,
         (("chat-1b", 0.15), ("chat-3b", 0.15), ("chat-8b", 0.2), ("chat-14b", 0.15),
-         ("chat-32b", 0.05), ("classify", 0.1), ("embed", 0.1), ("kws", 0.1)), 40.0, 0,
+         ("chat-32b", 0.05), ("classify", 0.1), ("embed", 0.1), ("kws", 0.1)), 30.0, 0,
         note="chats carry most device-seconds; the 8B-32B tiers need pipelines on 4-8 GB "
              "devices"),
-    Mix("camera", 16, (("jetson", 0.15), ("nano", 0.25), ("pi", 0.6)), 12,
+    Mix("camera", 12, (("jetson", 0.15), ("nano", 0.25), ("pi", 0.6)), 10,
         (("selfie-stream", 0.3), ("seg-stream", 0.3), ("det-stream", 0.2),
-         ("classify", 0.1), ("detect", 0.1)), 30.0, 24, stream_hz=30.0,
+         ("classify", 0.1), ("detect", 0.1)), 20.0, 16, stream_hz=30.0,
         note="dozens of 30 fps camera streams that only accelerator batching sustains"),
-    Mix("latency-critical", 20, PRODUCTION_FLEET, 24,
+    Mix("latency-critical", 12, PRODUCTION_FLEET, 20,
         (("kws", 0.2), ("intent", 0.2), ("classify", 0.2), ("embed", 0.1),
-         ("chat-3b", 0.15), ("chat-8b", 0.15)), 250.0, 0, target=0.99,
+         ("chat-3b", 0.15), ("chat-8b", 0.15)), 150.0, 0, target=0.99,
         slo_scale={"classify": 0.5, "embed": 0.5, "intent": 0.4, "kws": 0.4},
         note="20-50 ms models beside multi-second chat prefills, judged at 99%"),
 )}
