@@ -190,16 +190,20 @@ def _task(args: tuple[_TaskSpec, tuple[str, ...], bool]) -> dict[str, Any]:
 
 def run(config: BenchConfig, trace: Sequence[Request] | None = None,
         devices: int = TRACE_DEVICES, services: int = TRACE_SERVICES,
-        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Every system on every (mix, seed); the report (``report``) of the results."""
+        progress: Callable[[str], None] | None = None,
+        on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every system on every (mix, seed); the report (``report``) of the results.
+    ``on_result`` gets each (mix, seed)'s raw result as it completes."""
     specs: list[tuple[_TaskSpec, int]]
     if trace is not None:
         _trace_case(trace, devices, services)  # unknown services: fail before any run
         config = replace(config, mixes=("trace",), tuning_seeds=(), held_out_seeds=(1,))
         specs = [(("trace", (tuple(trace), devices, services), config), 1)]
     else:
-        specs = [((m, seed, config), seed) for m in config.mixes
-                 for seed in (*config.tuning_seeds, *config.held_out_seeds)]
+        # Seed-major, held-out seeds first: an interrupted run still covers every mix.
+        specs = [((m, seed, config), seed)
+                 for seed in (*config.held_out_seeds, *config.tuning_seeds)
+                 for m in config.mixes]
     plot_seed = (config.held_out_seeds or config.tuning_seeds)[0]
     tasks = [(spec, config.systems, seed == plot_seed) for spec, seed in specs]
     results = []
@@ -207,11 +211,15 @@ def run(config: BenchConfig, trace: Sequence[Request] | None = None,
         with get_context("fork").Pool(config.jobs) as pool:
             for r in pool.imap_unordered(_task, tasks):
                 results.append(r)
+                if on_result:
+                    on_result(r)
                 if progress:
                     progress(f"{r['mix']} seed {r['seed']} done")
     else:
         for t in tasks:
             results.append(_task(t))
+            if on_result:
+                on_result(results[-1])
             if progress:
                 progress(f"{results[-1]['mix']} seed {results[-1]['seed']} done")
     return report(results, config, plot_seed)
