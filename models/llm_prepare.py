@@ -278,12 +278,15 @@ def _manifest(cfg: LlamaConfig, index: dict[str, dict[str, Any]], template: str)
     hd, nkv = cfg.head_dim, cfg.kv_heads
     inputs = [TensorSpec("input_ids", "int64", (None, None)),
               TensorSpec("positions", "int64", (None, None)),
-              TensorSpec("attn_bias", "float32", (None, None, None))]
+              TensorSpec("seqlens_k", "int32", (None,)),
+              TensorSpec("total_length", "int32", ())]
     outputs = [TensorSpec("logits", "float32", (None, cfg.vocab))]
     for layer in range(cfg.layers):
         for kind in ("k", "v"):
-            inputs.append(TensorSpec(f"past_{kind}.{layer}", "float32", (None, None, nkv, hd)))
-            outputs.append(TensorSpec(f"new_{kind}.{layer}", "float32", (None, None, nkv, hd)))
+            # Slabs of the KV pool, bound as both input and output (updated in place).
+            inputs.append(TensorSpec(f"past_{kind}.{layer}", "float32", (None, nkv, None, hd)))
+            outputs.append(TensorSpec(f"present_{kind}.{layer}", "float32",
+                                      (None, nkv, None, hd)))
     costs = stage_costs(cfg, index)
     weight_mb = sum(e["length"] for k, e in index.items()
                     if k != "head.lo.d") / 2**20  # an alias of tok.d
