@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--threads", type=int, help="threads per model runtime")
     node.add_argument("--max-frame-mb", type=float, default=64.0,
                       help="largest request accepted (MiB)")
+    node.add_argument("--max-inflight", type=int, default=64,
+                      help="requests in flight per local connection; more get `overloaded`")
+    node.add_argument("--max-buffered-mb", type=float, default=256.0,
+                      help="bytes all local connections may buffer together (MiB); past it "
+                      "new requests get `overloaded`")
+    node.add_argument("--frame-timeout", type=float, default=10.0,
+                      help="seconds a started frame may take to arrive whole")
     node.add_argument("--node-id", default=os.environ.get("EPARA_NODE_ID") or None,
                       help="default: $EPARA_NODE_ID, else hostname and machine id")
     node.add_argument("--cluster", type=Path, help="cluster credentials directory (default: "
@@ -255,10 +262,19 @@ def _cmd_node(args: argparse.Namespace) -> int:
     import grp
 
     from epara.node.daemon import NodeConfig, default_cluster_dir, run_node
+    from epara.node.localsock import SocketLimits
     from epara.peer.member import MemberConfig
 
+    try:
+        limits = SocketLimits(max_frame_bytes=int(args.max_frame_mb * 1024 * 1024),
+                              max_inflight=args.max_inflight,
+                              max_buffered_bytes=int(args.max_buffered_mb * 1024 * 1024),
+                              frame_timeout_s=args.frame_timeout)
+    except ValueError as exc:
+        print(f"epara: {exc}", file=sys.stderr)
+        return 2
     config = NodeConfig(store=args.store, models=tuple(args.model), threads=args.threads,
-                        max_frame_bytes=int(args.max_frame_mb * 1024 * 1024),
+                        socket_limits=limits,
                         node_id=args.node_id, memory_budget_mb=args.memory_budget_mb,
                         http_port=args.http_port, http_host=args.http_host,
                         placement_policy=args.placement_policy)

@@ -20,10 +20,10 @@ from epara.models.store import ModelStore
 from epara.node.api import LocalApi, default_socket_path
 from epara.node.generation import GenerationService
 from epara.node.httpapi import HttpServer
+from epara.node.localsock import SocketLimits
 from epara.node.metrics import RequestLog, make_exporter
 from epara.node.runtime import ClusterRuntime
 from epara.node.service import ModelService
-from epara.peer import wire
 from epara.peer.member import ClusterMember, MemberConfig
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class NodeConfig:
     socket_group: int | None = None
     models: tuple[str, ...] = ()  # empty: every model in the store
     threads: int | None = None  # per model; None lets each runtime decide
-    max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES
+    socket_limits: SocketLimits = field(default_factory=SocketLimits)  # the local socket's
     node_id: str | None = None
     # Cluster membership: None runs the node alone (no mDNS, no network ports).
     cluster_dir: Path | None = None
@@ -79,7 +79,7 @@ class Node:
         self.started = time.time()
         self.backends: list[dict[str, Any]] = []
         self.api = LocalApi(self.services, self.describe_models, self.status,
-                            config.max_frame_bytes)
+                            config.socket_limits)
         self.requests = RequestLog()
         self.api.observer = self.requests.record
         self.exporter = make_exporter(self, self.requests)
@@ -212,6 +212,7 @@ class Node:
             "socket": str(self.config.socket_path),
             "model_store": str(self.store.root),
             "connections": self.api.connections,
+            "buffered_bytes": self.api.buffered_bytes,
             "http": self.http.url if self.http is not None else None,
             "backends": self.backends,
             "services": [s.stats() for _, s in sorted(self.services.items())],

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -243,8 +244,14 @@ class ModelService:
             self._waiting_work += work
         job = Job(checked, rows, deadline, work)
         self._note_arrival(job.enqueued)
-        # A request cancelled while queued (its client left) frees its slot at once.
-        job.future.add_done_callback(lambda f: f.cancelled() and self._release([job]))
+        # A request cancelled while queued (its client left) frees its slot at once. The
+        # callback holds the job weakly: a job <-> future cycle would keep the inputs (maybe
+        # views of a client's shared memory, mapped while referenced) until a GC pass.
+        # A job already gone was taken from the queue, and taking it released it.
+        job_ref = weakref.ref(job)
+        job.future.add_done_callback(
+            lambda f: f.cancelled() and (held := job_ref()) is not None
+            and self._release([held]))
         self._queue.put(job)
         return job.future
 
@@ -349,6 +356,9 @@ class ModelService:
             live = self._drop_dead(batch)
             if live:
                 self._execute(live)
+            # Let go of the inputs before waiting for the next batch: they may be views of
+            # a client's shared memory, which stays mapped while anything refers to it.
+            del batch, live
 
     def _drop_dead(self, batch: list[Job]) -> list[Job]:
         now = time.monotonic()
