@@ -80,11 +80,18 @@ class _Case:
             self.traces[k] = self.make(k)
         return self.traces[k]
 
+    def config_at(self, k: int) -> SimConfig:
+        if self.mix == "trace":  # compressed time: the warm-up shrinks with it
+            return replace(self.config, warmup_s=self.config.warmup_s / load_of(k))
+        return self.config
+
     def offered_hz(self, k: int) -> float:
+        """Requests per second of the measured part of the trace at step ``k``."""
         reqs = self.trace(k)
+        warmup = self.config_at(k).warmup_s
         duration = max((r.t for r in reqs), default=0.0)
-        measured = sum(1 for r in reqs if r.t >= self.config.warmup_s)
-        return measured / max(1e-9, duration - self.config.warmup_s)
+        measured = sum(1 for r in reqs if r.t >= warmup)
+        return measured / max(1e-9, duration - warmup)
 
 
 def _mix_case(mix: Mix, seed: int, config: BenchConfig) -> _Case:
@@ -114,10 +121,8 @@ def _run(case: _Case, system: str, k: int, cache: dict[tuple[str, int], SimResul
          ) -> SimResult:
     key = (system, k)
     if key not in cache:
-        config = case.config
-        if k != 0 and case.mix == "trace":  # compressed time: the warm-up shrinks too
-            config = replace(config, warmup_s=config.warmup_s / load_of(k))
-        cache[key] = simulate(system, case.trace(k), case.services, case.devices, config)
+        cache[key] = simulate(system, case.trace(k), case.services, case.devices,
+                              case.config_at(k))
     return cache[key]
 
 
@@ -167,9 +172,16 @@ def _task(args: tuple[_TaskSpec, tuple[str, ...], bool]) -> dict[str, Any]:
     for system in systems:
         cache: dict[tuple[str, int], SimResult] = {}
         row: dict[str, Any] = {}
-        for target in TARGETS:
+        found: dict[float, int | None] = {}
+        for target in sorted(TARGETS, reverse=True):
             k = search(lambda k, t=target, s=system, c=cache:
                        _run(case, s, k, c).attainment >= t)
+            # Attainment is noisy in load: a load seen to keep a stricter target keeps
+            # this one too.
+            stricter = [v for t, v in found.items() if t > target and v is not None]
+            if stricter and (k is None or max(stricter) > k):
+                k = max(stricter)
+            found[target] = k
             row[f"load{target * 100:.0f}"] = None if k is None else load_of(k)
             row[f"goodput{target * 100:.0f}_hz"] = 0.0 if k is None else case.offered_hz(k)
         if plot:
@@ -247,6 +259,8 @@ def report(results: Sequence[Mapping[str, Any]], config: BenchConfig,
         seeds: dict[str, Any] = {}
         for r in sorted((r for r in results if r["mix"] == name), key=lambda r: r["seed"]):
             sy = r["systems"]
+            for row in sy.values():  # a rate that keeps 99% keeps 90% too
+                row["goodput90_hz"] = max(row["goodput90_hz"], row["goodput99_hz"])
             epara = sy["epara"]
             entry = {
                 "held_out": r["seed"] not in config.tuning_seeds,
