@@ -14,6 +14,7 @@ import numpy as np
 
 from epara.node.client import Client, Done, EparaError
 from epara.node.leader.policies import POLICIES
+from epara.node.leader.workloads import TRACE_DEVICES, TRACE_SERVICES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,8 +246,14 @@ def _parser() -> argparse.ArgumentParser:
                                                          "replicate-all")),
                          help="with --real: placement policies to compare (comma list)")
     goodput.add_argument("--store", type=Path, help="with --real: the model store")
-    goodput.add_argument("--devices", type=int, default=40)
-    goodput.add_argument("--services", type=int, default=40)
+    goodput.add_argument("--devices", type=int, default=TRACE_DEVICES,
+                         help="with --trace: the fleet (production mix) it replays on")
+    goodput.add_argument("--services", type=int, default=TRACE_SERVICES,
+                         help="with --trace: the built-in catalogue size its services "
+                         "come from (bench/goodput_sim.py --write-trace writes from "
+                         f"{TRACE_SERVICES})")
+    goodput.add_argument("--jobs", type=int, default=2,
+                         help="simulator processes (one (mix, seed) each)")
     goodput.set_defaults(run=_cmd_bench_goodput)
 
     status = sub.add_parser("status", help="show the node's state")
@@ -611,10 +618,17 @@ def _cmd_bench_goodput(args: argparse.Namespace) -> int:
                                args.plot, args.policies.split(","), args.load,
                                args.bed.split(",") if args.bed else ()))
         return 0
-    from epara.node.leader.sim import run_goodput_bench
+    from epara.node.lab.goodput import run_goodput_bench
 
-    print(run_goodput_bench(args.trace, args.json, args.plot, args.quick, args.devices,
-                            args.services))
+    if args.devices < 1 or args.services < 1 or args.jobs < 1:
+        raise SystemExit("epara bench goodput: --devices, --services and --jobs must be "
+                         "at least 1")
+    try:
+        print(run_goodput_bench(args.trace, args.json, args.plot, args.quick, args.devices,
+                                args.services, args.jobs,
+                                progress=lambda line: print(line, file=sys.stderr)))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"epara bench goodput: {exc}") from None
     return 0
 
 
