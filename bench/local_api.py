@@ -168,15 +168,19 @@ def rss_growth(sock: Path, pid: int, requests: int) -> dict[str, float]:
             "growth_mb": after_all - after_100}
 
 
-def forward_curve() -> tuple[Any, str | None]:
+def forward_curve() -> tuple[dict[str, Any] | None, str | None]:
+    """bench/forward.py's whole JSON object (its own same-run baseline: raw CURVE)."""
     script = ROOT / "bench" / "forward.py"
     if not script.exists():
         return None, "bench/forward.py is not in this checkout"
     try:
         done = subprocess.run([sys.executable, str(script), "--json"], capture_output=True,
                               text=True, timeout=900, check=True)
-        return json.loads(done.stdout)["forward_vs_raw_curve"], None
-    except (subprocess.SubprocessError, json.JSONDecodeError, KeyError) as exc:
+        found = json.loads(done.stdout.strip().splitlines()[-1])
+        if "forward_vs_raw_curve" not in found:
+            raise KeyError("forward_vs_raw_curve")
+        return found, None
+    except (subprocess.SubprocessError, json.JSONDecodeError, KeyError, IndexError) as exc:
         return None, f"bench/forward.py failed: {exc}"
 
 
@@ -232,14 +236,14 @@ def main() -> None:
         "overhead_ms_tiny": tiny["shared_memory"]["overhead_ms"],
         "seg_fps_ratio_2_streams": statistics.median(fps[2]),
         "seg_fps_ratio_4_streams": statistics.median(fps[4]),
-        "forward_vs_raw_curve": forward,
+        "forward_vs_raw_curve": None if forward is None else forward["forward_vs_raw_curve"],
         "rss_growth_mb": rss["growth_mb"],
         "detail": {
             "tiny": tiny, "segmentation_1mb": seg,
             "seg_fps_ratio_rounds": {str(k): v for k, v in fps.items()},
             "seg_direct_fps": spread(direct),
             "seg_mean_batch": {str(k): statistics.mean(v) for k, v in mean_batch.items()},
-            "batch_curve": curve, "rss": rss, "threads": args.threads,
+            "batch_curve": curve, "rss": rss, "threads": args.threads, "forward": forward,
         },
     }
     if forward_reason is not None:
