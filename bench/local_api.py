@@ -129,21 +129,20 @@ def node_fps(sock: Path, name: str, inputs: dict[str, np.ndarray], seconds: floa
 
 
 def batch_curve(session: Session, name: str, frame: np.ndarray, max_batch: int,
-                repeats: int = 20) -> list[dict[str, float]]:
-    curve = []
-    for batch in (1, 2, 4, 8):
-        if batch > max_batch:
-            break
-        stacked = {name: np.repeat(frame, batch, axis=0)}
-        for _ in range(3):
-            session.run(stacked)
-        times = []
-        for _ in range(repeats):
+                rounds: int = 6, repeats: int = 5) -> list[dict[str, Any]]:
+    """In-process time per frame by batch size, sizes interleaved round by round."""
+    sizes = [b for b in (1, 2, 4, 8) if b <= max_batch]
+    stacked = {b: {name: np.repeat(frame, b, axis=0)} for b in sizes}
+    per_frame: dict[int, list[float]] = {b: [] for b in sizes}
+    for _ in range(rounds):
+        for batch in sizes:
+            session.run(stacked[batch])  # a new batch size may resize the runtime's tensors
             start = time.perf_counter()
-            session.run(stacked)
-            times.append(time.perf_counter() - start)
-        curve.append({"batch": batch, "ms_per_frame": statistics.median(times) * 1000 / batch})
-    return curve
+            for _ in range(repeats):
+                session.run(stacked[batch])
+            per_frame[batch].append((time.perf_counter() - start) * 1000 / repeats / batch)
+    return [{"batch": b, "ms_per_frame": statistics.median(v), "min": min(v), "max": max(v)}
+            for b, v in per_frame.items()]
 
 
 def rss_mb(pid: int) -> float:
