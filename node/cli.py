@@ -90,8 +90,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="serve HTTP on this port: OpenAI-compatible /v1 API, /metrics and "
                       "the dashboard (default: off; 0 picks a free port; docs/http.md)")
     node.add_argument("--http-host", default="127.0.0.1", metavar="IP",
-                      help="address of the HTTP endpoint (default 127.0.0.1: it has no "
-                      "authentication)")
+                      help="address of the HTTP endpoint (default 127.0.0.1; any other "
+                      "needs --http-token-file)")
+    node.add_argument("--http-token-file", type=Path, metavar="FILE",
+                      help="bearer token clients must send (created, mode 0600, if absent); "
+                      "required when --http-host is not loopback")
     node.set_defaults(run=_cmd_node)
 
     cluster = sub.add_parser("cluster", help="cluster credentials")
@@ -100,7 +103,21 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--dir", type=Path, help="where (default: $EPARA_CLUSTER_DIR or "
                       "~/.config/epara/cluster)")
     init.add_argument("--force", action="store_true", help="replace existing credentials")
+    init.add_argument("--authority", type=Path, metavar="DIR", help="per-device identity: "
+                      "create the signing authority in DIR (keep it off the devices); keeps "
+                      "--dir's cluster key if it has one (the upgrade of a shared-key cluster)")
     init.set_defaults(run=_cmd_cluster_init)
+    admit = csub.add_parser("admit", help="give a device its own key and certificate")
+    admit.add_argument("node_id", metavar="ID")
+    admit.add_argument("--authority", type=Path, required=True, metavar="DIR")
+    admit.add_argument("--out", type=Path, required=True, metavar="DIR",
+                       help="the device's credentials directory (its node.key is kept and "
+                       "signed if it already has one)")
+    admit.set_defaults(run=_cmd_cluster_admit)
+    revoke = csub.add_parser("revoke", help="shut a device out (no re-keying of others)")
+    revoke.add_argument("node_id", metavar="ID")
+    revoke.add_argument("--authority", type=Path, required=True, metavar="DIR")
+    revoke.set_defaults(run=_cmd_cluster_revoke)
 
     models = sub.add_parser("models", help="list served models; prepare or import models")
     _socket_arg(models)
@@ -262,6 +279,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     import grp
 
     from epara.node.daemon import NodeConfig, default_cluster_dir, run_node
+    from epara.node.httpapi import is_loopback
     from epara.node.localsock import SocketLimits
     from epara.peer.member import MemberConfig
 
@@ -277,7 +295,14 @@ def _cmd_node(args: argparse.Namespace) -> int:
                         socket_limits=limits,
                         node_id=args.node_id, memory_budget_mb=args.memory_budget_mb,
                         http_port=args.http_port, http_host=args.http_host,
+                        http_token_file=args.http_token_file,
                         placement_policy=args.placement_policy)
+    if args.http_port is not None and args.http_token_file is None and \
+            not is_loopback(args.http_host):
+        print(f"epara: --http-host {args.http_host} is not loopback: give "
+              "--http-token-file FILE (a bearer token is created there if absent)",
+              file=sys.stderr)
+        return 2
     cluster_dir = args.cluster or default_cluster_dir()
     if args.standalone:
         pass
@@ -310,11 +335,44 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
     from epara.peer.security import CredentialsError
 
     directory = args.dir or default_cluster_dir()
+    if args.authority is not None:
+        from epara.peer.cli import authority_init
+
+        try:
+            print(authority_init(args.authority, directory))
+        except CredentialsError as exc:
+            print(f"epara: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         print(format_cluster_init(cluster_init(directory, overwrite=args.force)))
     except CredentialsError:
         print(f"epara: {directory} already holds cluster credentials (--force replaces "
               "them, and every node must then get the new ones)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_cluster_admit(args: argparse.Namespace) -> int:
+    from epara.peer.cli import admit
+    from epara.peer.security import CredentialsError
+
+    try:
+        print(admit(args.authority, args.node_id, args.out))
+    except CredentialsError as exc:
+        print(f"epara: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_cluster_revoke(args: argparse.Namespace) -> int:
+    from epara.peer.cli import revoke
+    from epara.peer.security import CredentialsError
+
+    try:
+        print(revoke(args.authority, args.node_id))
+    except CredentialsError as exc:
+        print(f"epara: {exc}", file=sys.stderr)
         return 1
     return 0
 
