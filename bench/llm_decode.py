@@ -201,7 +201,7 @@ def measure_in_child(name: str, args: argparse.Namespace, model_dir: Path, gguf:
     OpenMP or ONNX Runtime workers) competes with the next system for the cores."""
     command = [sys.executable, __file__, "--child", name, "--model-dir", str(model_dir),
                "--gguf", str(gguf), "--threads", str(args.threads),
-               "--tokens", str(args.tokens)]
+               "--tokens", str(args.tokens), "--gap-tokens", str(args.gap_tokens)]
     done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
     out = json.loads(done.stdout.splitlines()[-1])
     return {(int(k) if k.isdigit() else k): (tuple(v) if isinstance(v, list) else v)
@@ -231,6 +231,7 @@ def summary(results: dict[str, dict[int, Result]], rounds: list[dict[str, Any]],
         "b4_vs_llama_cpp": ratio(4, "llama-cpp"),
         "b1_vs_transformers": ratio(1, "transformers"),
         "max_token_gap_steps": round(statistics.median(gaps), 2),
+        "gap_prompt_tokens": args.gap_tokens,
         "max_token_gap_steps_range": [round(min(gaps), 2), round(max(gaps), 2)],
         "decode_tok_s": {name: {str(b): {"best": round(results[name][b][1], 1),
                                          "all": [round(r[name][b][1], 1) for r in rounds]}
@@ -251,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--llama-cpp", action="store_true",
                         help="also time llama-cpp-python if it is installed")
+    parser.add_argument("--gap-tokens", type=int, default=1000, help="length of the prompt "
+                        "admitted beside a running stream for the token-gap measure")
     parser.add_argument("--json", action="store_true", help="run every installed system "
                         "and print one JSON object of ratios (see the module docstring)")
     parser.add_argument("--child", choices=list(LABELS), help=argparse.SUPPRESS)
@@ -262,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         run = load_system(args.child, args.model_dir, args.gguf, args.threads)
         out: dict[str, Any] = {str(b): run(b, args.tokens) for b in (1, 4)}
         if args.child == "epara":
-            out["gap"] = token_gap_steps(load_engine(args.model_dir, threads=args.threads))
+            out["gap"] = token_gap_steps(load_engine(args.model_dir, threads=args.threads),
+                                         args.gap_tokens)
         print(json.dumps(out))
         return 0
 
@@ -300,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             ttft, rate, _ = results[name][batch]
             ratio = f"{rate / base[1]:.1f}x" if base else "-"
             print(f"{LABELS[name]:<34}{batch:>6}{ttft * 1000:>10.1f}{rate:>14.1f}{ratio:>17}")
-    print(f"longest token gap of a running stream while a 1,000-token prompt is admitted: "
+    print(f"longest token gap of a running stream while a {args.gap_tokens}-token prompt is "
+          "admitted: "
           f"{statistics.median(gaps):.2f} decode steps (median of {len(gaps)} rounds; "
           f"range {min(gaps):.2f}-{max(gaps):.2f})")
     if "transformers" in results:

@@ -434,7 +434,8 @@ class LlmEngine:
         # (measured), so a running stream's token gap stays near 1 + this.
         self.interleave_steps = 1.5
         self._decode_seconds: float | None = None
-        self._interleave_tokens = min(16, prefill_chunk)
+        # From one token up: a first chunk guessed too big would be the longest stall.
+        self._interleave_tokens = 1
 
     @property
     def active(self) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 
 from epara.node.client import Client, Done, EparaError
 from epara.node.leader.policies import POLICIES
+from epara.node.leader.workloads import TRACE_DEVICES, TRACE_SERVICES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +104,21 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--dir", type=Path, help="where (default: $EPARA_CLUSTER_DIR or "
                       "~/.config/epara/cluster)")
     init.add_argument("--force", action="store_true", help="replace existing credentials")
+    init.add_argument("--authority", type=Path, metavar="DIR", help="per-device identity: "
+                      "create the signing authority in DIR (keep it off the devices); keeps "
+                      "--dir's cluster key if it has one (the upgrade of a shared-key cluster)")
     init.set_defaults(run=_cmd_cluster_init)
+    admit = csub.add_parser("admit", help="give a device its own key and certificate")
+    admit.add_argument("node_id", metavar="ID")
+    admit.add_argument("--authority", type=Path, required=True, metavar="DIR")
+    admit.add_argument("--out", type=Path, required=True, metavar="DIR",
+                       help="the device's credentials directory (its node.key is kept and "
+                       "signed if it already has one)")
+    admit.set_defaults(run=_cmd_cluster_admit)
+    revoke = csub.add_parser("revoke", help="shut a device out (no re-keying of others)")
+    revoke.add_argument("node_id", metavar="ID")
+    revoke.add_argument("--authority", type=Path, required=True, metavar="DIR")
+    revoke.set_defaults(run=_cmd_cluster_revoke)
 
     models = sub.add_parser("models", help="list served models; prepare or import models")
     _socket_arg(models)
@@ -243,8 +258,14 @@ def _parser() -> argparse.ArgumentParser:
     goodput.add_argument("--scenario", choices=("default", "case-study"),
                          help="with --real: a scenario's hosts (an EMULATED bed, needs "
                          "root), workload and baselines (see `epara demo --help`)")
-    goodput.add_argument("--devices", type=int, default=40)
-    goodput.add_argument("--services", type=int, default=40)
+    goodput.add_argument("--devices", type=int, default=TRACE_DEVICES,
+                         help="with --trace: the fleet (production mix) it replays on")
+    goodput.add_argument("--services", type=int, default=TRACE_SERVICES,
+                         help="with --trace: the built-in catalogue size its services "
+                         "come from (bench/goodput_sim.py --write-trace writes from "
+                         f"{TRACE_SERVICES})")
+    goodput.add_argument("--jobs", type=int, default=2,
+                         help="simulator processes (one (mix, seed) each)")
     goodput.set_defaults(run=_cmd_bench_goodput)
 
     status = sub.add_parser("status", help="show the node's state")
@@ -327,11 +348,44 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
     from epara.peer.security import CredentialsError
 
     directory = args.dir or default_cluster_dir()
+    if args.authority is not None:
+        from epara.peer.cli import authority_init
+
+        try:
+            print(authority_init(args.authority, directory))
+        except CredentialsError as exc:
+            print(f"epara: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         print(format_cluster_init(cluster_init(directory, overwrite=args.force)))
     except CredentialsError:
         print(f"epara: {directory} already holds cluster credentials (--force replaces "
               "them, and every node must then get the new ones)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_cluster_admit(args: argparse.Namespace) -> int:
+    from epara.peer.cli import admit
+    from epara.peer.security import CredentialsError
+
+    try:
+        print(admit(args.authority, args.node_id, args.out))
+    except CredentialsError as exc:
+        print(f"epara: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_cluster_revoke(args: argparse.Namespace) -> int:
+    from epara.peer.cli import revoke
+    from epara.peer.security import CredentialsError
+
+    try:
+        print(revoke(args.authority, args.node_id))
+    except CredentialsError as exc:
+        print(f"epara: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -593,10 +647,17 @@ def _cmd_bench_goodput(args: argparse.Namespace) -> int:
                                args.load, args.bed.split(",") if args.bed else (),
                                args.rounds, args.scenario))
         return 0
-    from epara.node.leader.sim import run_goodput_bench
+    run_goodput_bench = _lab("goodput").run_goodput_bench
 
-    print(run_goodput_bench(args.trace, args.json, args.plot, args.quick, args.devices,
-                            args.services))
+    if args.devices < 1 or args.services < 1 or args.jobs < 1:
+        raise SystemExit("epara bench goodput: --devices, --services and --jobs must be "
+                         "at least 1")
+    try:
+        print(run_goodput_bench(args.trace, args.json, args.plot, args.quick, args.devices,
+                                args.services, args.jobs,
+                                progress=lambda line: print(line, file=sys.stderr)))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"epara bench goodput: {exc}") from None
     return 0
 
 

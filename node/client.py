@@ -295,7 +295,7 @@ class Client:
         size = max(MIN_AREA_BYTES, 1 << (size - 1).bit_length())
         try:
             area = _SharedArea(slot, size)
-        except OSError as exc:
+        except (OSError, AttributeError) as exc:  # AttributeError: no memfd (not Linux)
             log.info("no shared memory (%s): tensors go inline", exc)
             self.shared_memory = False
             return None

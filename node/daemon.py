@@ -25,6 +25,7 @@ from epara.node.metrics import RequestLog, make_exporter
 from epara.node.runtime import ClusterRuntime
 from epara.node.service import ModelService
 from epara.peer.member import ClusterMember, MemberConfig
+from epara.peer.security import certified_node_id
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -75,7 +76,9 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.store = ModelStore(config.store)
-        self.node_id = config.node_id or _stable_node_id()
+        # A device with its own certificate is the node its certificate names.
+        self.node_id = config.node_id or certified_node_id(config.cluster_dir) or \
+            _stable_node_id()
         self.services: dict[str, ModelService | GenerationService] = {}
         self.unavailable: dict[str, str] = {}  # model name or directory -> why not served
         self.started = time.time()

@@ -215,6 +215,9 @@ def map_region(fd: int, slot: int, size: int) -> SharedRegion:
     """Validate and map a passed descriptor (the caller closes ``fd``). Only a memfd
     sealed against shrinking is accepted: a region the client could truncate under the
     node would turn the node's next access into SIGBUS."""
+    if not hasattr(fcntl, "F_GET_SEALS"):
+        raise WireError("bad_request", "shared memory needs Linux memfd seals, which this "
+                        "system lacks")
     try:
         info = os.fstat(fd)
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -324,7 +327,7 @@ class Connection:
             self.loop.add_reader(self.fd, self._on_readable)
             if self._start < self._end:
                 self._arm_frame_timer(restart=True)
-                self.loop.call_soon(self._parse)  # frames already here wait no longer
+                self.loop.call_soon(self._parse_safely)  # frames already here go on
         else:
             self.loop.remove_reader(self.fd)
             # Time spent not reading (the client's own replies back up) is not the client's
@@ -415,7 +418,14 @@ class Connection:
                 self._cancel_frame_timer()
             return
         self._end += nbytes
-        self._parse()
+        self._parse_safely()
+
+    def _parse_safely(self) -> None:
+        try:
+            self._parse()
+        except Exception:  # a bug here must cost this connection, never the node
+            log.exception("local connection failed; closing it")
+            self.close()
 
     def _parse(self) -> None:
         completed = False

@@ -41,8 +41,8 @@ from . import capabilities as caps_mod
 from . import election, membership, statesync, wire
 from .discovery import Discovery, PeerAdvert, local_ipv4_addresses
 from .membership import ClusterView, Heartbeat, Member
-from .security import ClusterCredentials, load_cluster_credentials
-from .transport import Transport, control_message, try_send
+from .security import ClusterCredentials, CredentialsError, load_cluster_credentials
+from .transport import Transport, control_message, sender_of, try_send
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ _CAPS_RETRY = 2.0
 _RECENT_COMMANDS = 256
 _STATE_RETRY = 1.0  # seconds before asking a member for its record again
 _MAX_PEERS_GOSSIPED = 256
+_MAX_DRAIN = 256  # queued messages folded at the start of a tick, at most
 
 
 class NotLeader(RuntimeError):
@@ -119,6 +120,7 @@ class ClusterMember:
         self._members: dict[str, Member] = {}
         self._election = election.ElectionState()
         self._links: dict[tuple[str, int], _Link] = {}
+        self._shunned: set[tuple[str, int]] = set()  # endpoints of revoked members
         self._handlers: dict[str, CommandHandler] = {}
         self._subscribers: list[ViewCallback] = []
         self._recent_commands: OrderedDict[tuple[str, int, int], None] = OrderedDict()
@@ -140,6 +142,13 @@ class ClusterMember:
 
     async def start(self) -> None:
         self._credentials = load_cluster_credentials(self._credentials_dir)
+        cert = self._credentials.certificate
+        if cert is not None:  # per-device identity: my node id is my certificate's
+            if self.config.node_id not in (None, cert.node_id):
+                raise CredentialsError(f"node id {self.config.node_id!r} is not the one "
+                                       f"this device's certificate names ({cert.node_id!r})")
+            self.node_id = cert.node_id
+            self._view = membership.make_view(self.node_id, (), None, 0)
         if self.capabilities is None:
             self.capabilities = await asyncio.to_thread(caps_mod.probe, self.config.cache_dir)
         if self.config.device_class is not None:
@@ -155,8 +164,8 @@ class ClusterMember:
         self._transport.start()
         interfaces = self.config.interfaces
         bind_hosts = list(interfaces) if interfaces else ["0.0.0.0"]
-        self._router, self.port = self._transport.bind_router(bind_hosts[0],
-                                                              self.config.control_port)
+        self._router, self.port = self._transport.bind_router(
+            bind_hosts[0], self.config.control_port, control=True)
         for extra in bind_hosts[1:]:
             self._router.bind(f"tcp://{extra}:{self.port}")
         hosts = ([self.config.advertise_host] if self.config.advertise_host else
@@ -241,7 +250,7 @@ class ClusterMember:
         return sent
 
     def _ensure_link(self, host: str, port: int, *, source: str, now: float) -> _Link | None:
-        if (host, port) == (self.host, self.port):
+        if (host, port) == (self.host, self.port) or (host, port) in self._shunned:
             return None
         link = self._links.get((host, port))
         if link is None:
@@ -276,18 +285,24 @@ class ClusterMember:
     async def _receive_loop(self) -> None:
         assert self._router is not None
         while True:
-            batch = [await self._router.recv_multipart()]
+            batch = [await self._router.recv_multipart(copy=False)]
             # Drain what else is queued without a trip through the event loop each.
             while len(batch) < 64 and (frames := _recv_now(self._router)) is not None:
                 batch.append(frames)
             for frames in batch:
                 await self._on_frames(frames)
 
-    async def _on_frames(self, frames: list[bytes]) -> None:
-        assert self._router is not None
+    async def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        assert self._router is not None and self._credentials is not None
         if len(frames) != 2:
             return
-        ident, payload = frames
+        # Per-device layout: the node id the connection's certificate proves ("" in the
+        # shared-key layout); None: no valid certificate, the message is dropped.
+        sender = sender_of(self._credentials, frames[1])
+        if sender is None:
+            log.debug("dropping a message from a connection without a valid certificate")
+            return
+        ident, payload = frames[0].bytes, frames[1].bytes
         try:
             msg = wire.decode(payload)
         except wire.WireError as exc:
@@ -297,6 +312,11 @@ class ClusterMember:
             log.debug("ignoring message of protocol version %s", msg.get("v"))
             return
         kind = msg.get("type")
+        if sender and kind in ("hb", "st", "cmd") and \
+                msg.get("from" if kind == "cmd" else "id") != sender:
+            log.warning("dropping %s claiming to be %r from a connection certified as %r",
+                        kind, msg.get("from" if kind == "cmd" else "id"), sender)
+            return
         if kind == "hb":
             self._on_heartbeat(msg)
         elif kind == "st":
@@ -354,7 +374,15 @@ class ClusterMember:
             return
         self._state_pending.pop(node_id, None)
         changed = update.get("full") or update.get("set")
-        if not isinstance(changed, Mapping) or "_peers" not in changed:
+        if not isinstance(changed, Mapping):
+            return
+        trust = self._credentials.trust if self._credentials else None
+        if trust is not None and isinstance(changed.get("_rev"), bytes) and \
+                trust.offer(changed["_rev"]):
+            log.warning("%s: adopted revocation list v%d from %s", self.node_id,
+                        trust.revocations.version, node_id)
+            self._drop_revoked()
+        if "_peers" not in changed:
             return  # the endpoints it knows are the same as before
         peers = self._members[node_id].synced
         for entry in ((peers.record.get("_peers") if peers else None) or ())[
@@ -363,6 +391,20 @@ class ClusterMember:
                 host, port = entry
                 if isinstance(host, str) and isinstance(port, int) and 0 < port < 65536:
                     self._ensure_link(host, port, source="learned", now=now)
+
+    def _drop_revoked(self) -> None:
+        """Forget members a newly adopted revocation list names, and stop talking to
+        their endpoints (their messages are already refused: see ``sender_of``)."""
+        assert self._credentials is not None and self._credentials.trust is not None
+        revoked = self._credentials.trust.revocations.node_ids
+        for node_id in [n for n in self._members if n in revoked]:
+            member = self._members.pop(node_id)
+            self._shunned.add((member.host, member.port))
+            link = self._links.pop((member.host, member.port), None)
+            if link is not None:
+                link.sock.close(linger=0)
+            log.warning("%s: %s is revoked; removed", self.node_id, node_id)
+        self._update(time.monotonic())
 
     def _on_state_request(self, msg: Mapping[str, Any]) -> None:
         """Answer ``sget`` over my own link to the asker's control endpoint."""
@@ -447,6 +489,9 @@ class ClusterMember:
         assert self.capabilities is not None
         record = self._own_state()
         record["_head"] = self.capabilities.headline()
+        trust = self._credentials.trust if self._credentials else None
+        if trust is not None and trust.revocations.version > 0:
+            record["_rev"] = trust.revocations.encode()  # spreads the newest list
         record["_peers"] = [list(p) for p in sorted(
             {(m.host, m.port) for m in self._members.values()})]
         before = self._published.version
@@ -454,12 +499,27 @@ class ClusterMember:
         return before
 
     async def _tick_loop(self) -> None:
+        due = time.monotonic()
         while True:
+            # Heartbeats that arrived while this process could not run (CPU starvation,
+            # a long GC) are still queued: fold them before judging anyone silent.
+            for _ in range(_MAX_DRAIN):
+                if self._router is None or (frames := _recv_now(self._router)) is None:
+                    break
+                await self._on_frames(frames)
             now = time.monotonic()
+            if now - due > 2 * self.interval:
+                log.info("%s: tick %.2f s late (this process did not run)", self.node_id,
+                         now - due)
             self._seq += 1
             self.interval = membership.heartbeat_interval(
                 self.config.heartbeat_interval, len(self._links),
                 self.config.max_heartbeats_per_s)
+            trust = self._credentials.trust if self._credentials else None
+            if trust is not None and trust.reload():  # an operator dropped a new list in
+                log.warning("%s: adopted revocation list v%d from %s", self.node_id,
+                            trust.revocations.version, self._credentials_dir)
+                self._drop_revoked()
             before = self._publish()
             fields = self._own_heartbeat().to_wire()
             if self._published.version != before:
@@ -477,6 +537,7 @@ class ClusterMember:
             self._prune_links(now)
             self._request_states(now)
             self._fetch_capabilities(now)
+            due = time.monotonic() + self.interval
             await asyncio.sleep(self.interval)
 
     def _update(self, now: float) -> None:
@@ -494,6 +555,7 @@ class ClusterMember:
         record = dict(self._published.record)
         head = record.pop("_head", {})
         record.pop("_peers", None)
+        record.pop("_rev", None)
         me = Member(node_id=self.node_id, host=self.host, port=self.port,
                     incarnation=self.incarnation, seq=self._seq, term=self._election.term,
                     leader=self._election.leader, priority=self.priority,
@@ -559,15 +621,15 @@ class ClusterMember:
                 self._members, member.node_id, int(reply.get("inc", -1)), reply["caps"])
 
 
-def _recv_now(sock: zmq.asyncio.Socket) -> list[bytes] | None:
+def _recv_now(sock: zmq.asyncio.Socket) -> list[zmq.Frame] | None:
     """One queued multipart message, or None, without waiting (the synchronous base
     class methods: the asyncio socket's own return futures)."""
     try:
-        frames = [zmq.Socket.recv(sock, zmq.NOBLOCK)]
+        frames = [zmq.Socket.recv(sock, zmq.NOBLOCK, copy=False)]
     except zmq.Again:
         return None
     while sock.getsockopt(zmq.RCVMORE):
-        frames.append(zmq.Socket.recv(sock, zmq.NOBLOCK))
+        frames.append(zmq.Socket.recv(sock, zmq.NOBLOCK, copy=False))
     return frames
 
 
@@ -622,6 +684,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--command-every", type=float, default=0.0,
                         help="while leader, broadcast a 'ping' command this often (tests)")
     parser.add_argument("--remove-after", type=float, default=1.5)
+    parser.add_argument("--max-heartbeats-per-s", type=float,
+                        default=MemberConfig.max_heartbeats_per_s)
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
@@ -633,6 +697,7 @@ async def _run(args: argparse.Namespace) -> None:
         control_port=args.port, seeds=tuple(args.peer), mdns=not args.no_mdns,
         never_lead=args.never_lead, priority=args.priority,
         suspect_after=args.remove_after / 2, remove_after=args.remove_after,
+        max_heartbeats_per_s=args.max_heartbeats_per_s,
         cache_dir=args.cache_dir, status_file=args.status_file)
     started = time.monotonic()
     member = ClusterMember(config, args.credentials, lambda: {

@@ -199,6 +199,7 @@ def with_state(members: Members, node_id: str, incarnation: int,
     record = dict(held.record)
     head = record.pop("_head", None)
     record.pop("_peers", None)
+    record.pop("_rev", None)
     table[node_id] = replace(member, synced=held, state=record,
                              headline=head if isinstance(head, Mapping) else {})
     return table, True

@@ -1,5 +1,11 @@
 """ZeroMQ sockets for node-to-node traffic, all CurveZMQ-encrypted and authenticated.
 
+ZAP policy (security.py): in the shared-key layout only the cluster key is admitted. In
+the per-device layout the control ROUTER (``bind_router(control=True)``) admits any key
+not revoked and its owner checks each message's certificate (``sender_of``); every other
+ROUTER admits only keys the control plane has certified. Dealers present the device's
+own key and its certificate as ZMTP metadata.
+
 One ``Transport`` per member: it owns a private ``zmq.asyncio.Context`` because the ZAP
 authenticator is per context, and two members in one process (tests, the simulator)
 must not share one. Control messages are CBOR maps (``epara.peer.wire``) in one frame.
@@ -15,7 +21,14 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from . import wire
-from .security import ClusterCredentials, ClusterKeyOnly
+from .security import (
+    CERT_METADATA,
+    CONTROL_DOMAIN,
+    CertifiedMembers,
+    ClusterCredentials,
+    ClusterKeyOnly,
+    NotRevoked,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +66,19 @@ class Transport:
         zap_log.setLevel(logging.WARNING)
         self._auth = AsyncioAuthenticator(self.context, log=zap_log)
         self._auth.start()
-        self._auth.configure_curve_callback("*", credentials_provider=ClusterKeyOnly(
-            self._credentials))
+        trust = self._credentials.trust
+        if trust is None:  # shared-key layout: the cluster key is the only identity
+            self._auth.configure_curve_callback("*", credentials_provider=ClusterKeyOnly(
+                self._credentials))
+            self._auth.configure_curve_callback(CONTROL_DOMAIN, credentials_provider=
+                                                ClusterKeyOnly(self._credentials))
+            return
+        assert self._credentials.node_public is not None and \
+            self._credentials.certificate is not None
+        trust.member_keys[self._credentials.node_public] = self._credentials.certificate.node_id
+        self._auth.configure_curve_callback(CONTROL_DOMAIN,
+                                            credentials_provider=NotRevoked(trust))
+        self._auth.configure_curve_callback("*", credentials_provider=CertifiedMembers(trust))
 
     def close(self) -> None:
         if self._auth is not None:
@@ -70,10 +94,15 @@ class Transport:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)
         sock.setsockopt(zmq.SNDHWM, _SNDHWM)
 
-    def bind_router(self, host: str, port: int) -> tuple[zmq.asyncio.Socket, int]:
-        """Bind the control ROUTER as CURVE server; ``port=0`` picks a free port."""
+    def bind_router(self, host: str, port: int, *,
+                    control: bool = False) -> tuple[zmq.asyncio.Socket, int]:
+        """Bind a ROUTER as CURVE server; ``port=0`` picks a free port. ``control``: the
+        membership ROUTER, which checks each message's certificate itself (others admit
+        only already-certified members' keys)."""
         sock = self.context.socket(zmq.ROUTER)
         self._common(sock)
+        if control:
+            sock.setsockopt(zmq.ZAP_DOMAIN, CONTROL_DOMAIN.encode())
         sock.curve_server = True
         sock.curve_secretkey = self._credentials.secret_key
         # Unroutable replies (the asker went away) are dropped, not raised.
@@ -92,11 +121,32 @@ class Transport:
         # Queue only on completed (authenticated) connections: a send to a dead or
         # unreachable peer fails at once instead of piling up stale heartbeats.
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.curve_serverkey = self._credentials.public_key
-        sock.curve_publickey = self._credentials.public_key
-        sock.curve_secretkey = self._credentials.secret_key
+        creds = self._credentials
+        sock.curve_serverkey = creds.public_key
+        if creds.node_secret is not None and creds.certificate is not None:
+            # My own key, and the certificate that binds my node id to it.
+            sock.curve_publickey = creds.node_public
+            sock.curve_secretkey = creds.node_secret
+            sock.setsockopt(zmq.METADATA, f"{CERT_METADATA}:{creds.certificate.encode()}"
+                            .encode())
+        else:
+            sock.curve_publickey = creds.public_key
+            sock.curve_secretkey = creds.secret_key
         sock.connect(f"tcp://{_host_for_uri(host)}:{port}")
         return sock
+
+
+def sender_of(credentials: ClusterCredentials, frame: zmq.Frame) -> str | None:
+    """The proven node id behind a received frame (per-device layout); ``""`` in the
+    shared-key layout, where the cluster key proves membership only; None when the
+    connection has no valid, unrevoked certificate for its key."""
+    if credentials.trust is None:
+        return ""
+    try:
+        key, cert = frame.get("User-Id"), frame.get(CERT_METADATA)
+    except (zmq.ZMQError, UnicodeDecodeError):
+        return None
+    return credentials.trust.node_for(key.encode() if key else None, cert)
 
 
 def _host_for_uri(host: str) -> str:

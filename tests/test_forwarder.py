@@ -41,10 +41,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelService]:
 class Pair:
     """An origin and a serving peer, each a data plane with a Forwarder."""
 
-    def __init__(self, origin: Forwarder, peer: Forwarder, peer_plane: DataPlane) -> None:
+    def __init__(self, origin: Forwarder, peer: Forwarder, peer_plane: DataPlane,
+                 seen: list[dict[str, Any]]) -> None:
         self.origin = origin
         self.peer = peer
         self.peer_plane = peer_plane
+        self.seen = seen
 
     async def call(self, message: dict[str, Any], deadline_s: float | None = None,
                    ) -> list[dict[str, Any]]:
@@ -61,12 +63,14 @@ class Pair:
 @contextlib.asynccontextmanager
 async def pair(cluster_dir: Path, services: dict[str, ModelService], **limits: Any,
                ) -> AsyncIterator[Pair]:
+    seen: list[dict[str, Any]] = []  # what the peer was asked to serve
     peer_limits = limits.pop("peer", {})
     origin_plane = DataPlane(cluster_dir, "127.0.0.1")
     peer_plane = DataPlane(cluster_dir, "127.0.0.1", **peer_limits.pop("plane", {}))
     api = LocalApi(services, lambda: [], lambda: {})
 
     async def serve(message: dict[str, Any], reply: Callable[..., Any]) -> None:
+        seen.append(message)
         await api._handle(Request(message), reply, {})
 
     async def nothing(message: dict[str, Any], reply: Callable[..., Any]) -> None:
@@ -79,7 +83,7 @@ async def pair(cluster_dir: Path, services: dict[str, ModelService], **limits: A
     endpoints = {"peer": peer_plane.endpoint, "nobody": ("127.0.0.1", 9)}
     origin = Forwarder(origin_plane, "origin", nothing, endpoints.__getitem__, **limits)
     try:
-        yield Pair(origin, peer, peer_plane)
+        yield Pair(origin, peer, peer_plane, seen)
     finally:
         await origin_plane.stop()
         await peer_plane.stop()
@@ -99,6 +103,19 @@ def test_a_forwarded_request_and_its_reply_keep_their_tensors(
     x, answer = asyncio.run(run())
     assert answer["ok"] and answer["id"] == 7 and answer["served_by"] == "peer"
     np.testing.assert_array_equal(answer["outputs"]["y"], x + 1)
+
+
+def test_the_peer_gets_the_remaining_budget_as_its_deadline(
+        cluster_dir: Path, models: dict[str, ModelService]) -> None:
+    async def run() -> dict[str, Any]:
+        async with pair(cluster_dir, models) as p:
+            # The client asked for 60 s when the request arrived; 2 s are left now.
+            await p.call(_infer("add", np.ones((1, 4), np.float32), deadline_ms=60000),
+                         deadline_s=2.0)
+            return p.seen[-1]
+
+    served = asyncio.run(run())
+    assert 0 < served["deadline_ms"] <= 2000 and served["forwarded"] is True
 
 
 def test_a_peer_that_stops_answering_fails_the_request_at_its_deadline(

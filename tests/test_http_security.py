@@ -56,7 +56,8 @@ def raw(url: str, request: bytes, *, timeout: float = 15.0) -> tuple[int, dict[s
         while chunk := conn.recv(65536):
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), json.loads(body) if body else {}
+    is_json = b"content-type: application/json" in head.lower()
+    return int(head.split(b" ")[1]), json.loads(body) if is_json else {}
 
 
 def request(url: str, method: str = "GET", path: str = "/v1/models", *,
@@ -82,8 +83,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def loopback_node(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     sock = tmp_path_factory.mktemp("httpsec-a") / "node.sock"
-    with running_node(store, sock, "--http-port", "0", "--standalone"), Client(sock) as client:
-        yield client.status()["http"]
+    with running_node(store, sock, "--http-port", "0", "--standalone"):
+        with Client(sock) as client:
+            url = client.status()["http"]
+        yield url
 
 
 def test_loopback_node_checks_host_origin_and_body_size(loopback_node: str) -> None:
