@@ -570,13 +570,16 @@ def running_mismatches(sockets: Sequence[Path], placement: dict[str, Any],
             with Client(sock, timeout=10) as client:
                 status = client.status()
             plan = status["plan"]
-            want = desired(wanted, status["node_id"]).to_dict()
-            if plan["placement"]["version"] == wanted.version and plan["running"] == want:
+            # The placement the node holds now (the leader may have published a newer
+            # one than ``placement`` meanwhile): at least that version, and what runs
+            # is exactly what it asks.
+            held = Placement.from_dict(plan["placement"])
+            want = desired(held, status["node_id"]).to_dict()
+            if held.version >= wanted.version and plan["running"] == want:
                 break
             if time.monotonic() > end:
                 problems.append(f"{status['node_id']} runs {plan['running']} under "
-                                f"placement v{plan['placement']['version']}; v"
-                                f"{wanted.version} asks for {want}")
+                                f"placement v{held.version}, which asks for {want}")
                 break
             time.sleep(0.3)
     return problems
