@@ -555,7 +555,7 @@ def run_policy(policy: str, trace: Sequence[Request], store: Path, nodes: int,
 
 
 def running_mismatches(sockets: Sequence[Path], placement: dict[str, Any],
-                       timeout: float = 10.0) -> list[str]:
+                       timeout: float = 30.0) -> list[str]:
     """Nodes that do not run exactly what the published placement asks of them
     (replicas with the plan's batch, pipeline heads, hosted stages), each with what it
     runs and what it should; waits up to ``timeout`` for one still applying it."""
