@@ -171,7 +171,10 @@ class _Tensors:
         k = int(tensor.shape[0])  # GGUF lists dimensions innermost first
         if k % BLOCK and tensor.tensor_type.name not in ("F32", "F16", "BF16"):
             raise PrepareError(f"{name}: rows of {k} weights do not fill 32-weight blocks")
-        return decompose(np.asarray(tensor.data), tensor.tensor_type.name, k)
+        try:
+            return decompose(np.asarray(tensor.data), tensor.tensor_type.name, k)
+        except ValueError as exc:
+            raise PrepareError(f"{name}: {exc}") from exc
 
     def vector(self, name: str) -> np.ndarray:
         tensor = self._by_name[name]
@@ -324,7 +327,8 @@ TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # GGUF token types
 
 def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     """BPE merges equivalent to SentencePiece's score order: a pair merges into a piece
-    of the vocabulary, higher-scored pieces first (as transformers' GGUF converter)."""
+    of the vocabulary, higher-scored pieces first, as transformers' GGUF converter
+    (``generate_merges``) orders them."""
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = []
     for piece, score in zip(tokens, scores, strict=True):
@@ -332,11 +336,11 @@ def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]
                  if piece[:i] in vocab and piece[i:] in vocab]
         local.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
         merges.extend((left, right, score) for left, right in local)
-    merges.sort(key=lambda m: m[2], reverse=True)  # stable: ties keep the order above
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]
 
 
-def write_tokenizer(reader: Any, directory: Path) -> dict[str, Any]:
+def write_tokenizer(reader: Any, directory: Path, arch: str) -> dict[str, Any]:
     """A ``tokenizers`` tokenizer rebuilt from the GGUF's ``tokenizer.ggml.*`` keys:
     byte-level BPE (``gpt2``: Llama 3, Qwen2, SmolLM2) or SentencePiece-style BPE with
     byte fallback (``llama``: Llama 2, Gemma, Phi-3). Returns the special-token facts
@@ -378,16 +382,28 @@ def write_tokenizer(reader: Any, directory: Path) -> dict[str, Any]:
                 tokenizer.normalizer = normalizers.NFC()
         tokenizer.decoder = decoders.ByteLevel()
     elif kind == "llama":
-        scores = [float(x) for x in _field(reader, "tokenizer.ggml.scores")]
         unk = int(_field(reader, "tokenizer.ggml.unknown_token_id", 0))
+        if arch in ("gemma", "gemma2"):
+            # Gemma files store tokens of several spaces as spaces, and its merge order
+            # is the file's token order, not the scores (as transformers reads them).
+            tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
+            vocab = {t: i for i, t in enumerate(tokens)}
+            scores = [-float(i) for i in range(len(tokens))]
+        else:
+            scores = [float(x) for x in _field(reader, "tokenizer.ggml.scores")]
         tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores),
                                          unk_token=tokens[unk], fuse_unk=True,
                                          byte_fallback=True))
-        prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
-        steps = [normalizers.Prepend("\u2581")] if prefix else []
-        tokenizer.normalizer = normalizers.Sequence([*steps,
-                                                     normalizers.Replace(" ", "\u2581")])
+        prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", arch != "gemma"
+                             and arch != "gemma2"))
         decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if arch == "llama" and prefix:  # transformers' LlamaTokenizer (legacy)
+            tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+                replacement="\u2581", prepend_scheme="always", split=False)
+        else:  # Phi-3 and Gemma: the prefix space (if any) from a normalizer
+            steps = [normalizers.Prepend("\u2581")] if prefix else []
+            tokenizer.normalizer = normalizers.Sequence(
+                [*steps, normalizers.Replace(" ", "\u2581")])
         if prefix:
             decode.append(decoders.Strip(" ", 1, 0))
         tokenizer.decoder = decoders.Sequence(decode)
@@ -432,10 +448,18 @@ def stage_costs(cfg: LlamaConfig, index: dict[str, dict[str, Any]]) -> dict[str,
     hd = cfg.head_dim
     layer_flops = 2 * sum(spec["N"] * spec["K"] for key, spec in cfg.linears.items()
                           if key.startswith("blk.0."))
-    # Zero-point and rotary tables serve every layer: each stage holds one copy.
-    shared = nbytes("zp4.") + nbytes("rope.")
+    def zero_points(keys: list[str]) -> set[str]:
+        return {zero_point_key(zp, spec["N"], spec["K"] // spec["block"])
+                for spec in (cfg.linears[k] for k in keys) for zp in spec["zero_points"]}
+
+    # Zero-point tables of the layers' shapes and the rotary tables serve every layer:
+    # each stage holds one copy. Those only the LM head reads count with the head.
+    layer_tables = zero_points([k for k in cfg.linears if k.startswith("blk.")])
+    head_tables = zero_points(["head"]) - layer_tables
+    shared = nbytes("rope.") + sum(index[k]["length"] for k in layer_tables)
     layer_bytes = [nbytes(f"blk.{i}.") for i in range(cfg.layers)]
-    head_bytes = nbytes("head.") + nbytes("output_norm")
+    head_bytes = (nbytes("head.") + nbytes("output_norm")
+                  + sum(index[k]["length"] for k in head_tables))
     # Stage 0 gathers from the embedding's tables; tied to the head, they count on both
     # sides of a cut.
     embed_bytes = nbytes(f"{cfg.embedding}.")
@@ -565,7 +589,7 @@ def build_from_gguf(gguf_path: Path, staging: Path, name: str, source: dict[str,
         add_row_aliases(index, cfg)
         (staging / WEIGHTS_INDEX).write_text(json.dumps(index, indent=1) + "\n")
         (staging / CONFIG_NAME).write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
-        tokens = write_tokenizer(reader, staging)
+        tokens = write_tokenizer(reader, staging, cfg.arch)
         template = _field(reader, "tokenizer.chat_template", None)
         if template is not None:
             template = str(template)
