@@ -189,7 +189,8 @@ class Spec:
     pre: str | None = None  # tokenizer.ggml.pre (byte-level BPE only)
     # Tensor-name pattern (regex) -> GGUF type; the first match wins, then "default".
     types: dict[str, str] = field(default_factory=dict)
-    scale: float = 1.0  # weight magnitude (larger: logits further apart)
+    scale: float = 3.0  # weight magnitude (larger: the layers outweigh the embedding)
+    embedding_std: float = 1.0  # Gemma scales embeddings up by sqrt(width): keep them small
     seed: int = 0
 
 
@@ -269,7 +270,7 @@ def write_model(path: Path, spec: Spec) -> Path:
 
     n_vocab = len(vocab.tokens)
     w.add_tensor("token_embd.weight", quantize(
-        rng.standard_normal((n_vocab, spec.hidden)).astype(np.float32), _qtype(
+        spec.embedding_std * rng.standard_normal((n_vocab, spec.hidden)).astype(np.float32), _qtype(
             spec, "token_embd.weight")),
         raw_dtype=gguf.GGMLQuantizationType[_qtype(spec, "token_embd.weight")])
     if not spec.tied:

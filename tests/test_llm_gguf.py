@@ -62,14 +62,14 @@ MODELS: dict[str, Spec] = {
     "gemma-f16": Spec(
         "gemma", spm_vocab(["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>",
                             "<end_of_turn>"], bos=2, eos=1, unk=3),
-        hidden=128, ffn=256, heads=4, kv_heads=1, head_dim=64, add_bos=True,
+        hidden=128, ffn=256, heads=4, kv_heads=1, head_dim=64, add_bos=True, embedding_std=0.1,
         chat_template=GEMMA_CHAT,
         types={r"token_embd": "F16", r"ffn_down": "BF16", "default": "Q4_0"}),
     # Gemma 2: soft-capping, sandwich norms, sliding window (the context is capped to it).
     "gemma2-q8_0": Spec(
         "gemma2", spm_vocab(["<pad>", "<eos>", "<bos>", "<unk>"], bos=2, eos=1, unk=3),
         hidden=128, ffn=256, heads=2, kv_heads=1, head_dim=64, softcaps=(50.0, 30.0),
-        sliding_window=48, add_bos=True,
+        sliding_window=48, add_bos=True, embedding_std=0.02,
         types={r"attn_output": "F32", r"ffn_(gate|up)": "Q5_1", "default": "Q8_0"}),
     # Phi-3: fused QKV and gate/up matrices, SentencePiece with a normalizer prefix.
     "phi3-mixed": Spec(
@@ -213,6 +213,9 @@ TEXTS = ["The capital of France is", " Once upon a time,  there", "fibonacci(n -
 def test_tokenizer_matches_transformers_gguf_loader(name: str, files: dict[str, Path],
                                                     prepared: dict[str, Path]) -> None:
     transformers = pytest.importorskip("transformers")
+    if MODELS[name].arch == "gemma":
+        pytest.skip("transformers' GGUF loader reads no 'gemma' files (gemma2, with the "
+                    "same tokenizer, is checked)")
     engine = load_engine(prepared[name], threads=1)
     path = files[name]
     want = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
