@@ -84,6 +84,9 @@ def quantize(w: np.ndarray, qtype: str) -> np.ndarray:
     w = np.ascontiguousarray(w, np.float32)
     if qtype == "F32":
         return w
+    if w.shape[0] > 8192:  # in row chunks: the quantisers' temporaries are several x w
+        return np.concatenate([quantize(w[i:i + 8192], qtype)
+                               for i in range(0, w.shape[0], 8192)])
     if qtype in ("Q4_K", "Q5_K", "Q6_K"):
         blocks = (_quantize_q6_k(w) if qtype == "Q6_K"
                   else _quantize_k(w, 4 if qtype == "Q4_K" else 5))
@@ -189,6 +192,8 @@ class Spec:
     pre: str | None = None  # tokenizer.ggml.pre (byte-level BPE only)
     # Tensor-name pattern (regex) -> GGUF type; the first match wins, then "default".
     types: dict[str, str] = field(default_factory=dict)
+    vocab_size: int | None = None  # pad the token list to this many (as real files do)
+    rope_base: float | None = None
     scale: float = 3.0  # weight magnitude (larger: the layers outweigh the embedding)
     embedding_std: float = 1.0  # Gemma scales embeddings up by sqrt(width): keep them small
     seed: int = 0
@@ -222,9 +227,13 @@ def write_model(path: Path, spec: Spec) -> Path:
     w.add_feed_forward_length(spec.ffn)
     w.add_head_count(spec.heads)
     w.add_head_count_kv(spec.kv_heads)
-    w.add_rope_freq_base(10000.0 if arch != "qwen2" else 1000000.0)
+    w.add_rope_freq_base(spec.rope_base or (10000.0 if arch != "qwen2" else 1000000.0))
     w.add_layer_norm_rms_eps(1e-6 if arch != "llama" else 1e-5)
-    w.add_vocab_size(len(vocab.tokens))
+    tokens, types = list(vocab.tokens), list(vocab.types)
+    if spec.vocab_size:  # padding rows, as Qwen2's 151936 rows hold 151665 real tokens
+        tokens += [f"[PAD{i}]" for i in range(len(tokens), spec.vocab_size)]
+        types += [5] * (spec.vocab_size - len(types))  # UNUSED
+    w.add_vocab_size(len(tokens))
     if spec.head_dim:
         w.add_key_length(hd)
         w.add_value_length(hd)
@@ -239,10 +248,10 @@ def write_model(path: Path, spec: Spec) -> Path:
     w.add_tokenizer_model(vocab.kind)
     if spec.pre:
         w.add_tokenizer_pre(spec.pre)
-    w.add_token_list(vocab.tokens)
-    w.add_token_types(vocab.types)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
     if vocab.scores:
-        w.add_token_scores(vocab.scores)
+        w.add_token_scores(vocab.scores + [0.0] * (len(tokens) - len(vocab.scores)))
     if vocab.merges:
         w.add_token_merges(vocab.merges)
     if vocab.bos is not None:
@@ -268,7 +277,7 @@ def write_model(path: Path, spec: Spec) -> Path:
     def vector(name: str, size: int, around: float = 1.0) -> None:
         w.add_tensor(name, (around + 0.1 * rng.standard_normal(size)).astype(np.float32))
 
-    n_vocab = len(vocab.tokens)
+    n_vocab = len(tokens)
     w.add_tensor("token_embd.weight", quantize(
         spec.embedding_std * rng.standard_normal((n_vocab, spec.hidden)).astype(np.float32), _qtype(
             spec, "token_embd.weight")),
@@ -304,3 +313,26 @@ def write_model(path: Path, spec: Spec) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def use_more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's choice of the layers whose attn_v and ffn_down get more bits (Q4_K_M)."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def qwen25_05b_q4_k_m(seed: int = 0) -> Spec:
+    """Qwen2.5-0.5B-Instruct's real shapes with llama.cpp's Q4_K_M choices: rows of 896
+    weights are not whole 256-weight super-blocks, so llama.cpp falls back there (Q4_K ->
+    Q5_0, Q6_K -> Q8_0) and only ffn_down (rows of 4864) is K-quantised; the tied
+    embedding is Q8_0. Random weights."""
+    layers = 24
+    more = "|".join(str(i) for i in range(layers) if use_more_bits(i, layers))
+    return Spec(
+        "qwen2", bpe_vocab(CHATML_SPECIALS), pre="qwen2", layers=layers, hidden=896,
+        ffn=4864, heads=14, kv_heads=2, context=32768, qkv_bias=True, vocab_size=151936,
+        rope_base=1000000.0, scale=3.0, seed=seed,
+        types={rf"blk\.({more})\.attn_v": "Q8_0", rf"blk\.({more})\.ffn_down": "Q6_K",
+               r"ffn_down": "Q4_K", r"token_embd": "Q8_0", "default": "Q5_0"})
+
+
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

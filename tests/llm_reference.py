@@ -16,6 +16,40 @@ from typing import Any
 import numpy as np
 
 
+class _Weights:
+    """De-quantised (float64) weights by name, de-quantised when used: a 0.5B model's
+    would not fit in memory at once."""
+
+    def __init__(self, reader: Any, dequantize: Any) -> None:
+        self._tensors = {t.name: t for t in reader.tensors}
+        self._dequantize = dequantize
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def _rows(self, name: str, index: Any) -> np.ndarray:
+        t = self._tensors[name]
+        raw = np.asarray(t.data)
+        shape = [int(d) for d in reversed(t.shape)]
+        if len(shape) == 1:
+            return self._dequantize(raw, t.tensor_type).astype(np.float64).reshape(shape)
+        rows = raw.reshape(shape[0], -1)[index]
+        return self._dequantize(rows, t.tensor_type).astype(np.float64).reshape(
+            -1, shape[1])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._rows(name, slice(None))
+
+    def rows(self, name: str, ids: list[int]) -> np.ndarray:
+        return self._rows(name, np.asarray(ids))
+
+    def times_transposed(self, x: np.ndarray, name: str, chunk: int = 16384) -> np.ndarray:
+        """x @ W.T, W de-quantised a block of rows at a time."""
+        rows = int(self._tensors[name].shape[-1])
+        return np.concatenate([x @ self._rows(name, slice(i, i + chunk)).T
+                               for i in range(0, rows, chunk)], axis=-1)
+
+
 class Reference:
     def __init__(self, path: Path) -> None:
         from gguf import GGUFReader
@@ -25,10 +59,7 @@ class Reference:
         self.arch = str(reader.fields["general.architecture"].contents())
         self.meta = {k: f.contents() for k, f in reader.fields.items()
                      if k.startswith(self.arch + ".")}
-        self.w: dict[str, np.ndarray] = {}
-        for t in reader.tensors:
-            values = dequantize(np.asarray(t.data), t.tensor_type).astype(np.float64)
-            self.w[t.name] = values.reshape([int(d) for d in reversed(t.shape)])
+        self.w = _Weights(reader, dequantize)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.meta.get(f"{self.arch}.{key}", default)
@@ -75,7 +106,7 @@ class Reference:
             return x if not value else value * np.tanh(x / value)
 
         window = int(self.get("attention.sliding_window", 0) or 0)
-        h = w["token_embd.weight"][ids]
+        h = w.rows("token_embd.weight", ids)
         if gemma:
             h = h * np.sqrt(hidden)
         for i in range(int(self.get("block_count"))):
@@ -87,7 +118,8 @@ class Reference:
             else:
                 q, k, v = (x @ w[f"{p}.attn_{t}.weight"].T for t in "qkv")
                 if f"{p}.attn_q.bias" in w:  # Qwen2
-                    q, k, v = (y + w[f"{p}.attn_{t}.bias"] for y, t in zip((q, k, v), "qkv"))
+                    q, k, v = (y + w[f"{p}.attn_{t}.bias"]
+                               for y, t in zip((q, k, v), "qkv", strict=True))
             q = rope(q.reshape(n, heads, hd).transpose(1, 0, 2))
             k = rope(k.reshape(n, kv_heads, hd).transpose(1, 0, 2))
             v = v.reshape(n, kv_heads, hd).transpose(1, 0, 2)
@@ -115,8 +147,8 @@ class Reference:
             if arch == "gemma2":
                 out = rms(out, w[f"{p}.post_ffw_norm.weight"])
             h = h + out
-        head = w.get("output.weight", w["token_embd.weight"])
-        logits = rms(h, w["output_norm.weight"]) @ head.T
+        head = "output.weight" if "output.weight" in w else "token_embd.weight"
+        logits = w.times_transposed(rms(h, w["output_norm.weight"]), head)
         return cap(logits, self.get("final_logit_softcapping") if arch == "gemma2" else None)
 
     def greedy(self, ids: list[int], steps: int) -> list[int]:

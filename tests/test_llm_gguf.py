@@ -120,9 +120,8 @@ def test_terms_rebuild_exactly_what_gguf_dequantizes(qtype: str) -> None:
 def test_unsupported_files_are_refused_clearly(tmp_path: Path, store: ModelStore) -> None:
     import gguf
 
-    from epara.models.importer import import_model
-
     from epara.models.gguf_quant import decompose
+    from epara.models.importer import import_model
 
     with pytest.raises(ValueError, match="Q2_K is not supported"):
         decompose(np.zeros((1, 84), np.uint8), "Q2_K", 256)
