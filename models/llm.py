@@ -260,6 +260,7 @@ class LlmEngine:
         return self._bos + self.tokenizer.encode(prompt, add_special_tokens=False).ids
 
     def render_chat(self, messages: list[dict]) -> str:
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         if self._template is None:
@@ -272,9 +273,12 @@ class LlmEngine:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         extra = self.manifest.extra
-        return env.from_string(self._template).render(
-            messages=messages, add_generation_prompt=True,
-            bos_token=extra.get("bos_token") or "", eos_token=extra.get("eos_token") or "")
+        try:
+            return env.from_string(self._template).render(
+                messages=messages, add_generation_prompt=True,
+                bos_token=extra.get("bos_token") or "", eos_token=extra.get("eos_token") or "")
+        except TemplateError as exc:  # a user's GGUF may carry any template
+            raise ValueError(f"the chat template failed: {exc}") from exc
 
     def add(self, seq_id: str, prompt: str | None = None, messages: list[dict] | None = None,
             params: GenerationParams = GenerationParams(),

