@@ -14,16 +14,18 @@ float matrices are plain ``MatMul``. ``config.linears`` describes each matrix's 
 The token embedding gathers rows of the same tables (for a tied head, the head's own
 tables: the embedding is stored once) and rebuilds the weights from them.
 
-Stage interface (``B`` sequences, ``S`` new tokens each, ``T`` cached positions):
+Stage interface (``B`` sequences, ``S`` new tokens each, a KV pool of ``C`` positions
+per sequence slot):
 
 * inputs: ``input_ids`` int64 [B,S] (first stage) or ``hidden_in`` float [B,S,D];
-  ``positions`` int64 [B,S] (rotary positions); ``attn_bias`` float [B,S,T+S] (0 where a
-  query may attend, a large negative value elsewhere: padding and the causal future);
-  for every layer ``l`` of the stage ``past_k.l`` / ``past_v.l`` float [B,KVH,T,HD]
-  (``T`` may include unused, masked slots: a cache buffer is passed without copying).
+  ``positions`` int64 [B,S] (rotary positions); ``seqlens_k`` int32 [B] (each row's
+  cached length plus ``S`` minus 1) and ``total_length`` int32 scalar (the largest cached
+  length plus ``S``); for every layer ``l`` of the stage ``past_k.l`` / ``past_v.l``
+  float [B,KVH,C,HD]: the rows' slabs of the KV pool (``LlmStage``).
 * outputs: ``logits`` float [B,V] for the last position (last stage) or ``hidden_out``
-  [B,S,D]; for every layer ``new_k.l`` / ``new_v.l`` [B,KVH,S,HD] (rotary applied),
-  which the caller appends to its cache.
+  [B,S,D]; for every layer ``present_k.l`` / ``present_v.l`` [B,KVH,C,HD], bound to the
+  very buffers of ``past_k.l`` / ``past_v.l``: the new keys (rotary applied) and values
+  are written into the pool in place.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ WEIGHTS_INDEX = "weights.json"
 CONFIG_NAME = "config.json"
 BLOCK = 32  # GGUF block size of the legacy quantisations and of K-quant sub-blocks
 ALIGN = 4096  # page-aligned weights let ONNX Runtime map them instead of copying
-NEG = -1e9  # additive bias for masked scores; exp() of it is exactly 0 in float32
 OPSET = 21
 
 
@@ -67,6 +68,8 @@ class LlamaConfig:
     attn_softcap: float = 0.0  # Gemma 2: scores = cap * tanh(scores / cap); 0: none
     final_softcap: float = 0.0  # Gemma 2, on the logits
     sandwich_norms: bool = False  # Gemma 2: norms after attention and after the FFN too
+    sliding_window: int = 0  # keys visible while query - key < window; 0: all
+    sliding_every: int = 1  # layers l with l % sliding_every == 0 slide (Gemma 2: 2)
     # Matrix key (e.g. "blk.0.qkv", "head") -> its layout: N, K, qtype, block,
     # zero_points (one per 4-bit term), offset (block minimum), dense (float matrix).
     linears: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
@@ -240,14 +243,13 @@ def _softcap(b: _Builder, x: str, cap: float) -> str:
                         b.const(np.float32(cap))])
 
 
-def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str, bias: str) -> str:
+def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str) -> str:
     """One decoder layer from residual stream ``h`` to the next residual stream.
 
     Every layer has the same node pattern (norm first, residual add last), so a stage
     boundary between layers changes no fusion and chained stages stay bit-identical.
     """
     hd, nh, nkv = cfg.head_dim, cfg.heads, cfg.kv_heads
-    group = nh // nkv
     p = f"blk.{layer}"
     x = _rms_norm(b, h, f"{p}.attn_norm", cfg.rms_eps)
     q, k, v = _projections(b, x, p, "qkv", ("q", "k", "v"), (nh * hd, nkv * hd, nkv * hd))
@@ -255,31 +257,23 @@ def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str, bias: str) -> str:
     q, k = (b.op("RotaryEmbedding", [t, "positions", b.weight("rope.cos"), b.weight("rope.sin")],
                  domain="com.microsoft", interleaved=0, num_heads=heads)
             for t, heads in ((q, nh), (k, nkv)))
-    # New keys and values in the cache layout [B, KVH, S, HD].
-    k, v = (b.op("Transpose", [b.op("Reshape", [t, b.const(np.array([0, 0, nkv, hd], np.int64))])],
-                 perm=[0, 2, 1, 3], outputs=[f"new_{kind}.{layer}"])
-            for t, kind in ((k, "k"), (v, "v")))
-    # Grouped-query attention without repeating K/V: the G query heads that share a KV
-    # head get their own axis, and MatMul broadcasts K/V over it. The cached and the new
-    # positions are scored separately and only the small score rows are concatenated:
-    # concatenating K/V themselves would copy the whole cache for every token.
-    q = b.op("Reshape", [q, b.const(np.array([0, 0, nkv, group, hd], np.int64))])
-    q = b.op("Transpose", [q], perm=[0, 2, 3, 1, 4])  # [B, KVH, G, S, HD]
-    axis2 = b.const(np.array([2], np.int64))
-    past_k, past_v, new_k, new_v = (b.op("Unsqueeze", [t, axis2]) for t in (
-        f"past_k.{layer}", f"past_v.{layer}", k, v))  # [B, KVH, 1, P or S, HD]
-    scores = b.op("Concat", [b.op("MatMul", [q, b.op("Transpose", [t], perm=[0, 1, 2, 4, 3])])
-                             for t in (past_k, new_k)], axis=-1)  # [B, KVH, G, S, P+S]
-    scores = b.op("Mul", [scores, b.const(np.float32(1.0 / np.sqrt(hd)))])
+    # Attention over the KV pool, updated in place: ``past_k.l`` is a slab of the pool
+    # [B, KVH, capacity, HD] that ONNX Runtime binds as both past and present, so
+    # GroupQueryAttention writes the new keys and values at each row's own length
+    # (``seqlens_k``) and reads only that row's positions: no cache is copied, rows of
+    # different lengths batch without padding, and a chunk of a long prompt attends to
+    # the chunks before it. Gemma 2's score soft-capping and sliding windows are the
+    # op's own ``softcap`` and ``local_window_size`` (keys within ``window - 1``
+    # positions back, as transformers' ``distance < window``).
+    attrs: dict[str, Any] = {}
     if cfg.attn_softcap:
-        scores = _softcap(b, scores, cfg.attn_softcap)
-    probs = b.op("Softmax", [b.op("Add", [scores, bias])], axis=-1)
-    sizes = b.op("Concat", [b.op("Shape", [f"past_k.{layer}"], start=2, end=3),
-                            b.op("Shape", [k], start=2, end=3)], axis=0)
-    p_past, p_new = b.op("Split", [probs, sizes], outputs=2, axis=-1)
-    ctx = b.op("Add", [b.op("MatMul", [p_past, past_v]), b.op("MatMul", [p_new, new_v])])
-    ctx = b.op("Transpose", [ctx], perm=[0, 3, 1, 2, 4])
-    ctx = b.op("Reshape", [ctx, b.const(np.array([0, 0, nh * hd], np.int64))])
+        attrs["softcap"] = float(cfg.attn_softcap)
+    if cfg.sliding_window and layer % cfg.sliding_every == 0:
+        attrs["local_window_size"] = cfg.sliding_window - 1
+    ctx = b.op("GroupQueryAttention",
+               [q, k, v, f"past_k.{layer}", f"past_v.{layer}", "seqlens_k", "total_length"],
+               outputs=[b.name("attn"), f"present_k.{layer}", f"present_v.{layer}"],
+               domain="com.microsoft", num_heads=nh, kv_num_heads=nkv, **attrs)[0]
     attn = _linear(b, ctx, f"{p}.o")
     if cfg.sandwich_norms:
         attn = _rms_norm(b, attn, f"{p}.post_attention_norm", cfg.rms_eps)
@@ -328,20 +322,18 @@ def build_stage_model(model_dir: Path, lo: int, hi: int, int8_activations: bool 
         h = "hidden_in"
     inputs.append(helper.make_tensor_value_info("positions", TensorProto.INT64,
                                                 ["batch", "seq"]))
-    inputs.append(helper.make_tensor_value_info("attn_bias", TensorProto.FLOAT,
-                                                ["batch", "seq", "total"]))
+    inputs.append(helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]))
+    inputs.append(helper.make_tensor_value_info("total_length", TensorProto.INT32, []))
     outputs = []
     for layer in range(lo, hi):
         for kind in ("k", "v"):
             inputs.append(helper.make_tensor_value_info(
-                f"past_{kind}.{layer}", TensorProto.FLOAT, ["batch", nkv, "past", hd]))
+                f"past_{kind}.{layer}", TensorProto.FLOAT, ["batch", nkv, "capacity", hd]))
             outputs.append(helper.make_tensor_value_info(
-                f"new_{kind}.{layer}", TensorProto.FLOAT, ["batch", nkv, "seq", hd]))
-
-    bias = b.op("Unsqueeze", ["attn_bias", b.const(np.array([1, 2], np.int64))])
+                f"present_{kind}.{layer}", TensorProto.FLOAT, ["batch", nkv, "capacity", hd]))
 
     for layer in range(lo, hi):
-        h = _layer(b, cfg, layer, h, bias)
+        h = _layer(b, cfg, layer, h)
 
     if last:
         tail = b.op("Slice", [h, b.const(np.array([-1], np.int64)),

@@ -101,11 +101,8 @@ def read_config(reader: Any) -> LlamaConfig:
         raise PrepareError(f"rope scaling {scaling!r} (YaRN, LongRoPE) is not supported; "
                            "epara supports none, linear and Llama 3's frequency factors")
     context = int(get("context_length"))
-    # Sliding-window attention (Gemma 2's every other layer, Phi-3): within the window
-    # it equals full attention, so the context is capped at the window.
-    window = int(get("attention.sliding_window", 0))
-    if window and arch in ("gemma2", "phi3"):
-        context = min(context, window)
+    # Sliding-window attention: Gemma 2's even layers, every layer of Phi-3.
+    window = int(get("attention.sliding_window", 0)) if arch in ("gemma2", "phi3") else 0
     gemma = arch in ("gemma", "gemma2")
     return LlamaConfig(
         layers=int(get("block_count")),
@@ -125,6 +122,8 @@ def read_config(reader: Any) -> LlamaConfig:
         attn_softcap=float(get("attn_logit_softcapping", 0.0)) if arch == "gemma2" else 0.0,
         final_softcap=float(get("final_logit_softcapping", 0.0)) if arch == "gemma2" else 0.0,
         sandwich_norms=arch == "gemma2",
+        sliding_window=window if window < context else 0,  # a window >= context: none
+        sliding_every=2 if arch == "gemma2" else 1,
     )
 
 
@@ -514,12 +513,15 @@ def _manifest(cfg: LlamaConfig, index: dict[str, dict[str, Any]], name: str,
     hd, nkv = cfg.head_dim, cfg.kv_heads
     inputs = [TensorSpec("input_ids", "int64", (None, None)),
               TensorSpec("positions", "int64", (None, None)),
-              TensorSpec("attn_bias", "float32", (None, None, None))]
+              TensorSpec("seqlens_k", "int32", (None,)),
+              TensorSpec("total_length", "int32", ())]
     outputs = [TensorSpec("logits", "float32", (None, cfg.vocab))]
     for layer in range(cfg.layers):
         for kind in ("k", "v"):
-            inputs.append(TensorSpec(f"past_{kind}.{layer}", "float32", (None, None, nkv, hd)))
-            outputs.append(TensorSpec(f"new_{kind}.{layer}", "float32", (None, None, nkv, hd)))
+            # Slabs of the KV pool, bound as both input and output (updated in place).
+            inputs.append(TensorSpec(f"past_{kind}.{layer}", "float32", (None, nkv, None, hd)))
+            outputs.append(TensorSpec(f"present_{kind}.{layer}", "float32",
+                                      (None, nkv, None, hd)))
     costs = stage_costs(cfg, index)
     weight_mb = sum(e["length"] for e in index.values() if not e.get("alias")) / 2**20
     budget = min(KV_BUDGET_TOKENS, MAX_BATCH * cfg.context)

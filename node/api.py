@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 import socket
 import stat
@@ -38,6 +39,23 @@ ROUTED_OPS = ("infer", "segment", "generate")
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 RETRYABLE = ("stage_failed", "unavailable")  # a route broke: another may serve
 MAX_REPLAYS = 3
+MAX_DEADLINE_MS = 86_400_000.0  # one day: anything longer is a mistake, not a deadline
+MAX_TOKENS_LIMIT = 1 << 20
+MAX_TEMPERATURE = 100.0
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+def checked_number(name: str, value: Any, low: float, high: float) -> Any:
+    """``value`` if it is a finite number in [low, high], else ``bad_request``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ServiceError("bad_request", f"{name} must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ServiceError("bad_request", f"{name} must be a finite number, got {value}")
+    if not low <= value <= high:
+        raise ServiceError("bad_request", f"{name} must be in [{low:g}, {high:g}], got "
+                           f"{value}")
+    return value
 
 
 def default_socket_path() -> Path:
@@ -85,12 +103,20 @@ class Request:
                                f"({type(value).__name__})")
         return value
 
+    def number(self, name: str, low: float, high: float, required: bool = False,
+               integer: bool = False) -> Any:
+        """A numeric field, finite and within [low, high] (NaN, infinities and values
+        out of range are ``bad_request``: one request's bad number must never reach a
+        computation it shares with others)."""
+        value = self.field(name, int if integer else (int, float), required)
+        return None if value is None else checked_number(name, value, low, high)
+
     def deadline(self) -> float | None:
-        budget = self.field("deadline_ms", (int, float), required=False)
+        budget = self.number("deadline_ms", 0, MAX_DEADLINE_MS)
         if budget is None:
             return None
         if budget <= 0:
-            raise ServiceError("deadline_exceeded", "deadline_ms must be positive")
+            raise ServiceError("bad_request", "deadline_ms must be positive")
         return self.received + budget / 1000
 
 
@@ -266,7 +292,7 @@ class LocalApi:
             try:
                 peer = await self.router.should_forward(name, deadline)
                 if peer is not None:
-                    await self.router.forward(peer, message, relay)
+                    await self.router.forward(peer, message, relay, deadline)
                 else:
                     # The same Request object: a `cancel` naming it still reaches the
                     # attempt that is running now.
@@ -337,7 +363,9 @@ class LocalApi:
         if not isinstance(image, (bytes, np.ndarray)):
             raise ServiceError("bad_request", "field 'image' must be encoded image bytes or a "
                                "uint8 [H, W, 3] tensor")
-        threshold = request.field("threshold", (int, float), required=False)
+        if (image.size if isinstance(image, np.ndarray) else len(image)) == 0:
+            raise ServiceError("bad_input", "field 'image' is empty")
+        threshold = request.number("threshold", 0.0, 1.0)
         if threshold is None:
             threshold = float(manifest.extra.get("threshold", 0.5))
         want_overlay = request.message.get("overlay") is True
@@ -395,11 +423,18 @@ class LocalApi:
                     break
                 if isinstance(event, ServiceError):
                     raise event
+                if event.finish_reason == "error":  # this sequence failed alone
+                    raise ServiceError("inference_failed", event.text or "generation failed")
+                if event.finish_reason is not None:
+                    finish_reason = event.finish_reason
+                # The end-of-sequence token (or the one completing a stop string) is not
+                # output: only a final event that still carries text is streamed.
+                if event.token_id < 0 or (event.finish_reason is not None
+                                          and not event.text):
+                    continue
                 tokens += 1
                 await reply({"id": request.id, "ok": True, "event": "token",
                              "token": event.token_id, "text": event.text})
-                if event.finish_reason is not None:
-                    finish_reason = event.finish_reason
         except asyncio.CancelledError:
             service.cancel(seq_id)
             raise
@@ -432,20 +467,34 @@ def _generation_params(request: Request) -> Any:
     raw = request.message.get("params") or {}
     if not isinstance(raw, dict):
         raise ServiceError("bad_request", "params must be a map")
-    allowed = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float),
-               "top_k": int, "seed": int, "stop": list}
+    # name -> (type, lowest, highest): every number finite and in range, because one
+    # sequence's NaN temperature would poison the decode step it shares with others.
+    ranges: dict[str, tuple[type | tuple[type, ...], float, float]] = {
+        "max_tokens": (int, 1, MAX_TOKENS_LIMIT), "temperature": ((int, float), 0.0,
+                                                                  MAX_TEMPERATURE),
+        "top_p": ((int, float), 0.0, 1.0), "top_k": (int, 0, 2**31 - 1),
+        "seed": (int, 0, 2**64 - 1)}
     values: dict[str, Any] = {}
     for name, value in raw.items():
-        kind = allowed.get(name)
-        if kind is None:
+        if name == "stop":
+            if not isinstance(value, list) or len(value) > MAX_STOP_STRINGS or not all(
+                    isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in value):
+                raise ServiceError("bad_request", f"stop must be a list of at most "
+                                   f"{MAX_STOP_STRINGS} non-empty strings of at most "
+                                   f"{MAX_STOP_CHARS} characters")
+            values[name] = tuple(value)
+            continue
+        known = ranges.get(name)
+        if known is None:
             raise ServiceError("bad_request", f"unknown generation parameter {name!r}; "
-                               f"known: {', '.join(allowed)}")
+                               f"known: {', '.join([*ranges, 'stop'])}")
+        kind, low, high = known
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ServiceError("bad_request", f"generation parameter {name!r} has the wrong "
                                "type")
-        values[name] = tuple(map(str, value)) if name == "stop" else value
-    if values.get("max_tokens", 1) < 1 or values.get("temperature", 0) < 0:
-        raise ServiceError("bad_request", "max_tokens must be >= 1 and temperature >= 0")
+        values[name] = checked_number(f"params.{name}", value, low, high)
+    if values.get("top_p", 1.0) == 0:
+        raise ServiceError("bad_request", "params.top_p must be in (0, 1]")
     return GenerationParams(**values)
 
 

@@ -5,6 +5,14 @@ opens one DEALER per peer it sends to. Messages are one-way; the header's ``kind
 the handler and ``req`` correlates answers. Source routing keeps stages stateless about
 plans: a pipeline message carries the rest of its route, so each stage forwards to the
 next and the last one answers the origin directly.
+
+Bounds: the ROUTER and every DEALER have a high-water mark, so a stalled peer makes
+``send`` fail at once rather than queue without limit. Work handlers (a forwarded
+request, a stage's input) run as tasks, at most ``max_tasks`` at a time; past that a
+message is refused through its kind's ``refuse`` callback (which answers its origin)
+instead of starting one more task. Answer handlers (``inline=True``: results, errors,
+replies) only wake a waiting request, so they run in the receive loop itself and never
+wait for a slot: a full node still hears the answers that free its slots.
 """
 
 from __future__ import annotations
@@ -28,33 +36,55 @@ log = logging.getLogger(__name__)
 
 Endpoint = tuple[str, int]
 Handler = Callable[[dict[str, Any], dict[str, np.ndarray]], Awaitable[None]]
+Refuse = Callable[[dict[str, Any], str], Awaitable[None]]  # (header, reason)
+DEFAULT_MAX_TASKS = 512
+HIGH_WATER_MARK = 256  # messages queued per socket before sends fail
+
+
+class _Route:
+    def __init__(self, handler: Handler, inline: bool, refuse: Refuse | None) -> None:
+        self.handler = handler
+        self.inline = inline
+        self.refuse = refuse
 
 
 class DataPlane:
-    def __init__(self, credentials_dir: Path, host: str, port: int = 0) -> None:
+    def __init__(self, credentials_dir: Path, host: str, port: int = 0,
+                 max_tasks: int = DEFAULT_MAX_TASKS) -> None:
         self._credentials = load_cluster_credentials(credentials_dir)
         self.host = host
         self.port = port
         self._transport: Transport | None = None
         self._router: zmq.asyncio.Socket | None = None
         self._dealers: dict[Endpoint, zmq.asyncio.Socket] = {}
-        self._handlers: dict[str, Handler] = {}
+        self._routes: dict[str, _Route] = {}
         self._receiver: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.max_tasks = max_tasks
+        self.refused = 0  # work messages refused because every task slot was taken
 
     @property
     def endpoint(self) -> Endpoint:
         return (self.host, self.port)
 
-    def on(self, kind: str, handler: Handler) -> None:
-        self._handlers[kind] = handler
+    @property
+    def running_tasks(self) -> int:
+        return len(self._tasks)
+
+    def on(self, kind: str, handler: Handler, inline: bool = False,
+           refuse: Refuse | None = None) -> None:
+        """Handle messages of ``kind``. ``inline``: an answer that only wakes a waiter
+        (awaited in the receive loop, must not block). ``refuse``: called instead of the
+        handler when every task slot is taken (else the message is dropped with a
+        warning)."""
+        self._routes[kind] = _Route(handler, inline, refuse)
 
     async def start(self) -> int:
         self._transport = Transport(self._credentials)
         self._transport.start()
         self._router, self.port = self._transport.bind_router(self.host, self.port)
         # Activations are large: a deep queue would only hide a stalled stage.
-        self._router.setsockopt(zmq.RCVHWM, 256)
+        self._router.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
         self._receiver = asyncio.create_task(self._receive())
         return self.port
 
@@ -80,13 +110,17 @@ class DataPlane:
         A DEALER with ZMQ_IMMEDIATE refuses messages for a peer whose CURVE handshake has
         not completed, so a dead or impostor node never gets tensors queued for it.
         """
+        return self.send_frames(endpoint, wire.pack(header, tensors or {}, compress))
+
+    def send_frames(self, endpoint: Endpoint, frames: list[Any]) -> bool:
+        """Queue frames already packed (``wire.pack`` / ``wire.pack_message``); False
+        when the peer is not connected or is backed up."""
         assert self._transport is not None, "start() first"
         sock = self._dealers.get(endpoint)
         if sock is None:
             sock = self._transport.connect_dealer(*endpoint)
-            sock.setsockopt(zmq.SNDHWM, 256)
+            sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
             self._dealers[endpoint] = sock
-        frames = wire.pack(header, tensors or {}, compress)
         # The synchronous base-class send: with NOBLOCK it completes or raises at once.
         # Once the first part is accepted, ZeroMQ accepts the rest of the multipart.
         try:
@@ -101,10 +135,17 @@ class DataPlane:
                                   tensors: Mapping[str, np.ndarray] | None = None,
                                   compress: str = "none", timeout: float = 2.0) -> bool:
         """Like ``send``, retrying while a fresh connection completes its handshake."""
+        return await self.send_frames_when_connected(
+            endpoint, wire.pack(header, tensors or {}, compress), timeout)
+
+    async def send_frames_when_connected(self, endpoint: Endpoint, frames: list[Any],
+                                         timeout: float = 2.0) -> bool:
+        """``send_frames``, retrying for up to ``timeout`` seconds while a fresh
+        connection completes its handshake or a backed-up peer drains."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while True:
-            if self.send(endpoint, header, tensors, compress):
+            if self.send_frames(endpoint, frames):
                 return True
             if loop.time() >= end:
                 return False
@@ -121,23 +162,38 @@ class DataPlane:
         while True:
             frames = await self._router.recv_multipart(copy=False)
             try:
-                header, tensors = wire.unpack(frames[1:])  # frames[0]: the sender's identity
+                header = wire.decode(bytes(frames[1].buffer)) if len(frames) > 1 else None
+                if header is None:
+                    raise wire.WireError("bad_frame", "no header frame")
+                route = self._routes.get(str(header.get("kind")))
+                if route is None:
+                    log.warning("no handler for data-plane message kind %r",
+                                header.get("kind"))
+                    continue
+                tensors = wire.unpack_tensors(header, frames[2:])  # [0]: sender's identity
             except wire.WireError as exc:
                 log.warning("dropped a malformed data-plane message: %s", exc)
                 continue
-            handler = self._handlers.get(str(header.get("kind")))
-            if handler is None:
-                log.warning("no handler for data-plane message kind %r", header.get("kind"))
-                continue
-            task = asyncio.create_task(self._run(handler, header, tensors))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if route.inline:
+                await self._run(route.handler, header, tensors)
+            elif len(self._tasks) >= self.max_tasks:
+                self.refused += 1
+                if route.refuse is not None:
+                    await self._run(route.refuse, header,
+                                    f"node busy: {len(self._tasks)} data-plane tasks running")
+                else:
+                    log.warning("dropped a %r message: every task slot is taken",
+                                header.get("kind"))
+            else:
+                task = asyncio.create_task(self._run(route.handler, header, tensors))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     @staticmethod
-    async def _run(handler: Handler, header: dict[str, Any],
-                   tensors: dict[str, np.ndarray]) -> None:
+    async def _run(handler: Callable[[dict[str, Any], Any], Awaitable[None]],
+                   header: dict[str, Any], argument: Any) -> None:
         try:
-            await handler(header, tensors)
+            await handler(header, argument)
         except asyncio.CancelledError:
             raise
         except Exception:  # one bad message must not stop the receiver

@@ -86,6 +86,11 @@ class GenerationService:
     def queue_depth(self) -> int:
         return self._waiting
 
+    def set_max_batch(self, batch: int) -> None:
+        """Decode at most ``batch`` sequences together (the placement's choice for this
+        unit), within the manifest's max batch."""
+        self.max_active = max(1, min(int(batch), self.manifest.hints.max_batch))
+
     def submit(self, prompt: str | None, messages: list[dict] | None, params: Any,
                deadline: float | None, sink: Sink, resume: list[int] | None = None) -> str:
         """Queue a sequence. ``resume``: tokens it already produced elsewhere (a replay

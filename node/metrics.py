@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,9 @@ UNKNOWN_MODEL = "(unknown)"
 _REFUSED = ("overloaded", "deadline_unmeetable")
 _INVALID = ("bad_request", "bad_input", "unknown_model", "unsupported")
 # Seconds. Wide on purpose: a 1 ms segmentation frame and a 30 s generation share them.
+# Per model, the latest outcomes kept for the attainment window (a bound: a model
+# answering faster than this many per window is measured over its latest ones).
+ATTAINMENT_KEEP = 4096
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0, 120.0)
 
@@ -52,6 +57,9 @@ class RequestLog:
         self.counts: dict[tuple[str, str, str], int] = {}
         self.goodput: dict[tuple[str, str], int] = {}
         self.exporter: PrometheusExporter | None = None
+        # model -> (monotonic end time, met its deadline) of requests that entered the
+        # cluster here: the SLO attainment the leader compares with its estimate
+        self.recent: dict[str, deque[tuple[float, bool]]] = {}
         # Observed on the event loop, read by the exporter in the HTTP handler and by
         # the membership thread that builds the state record: copy under a lock.
         self._lock = threading.Lock()
@@ -65,9 +73,15 @@ class RequestLog:
         with self._lock:
             key = (finished.model, finished.source, outcome)
             self.counts[key] = self.counts.get(key, 0) + 1
-            if outcome == "ok" and finished.deadline_met:
+            met = outcome == "ok" and finished.deadline_met
+            if met:
                 good = (finished.model, finished.source)
                 self.goodput[good] = self.goodput.get(good, 0) + 1
+            # Served, refused or expired: whether the cluster was quick enough. Invalid
+            # or cancelled requests and failures (a node died) say nothing of its speed.
+            if finished.source != "peer" and outcome in ("ok", "refused", "expired"):
+                self.recent.setdefault(finished.model, deque(maxlen=ATTAINMENT_KEEP)) \
+                    .append((time.monotonic(), met))
         if self.exporter is not None:
             self.exporter.observe(finished, outcome)
 
@@ -84,6 +98,19 @@ class RequestLog:
             entry[outcome] = entry.get(outcome, 0) + n
         for (model, _), n in goodput.items():
             out.setdefault(model, {"goodput": 0})["goodput"] += n
+        return out
+
+    def attainment(self, window_s: float) -> dict[str, tuple[int, int]]:
+        """Per model, over the last ``window_s`` seconds: (requests that met their
+        deadline, requests that ended) among those that entered the cluster here."""
+        since = time.monotonic() - window_s
+        out: dict[str, tuple[int, int]] = {}
+        with self._lock:
+            for model, ended in self.recent.items():
+                while ended and ended[0][0] <= since:
+                    ended.popleft()
+                if ended:
+                    out[model] = (sum(met for _, met in ended), len(ended))
         return out
 
     def origin_goodput(self) -> dict[str, int]:

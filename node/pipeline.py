@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import os
@@ -110,7 +111,7 @@ class StageHost:
         self.stages: dict[str, Stage] = {}
         self.on_run: Callable[[str, float], None] | None = None  # (stage key, seconds)
         self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
-        dataplane.on("forward", self._on_forward)
+        dataplane.on("forward", self._on_forward, refuse=self._refuse)
         dataplane.on("drop", self._on_drop)
 
     def add(self, key: str, stage: Stage) -> None:
@@ -163,6 +164,15 @@ class StageHost:
         if not await self.dataplane.send_when_connected(origin, result, outputs):
             log.warning("origin %s:%d of %s is unreachable", *origin, header["req"])
 
+    async def _refuse(self, header: dict[str, Any], reason: str) -> None:
+        """Every data-plane task slot is taken: fail this pass at once (the origin
+        replays it or gives up) rather than queue it without bound."""
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            origin = (str(header["origin"][0]), int(header["origin"][1]))
+            self.dataplane.send(origin, {"kind": "error", "req": header["req"],
+                                         "message": f"{self.node_id}: {reason}",
+                                         "node": self.node_id})
+
     async def _fail(self, origin: Endpoint, header: Mapping[str, Any], message: str,
                     node: str | None = None) -> None:
         await self.dataplane.send_when_connected(
@@ -188,8 +198,9 @@ class PipelineClient:
                                        tuple[str, ...]]] = {}
         self._ids = itertools.count()
         self._prefix = f"{node_id}-{os.getpid()}-"
-        dataplane.on("result", self._on_result)
-        dataplane.on("error", self._on_error)
+        # Answers only wake a waiting request: they never wait for a task slot.
+        dataplane.on("result", self._on_result, inline=True)
+        dataplane.on("error", self._on_error, inline=True)
 
     async def run(self, route: Sequence[StageRef], tensors: Mapping[str, np.ndarray],
                   timeout: float, compress: str = "none",

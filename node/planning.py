@@ -165,11 +165,14 @@ def measured_ms(members: Iterable[Any]) -> dict[str, dict[str, float]]:
 def demand(members: Iterable[Any]) -> dict[str, ServiceDemand]:
     """Demand per service over the nodes that received its requests: rates and burst
     rates add up (bursts on different nodes may coincide), the gaps' variability is
-    the largest any node saw."""
+    the largest any node saw, and the SLO attainment is that of every request that
+    ended in the nodes' windows (each counted by the node it entered at)."""
     rates: dict[str, float] = {}
     peaks: dict[str, float] = {}
     cvs: dict[str, float] = {}
     slos: dict[str, list[tuple[float, float]]] = {}  # (rate, median deadline) per node
+    met: dict[str, int] = {}  # requests within their deadline, over the nodes' windows
+    ended: dict[str, int] = {}
     for member in members:
         for name, seen in ((member.state or {}).get("demand") or {}).items():
             if isinstance(seen, int | float):  # a node from before bursts were reported
@@ -180,12 +183,17 @@ def demand(members: Iterable[Any]) -> dict[str, ServiceDemand]:
             cvs[name] = max(cvs.get(name, 0.0), float(seen.get("cv", 1.0)))
             if seen.get("slo_ms"):
                 slos.setdefault(name, []).append((rate, float(seen["slo_ms"])))
+            done = int(seen.get("ended") or 0)
+            if done > 0:
+                met[name] = met.get(name, 0) + min(done, int(seen.get("met") or 0))
+                ended[name] = ended.get(name, 0) + done
     out = {}
     for name, rate in rates.items():
         weighted = slos.get(name)
         slo = sum(r * s for r, s in weighted) / sum(r for r, _ in weighted) \
             if weighted and sum(r for r, _ in weighted) > 0 else None
-        out[name] = ServiceDemand(rate, cvs[name], None, peaks[name], slo)
+        attained = met.get(name, 0) / ended[name] if ended.get(name) else None
+        out[name] = ServiceDemand(rate, cvs[name], None, peaks[name], slo, attained)
     return out
 
 

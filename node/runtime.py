@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import statistics
 import time
@@ -24,11 +23,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from epara.models.manifest import Manifest
-from epara.node import planning
+from epara.node import planning, reconcile
 from epara.node.dataplane import DataPlane, Endpoint
+from epara.node.forwarder import Forwarder
 from epara.node.generation import GenerationService
 from epara.node.leader.demand import WINDOW_S, observe
 from epara.node.leader.model import Placement, Unit
@@ -43,8 +41,8 @@ from epara.node.pipeline import (
     StageHost,
     StageRef,
 )
+from epara.node.reconcile import Running, stage_key
 from epara.node.service import ServiceError
-from epara.peer import wire
 from epara.peer.member import ClusterMember, NotLeader
 
 if TYPE_CHECKING:
@@ -60,7 +58,6 @@ SURGE_FACTOR = 2.0
 SURGE_MIN_HZ = 1.0
 TICK_S = 0.5  # how often the leader checks that every member applied its placement
 REBROADCAST_S = 5.0
-FORWARD_TIMEOUT_S = 120.0
 COLD_START_WAIT_S = 15.0  # how long a request waits for the leader to place its model
 ROUTING_VIEW_S = 0.05  # how stale the routing snapshot of the cluster may be
 # "epara" is the state-aware scheduler; the others are the baseline strategies of the
@@ -107,10 +104,6 @@ class RateMeter:
         return out
 
 
-def stage_key(service: str, first: int, end: int) -> str:
-    return f"{service}#{first}-{end}"
-
-
 class ClusterRuntime:
     def __init__(self, node: Node, member: ClusterMember, credentials_dir: Path,
                  budget_mb: float | None = None,
@@ -135,11 +128,12 @@ class ClusterRuntime:
         self._last_broadcast = 0.0
         self._planned_load: dict[str, float] = {}  # burst rates the last decision used
         self._tasks: list[asyncio.Task[None]] = []
-        self._forwards: dict[str, tuple[asyncio.Queue[Any], str]] = {}
-        self._ids = itertools.count()
+        self.forwarder = Forwarder(self.dataplane, node.node_id, self._serve_forwarded,
+                                   self._endpoint)
         self._members: set[str] = set()
         self._loading: dict[str, asyncio.Lock] = {}
-        self._routing_cache: tuple[int, float, tuple[list[Any], Placement, Any]] | None = None
+        self._routing_cache: tuple[int, float, tuple[list[Any], Placement, Any, dict[str, Any]]] \
+            | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -153,8 +147,6 @@ class ClusterRuntime:
             self._manifests[model.manifest.name] = (model.directory, model.manifest)
             self.catalogue[model.manifest.name] = planning.catalogue_entry(model.manifest)
         await self.dataplane.start()
-        self.dataplane.on("api", self._on_api)
-        self.dataplane.on("api_reply", self._on_api_reply)
         self.member.on_command("placement", self._on_placement)
         self.member.subscribe(self._on_view)
         self._tasks = [asyncio.create_task(self._scheduler_loop()),
@@ -171,14 +163,29 @@ class ClusterRuntime:
 
     def state(self) -> dict[str, Any]:
         """This node's part of the synced state record."""
+        demand = self.demand.rates()
+        # The SLO attainment of the requests that entered here, over the demand window:
+        # what the leader compares with the estimate it planned by.
+        for name, (met, ended) in self.node.requests.attainment(WINDOW_S).items():
+            if name in demand:
+                demand[name].update(met=met, ended=ended)
         return {"data_port": self.dataplane.port, "catalogue": self.catalogue,
-                "ready": sorted(self.ready_units), "demand": self.demand.rates(),
+                "ready": sorted(self.ready_units), "demand": demand,
                 "budget_mb": self.budget_mb, "placement_version": self._applied_version}
 
     def status(self) -> dict[str, Any]:
         return {"placement": self.placement.to_dict(),
                 "decisions": [d.__dict__ for d in self.decisions],
-                "ready": sorted(self.ready_units), "stages": self.stages.ready()}
+                "ready": sorted(self.ready_units), "stages": self.stages.ready(),
+                # what runs here (node/reconcile.py), to compare with the placement
+                "running": self.running().to_dict(),
+                # on the leader: its correction of each service's time (policies.py)
+                # and the attainment its estimates expect of the placement
+                "time_scales": {name: round(k, 3) for name, k in
+                                getattr(self.policy, "scales", {}).items()},
+                "estimated_attainment": {
+                    name: round(value, 4) for name, value in
+                    getattr(self.policy, "estimates", {}).items()}}
 
     def _on_view(self, view: Any) -> None:
         members = {m.node_id for m in view.members}
@@ -186,9 +193,7 @@ class ClusterRuntime:
         self._members = members
         if gone:
             self.pipeline.nodes_lost(gone)
-            for queue, node_id in list(self._forwards.values()):
-                if node_id in gone:
-                    queue.put_nowait(StageFailed(f"node {node_id} left the cluster", node_id))
+            self.forwarder.nodes_lost(gone)
         self._wake_scheduler.set()
 
     # --- the leader: schedule and publish -------------------------------------------
@@ -282,31 +287,39 @@ class ClusterRuntime:
             except Exception:  # keep reconciling later placements
                 log.exception("reconciling placement v%d failed", self.placement.version)
 
+    def running(self) -> Running:
+        """What this node runs now, read back from its services and stages."""
+        replicas: dict[str, int] = {}
+        heads: dict[str, str] = {}
+        for name, service in self.node.services.items():
+            unit_id = getattr(service, "unit_id", None)
+            if unit_id is not None:
+                heads[name] = unit_id
+            else:
+                replicas[name] = int(service.stats()["max_batch"])
+        return Running(replicas, heads, frozenset(self.stages.stages))
+
     async def _reconcile(self, placement: Placement) -> None:
-        me = self.node.node_id
-        replicas = {u.service for u in placement.units() if not u.is_pipeline and u.head == me}
-        heads = {u.service: u for u in placement.units() if u.is_pipeline and u.head == me}
-        stages = {stage_key(u.service, s.first, s.end): (u.service, s.first, s.end)
-                  for u in placement.units() if u.is_pipeline
-                  for s in u.stages[1:] if s.device == me}
-        for name in sorted(set(self.node.services) - replicas - set(heads)):
-            service = self.node.services.pop(name)
-            await asyncio.to_thread(service.stop)
-            log.info("unloaded %s", name)
-        for key in sorted(set(self.stages.stages) - set(stages)):
-            self.stages.remove(key)
-        for name in sorted(replicas - set(self.node.services)):
-            await self._load_replica(name)
-        for key, (name, first, end) in sorted(stages.items()):
-            if key not in self.stages.stages:
-                await self._load_stage(key, name, first, end)
-        for name, unit in sorted(heads.items()):
-            current = self.node.services.get(name)
-            if getattr(current, "unit_id", None) != unit.id:
-                if current is not None:
-                    self.node.services.pop(name)
-                    await asyncio.to_thread(current.stop)
-                await self._load_head(unit)
+        """Carry out the pure reconcile step's actions (node/reconcile.py), in order."""
+        for action in reconcile.plan(placement, self.node.node_id, self.running()):
+            match action:
+                case reconcile.Unload(name):
+                    service = self.node.services.pop(name)
+                    await asyncio.to_thread(service.stop)
+                    log.info("unloaded %s", name)
+                case reconcile.CloseStage(key):
+                    self.stages.remove(key)
+                case reconcile.SetBatch(name, batch):
+                    self.node.services[name].set_max_batch(batch)
+                    log.info("%s: max batch %d", name, batch)
+                case reconcile.Load(name, batch):
+                    await self._load_replica(name)
+                    if name in self.node.services:
+                        self.node.services[name].set_max_batch(batch)
+                case reconcile.OpenStage(key, name, first, end):
+                    await self._load_stage(key, name, first, end)
+                case reconcile.OpenHead(unit):
+                    await self._load_head(unit)
         self.ready_units = {u.id for u in placement.units()
                             if self._unit_ready_here(u)}
 
@@ -431,7 +444,7 @@ class ClusterRuntime:
                     raise ServiceError("unavailable", str(exc)) from None
                 await asyncio.sleep(0.2)
 
-    def _routing_view(self) -> tuple[list[Any], Placement, Any]:
+    def _routing_view(self) -> tuple[list[Any], Placement, Any, dict[str, Any]]:
         """Live members, the ready part of the placement and the planner's ClusterState,
         rebuilt at most every ROUTING_VIEW_S: state records change a few times a second,
         so rebuilding them for every request would only cost time on the hot path."""
@@ -442,12 +455,12 @@ class ClusterRuntime:
             return cached[2]
         members = [m for m in self.member.view().members if m.status != "suspect"]
         view = (members, self._ready_placement(members),
-                planning.cluster_state(members, time.time()))
+                planning.cluster_state(members, time.time()), planning.measured_ms(members))
         self._routing_cache = (self.placement.version, now, view)
         return view
 
     async def _choose(self, name: str, deadline: float | None) -> str | None:
-        members, placement, state = self._routing_view()
+        members, placement, state, measured = self._routing_view()
         entry = self.catalogue.get(name) or next(
             ((m.state or {}).get("catalogue", {}).get(name) for m in members
              if name in ((m.state or {}).get("catalogue") or {})), None)
@@ -456,7 +469,10 @@ class ClusterRuntime:
                 return None
             raise ServiceError("unknown_model", f"no node of the cluster has a model named "
                                f"{name!r}")
-        spec = planning.service_spec(name, entry)
+        # The run times the nodes measure as they run now, as the scheduler plans with
+        # (not the uncalibrated roofline). Not the leader's correction: a refusal it
+        # caused would be read as the service being slow, and feed it.
+        spec = planning.service_spec(name, entry, measured.get(name))
         targets = targets_for(spec, placement, state, self.node.node_id)
         budget = None if deadline is None else max(0.0, deadline - time.monotonic())
         decision = route(name, targets, budget)
@@ -496,53 +512,16 @@ class ClusterRuntime:
                 if all(u.id in ready_on.get(device, ()) for device in u.devices)))
             for name, plan in self.placement.plans.items()})
 
-    async def forward(self, node_id: str, message: dict[str, Any], reply: Reply) -> None:
-        """Send an API request to a peer and relay its replies (one, or a token stream)."""
-        req = f"{self.node.node_id}-{next(self._ids)}"
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._forwards[req] = (queue, node_id)
-        encoded = np.frombuffer(wire.encode({**message, "forwarded": True}), np.uint8)
+    async def forward(self, node_id: str, message: dict[str, Any], reply: Reply,
+                      deadline: float | None) -> None:
+        """Send an API request to a peer and relay its replies (node/forwarder.py)."""
         try:
-            sent = await self.dataplane.send_when_connected(
-                self._endpoint(node_id), {"kind": "api", "req": req,
-                                          "origin": list(self.dataplane.endpoint)},
-                {"msg": encoded})
-            if not sent:
-                raise StageFailed(f"node {node_id} is unreachable", node_id)
-            while True:
-                item = await asyncio.wait_for(queue.get(), FORWARD_TIMEOUT_S)
-                if isinstance(item, Exception):
-                    raise item
-                error = item.get("error") or {}
-                if not item.get("ok") and error.get("code") in ("stage_failed", "unavailable"):
-                    # The peer's route broke: let the origin replay it (it knows what the
-                    # client has already seen), rather than relay the failure.
-                    raise ServiceError(error["code"], f"on {node_id}: {error.get('message')}")
-                await reply({**item, "id": message.get("id"), "served_by": node_id})
-                if not item.get("ok") or item.get("event") in (None, "done"):
-                    return
-        except (StageFailed, asyncio.TimeoutError) as exc:
-            raise ServiceError("unavailable", f"forwarding to {node_id} failed: "
-                               f"{exc or 'no reply'}") from None
-        finally:
-            self._forwards.pop(req, None)
+            await self.forwarder.forward(node_id, message, reply, deadline)
+        except StageFailed as exc:  # the peer is not in the view (any more)
+            raise ServiceError("unavailable", f"forwarding to {node_id} failed: {exc}") \
+                from None
 
-    async def _on_api(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    async def _serve_forwarded(self, message: dict[str, Any], reply: Reply) -> None:
         from epara.node.api import Request
 
-        origin = (str(header["origin"][0]), int(header["origin"][1]))
-        message = wire.decode(tensors["msg"].tobytes())
-        request = Request({**message, "forwarded": True})
-
-        async def reply(answer: dict[str, Any]) -> None:
-            body = np.frombuffer(wire.encode({"v": wire.PROTOCOL_VERSION, **answer}), np.uint8)
-            await self.dataplane.send_when_connected(
-                origin, {"kind": "api_reply", "req": header["req"]}, {"msg": body})
-
-        await self.node.api._handle(request, reply, {})
-
-    async def _on_api_reply(self, header: dict[str, Any],
-                            tensors: dict[str, np.ndarray]) -> None:
-        entry = self._forwards.get(str(header.get("req")))
-        if entry is not None:
-            entry[0].put_nowait(wire.decode(tensors["msg"].tobytes()))
+        await self.node.api._handle(Request(message), reply, {})

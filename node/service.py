@@ -47,6 +47,7 @@ class Job:
     inputs: dict[str, np.ndarray]
     rows: int  # size along the batch axis (1 when the service does not batch)
     deadline: float | None  # time.monotonic() by which the answer is useless
+    work: int = 0  # input elements: what the run time scales with
     future: Future[InferResult] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     queued: bool = True  # still counted in the service's queue depth
@@ -66,13 +67,8 @@ class LatencyTracker:
         # plans from it, so it must not grow with the batches that load brings.
         self.single_seconds: float | None = None
         self.recent_ms: deque[float] = deque(maxlen=window)
-        self.recent_batches: deque[float] = deque(maxlen=16)
         self._cold = True  # the first run after loading (caches, JIT) says little
         self._lock = threading.Lock()
-
-    def fastest_batch(self) -> float | None:
-        with self._lock:
-            return min(self.recent_batches, default=None)
 
     @staticmethod
     def _ewma(old: float | None, new: float) -> float:
@@ -83,7 +79,6 @@ class LatencyTracker:
             if self._cold:
                 self._cold = False
                 return
-            self.recent_batches.append(seconds)
             self.batch_seconds = self._ewma(self.batch_seconds, seconds)
             if rows <= 1:
                 self.single_seconds = self._ewma(self.single_seconds, seconds)
@@ -102,6 +97,74 @@ class LatencyTracker:
         return values[min(len(values) - 1, int(q / 100 * len(values)))]
 
 
+class RunCost:
+    """How long a model run takes as a function of its input size, learned from runs.
+
+    Admission must not promise what a run cannot keep: a 640x640 image takes several
+    times a 160x160 one. A run's *work* is the number of input elements it was fed; the
+    model is ``seconds = fixed + per_element * work``, fitted by least squares over the
+    last ``window`` runs (a single size seen so far: proportional upwards, never less for
+    smaller inputs). Predictions are multiplied by the worst ratio of actual to fitted
+    time among runs of the last ``margin_s`` seconds, so one run slower than promised
+    raises the next estimates at once; the margin forgets it after ``margin_s``, so a
+    passing slowdown cannot keep a service refusing for good. Pure: the caller passes
+    the clock.
+    """
+
+    def __init__(self, window: int = 32, margin_s: float = 30.0) -> None:
+        self.margin_s = margin_s
+        self._samples: deque[tuple[float, float, float]] = deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def record(self, work: float, seconds: float, now: float) -> None:
+        with self._lock:
+            self._samples.append((float(work), seconds, now))
+
+    def predict(self, runs: int, work: float, now: float) -> float | None:
+        """Seconds for ``runs`` runs fed ``work`` elements in all; None when unknown."""
+        with self._lock:
+            samples = list(self._samples)
+        fit = _fit([(w, t) for w, t, _ in samples])
+        if fit is None:
+            return None
+        fixed, per_element, floor = fit
+        ratios = [t / max(fixed + per_element * w, floor, 1e-9)
+                  for w, t, at in samples if now - at <= self.margin_s]
+        margin = max([1.0, *ratios])
+        return margin * max(runs * fixed + per_element * work, runs * floor)
+
+
+def _fit(samples: list[tuple[float, float]]) -> tuple[float, float, float] | None:
+    """(fixed seconds, seconds per element, floor seconds per run) for ``t = max(a + b w,
+    floor)``: least squares with a, b >= 0 when the runs had different sizes; with one
+    size seen so far, proportional above it and never less than its time below it (the
+    only safe guesses: a run never takes less for more input, nor more for less)."""
+    if not samples:
+        return None
+    works = [w for w, _ in samples]
+    times = [t for _, t in samples]
+    lo, hi = min(works), max(works)
+    if hi < 1.2 * lo or hi <= 0:
+        mean_t = sum(times) / len(times)
+        mean_w = sum(works) / len(works)
+        return (0.0, mean_t / mean_w, mean_t) if mean_w > 0 else (mean_t, 0.0, mean_t)
+    n = len(samples)
+    mean_w = sum(works) / n
+    mean_t = sum(times) / n
+    var = sum((w - mean_w) ** 2 for w in works)
+    slope = max(0.0, sum((w - mean_w) * (t - mean_t) for w, t in samples) / var)
+    fixed = mean_t - slope * mean_w
+    if fixed < 0:  # through the origin instead
+        slope = sum(w * t for w, t in samples) / max(sum(w * w for w in works), 1e-12)
+        fixed = 0.0
+    return (fixed, slope, 0.0)
+
+
+def input_work(inputs: Mapping[str, np.ndarray]) -> int:
+    """A run's input size: its number of input elements."""
+    return sum(int(a.size) for a in inputs.values())
+
+
 class ModelService:
     """Serves one loaded model. ``submit`` is thread-safe and never blocks."""
 
@@ -109,11 +172,18 @@ class ModelService:
         self.manifest = manifest
         self.session = session
         hints = manifest.hints
+        # The declared axis bounds every request's rows, even when max_batch is 1 (the
+        # model was exported or measured for that many); stacking needs max_batch > 1.
+        self.declared_axis = hints.batch_axis
         self.batch_axis = hints.batch_axis if hints.max_batch > 1 else None
-        self.max_batch = hints.max_batch if self.batch_axis is not None else 1
+        self.max_batch = hints.max_batch if self.declared_axis is not None else 1
         self.max_wait = hints.max_wait_ms / 1000
         self.max_queue = hints.max_queue
         self.latency = LatencyTracker()
+        self.cost = RunCost()  # admission: run time by input size
+        self._cold = True  # the first run after loading (caches, JIT) says little
+        self._busy_until = 0.0  # when the batch running now should end (monotonic)
+        self._waiting_work = 0  # input elements of the jobs waiting
         self.counts = {"served": 0, "failed": 0, "refused": 0, "expired": 0, "cancelled": 0,
                        "batches": 0}
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -131,6 +201,13 @@ class ModelService:
     def queue_depth(self) -> int:
         return self._waiting
 
+    def set_max_batch(self, batch: int) -> None:
+        """Run batches of at most ``batch`` rows (the placement's choice for this unit),
+        within what the model allows (its manifest's max batch; 1 when it has no batch
+        axis). The worker reads it for its next batch."""
+        if self.batch_axis is not None:
+            self.max_batch = max(1, min(int(batch), self.manifest.hints.max_batch))
+
     def submit(self, inputs: Mapping[str, Any], deadline: float | None) -> Future[InferResult]:
         """Validate and enqueue; raise ServiceError for what must be refused now."""
         if self._stopping:
@@ -140,14 +217,16 @@ class ModelService:
         except ValueError as exc:
             raise ServiceError("bad_input", f"model {self.manifest.name}: {exc}") from None
         rows = 1
-        if self.batch_axis is not None:
-            rows = next(iter(checked.values())).shape[self.batch_axis] if checked else 1
-            if rows > self.max_batch:
+        if self.declared_axis is not None and checked:
+            rows = next(iter(checked.values())).shape[self.declared_axis]
+            # The model's limit, not the placement's batch: a larger request runs alone.
+            if rows > self.manifest.hints.max_batch:
                 raise ServiceError("bad_input", f"batch of {rows} exceeds this service's "
-                                   f"max batch {self.max_batch}")
+                                   f"max batch {self.manifest.hints.max_batch}")
+        work = input_work(checked)
         now = time.monotonic()
         if deadline is not None:
-            expected = self.expected_completion(now)
+            expected = self.expected_completion(now, work)
             if expected > deadline:
                 self.counts["refused"] += 1
                 raise ServiceError(
@@ -161,7 +240,8 @@ class ModelService:
                 raise ServiceError("overloaded", f"model {self.manifest.name}: queue is full "
                                    f"({self.max_queue} requests)")
             self._waiting += 1
-        job = Job(checked, rows, deadline)
+            self._waiting_work += work
+        job = Job(checked, rows, deadline, work)
         self._note_arrival(job.enqueued)
         # A request cancelled while queued (its client left) frees its slot at once.
         job.future.add_done_callback(lambda f: f.cancelled() and self._release([job]))
@@ -182,21 +262,19 @@ class ModelService:
                 if job.queued:
                     job.queued = False
                     self._waiting -= 1
+                    self._waiting_work -= job.work
 
-    def expected_completion(self, now: float) -> float:
-        """When a request submitted now would finish, from queue depth and batch time.
-
-        With nothing queued it is the fastest recent batch, not the average: a refused
-        request refreshes no estimate, so an average raised by a passing overload would
-        keep an idle service refusing for good."""
-        if self._waiting == 0:
-            fastest = self.latency.fastest_batch()
-            return now if fastest is None else now + fastest
-        per_batch = self.latency.batch_seconds
-        if per_batch is None:
+    def expected_completion(self, now: float, work: int = 0) -> float:
+        """When a request of ``work`` input elements submitted now would finish: the rest
+        of the batch running now, the queued work, then its own run, each from the run
+        cost learned by input size (``RunCost``). Before any measured run: now."""
+        with self._lock:
+            waiting, waiting_work = self._waiting, self._waiting_work
+        runs = (waiting // self.max_batch if self.batch_axis is not None else waiting) + 1
+        ahead = self.cost.predict(runs, waiting_work + work, now)
+        if ahead is None:
             return now
-        batches_ahead = self._waiting // self.max_batch + 1
-        return now + batches_ahead * per_batch
+        return max(now, self._busy_until) + ahead
 
     def stats(self) -> dict[str, Any]:
         p50 = self.latency.percentile(50)
@@ -289,6 +367,9 @@ class ModelService:
 
     def _execute(self, jobs: list[Job]) -> None:
         start = time.monotonic()
+        work = sum(job.work for job in jobs)
+        expected = self.cost.predict(len(jobs) if self.batch_axis is None else 1, work, start)
+        self._busy_until = start + (expected or 0.0)
         try:
             if len(jobs) == 1:
                 outputs = [self.session.run(jobs[0].inputs)]
@@ -303,15 +384,27 @@ class ModelService:
                 outputs = [{name: parts[i] for name, parts in split.items()}
                            for i in range(len(jobs))]
         except Exception as exc:  # a runtime failure must not kill the worker
-            log.warning("model %s failed on a batch of %d: %s", self.manifest.name, len(jobs),
-                        exc)
-            self.counts["failed"] += len(jobs)
-            for job in jobs:
-                job.future.set_exception(ServiceError(
-                    "inference_failed", f"model {self.manifest.name}: {exc}"))
+            self._busy_until = 0.0
+            if len(jobs) > 1:
+                # One request's input may have made the shared run fail: run each alone,
+                # so only the request that caused it fails and the others are served.
+                log.warning("model %s failed on a batch of %d (%s); running each alone",
+                            self.manifest.name, len(jobs), exc)
+                for job in jobs:
+                    self._execute([job])
+                return
+            log.warning("model %s failed on a request: %s", self.manifest.name, exc)
+            self.counts["failed"] += 1
+            jobs[0].future.set_exception(ServiceError(
+                "inference_failed", f"model {self.manifest.name}: {exc}"))
             return
         end = time.monotonic()
+        self._busy_until = 0.0
         self.latency.record_batch(end - start, sum(job.rows for job in jobs))
+        if self._cold:
+            self._cold = False
+        else:
+            self.cost.record(work, end - start, end)
         self.counts["batches"] += 1
         self.counts["served"] += len(jobs)
         for job, out in zip(jobs, outputs, strict=True):

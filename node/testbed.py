@@ -31,9 +31,15 @@ pi         0.4     1        1024        a Raspberry Pi-class board
 
 Links: ``wired`` 1000 Mbit/s, 0.2 ms one way; ``wifi`` 50 Mbit/s, 3 ms one way.
 
+The CPUs above are the classes' proportions. A bed whose quotas, plus the load
+generator's share (``LOADGEN_CPUS``), add up to more than this machine's cores would
+make its hosts contend for cores and be slower than their class says; so every quota is
+scaled by the same factor to fit (``EmulatedBed.scale``, said by ``describe()``, e.g.
+"quotas x0.47 to fit 2 cores"). The process that drives the load (the demo, the bench)
+joins a cgroup of its own with ``LOADGEN_CPUS`` (``EmulatedBed.load_generator()``).
+
 Everything measured on the bed is **emulated**: the quota reproduces a slower CPU's
-throughput, not its cache, memory bandwidth or instruction set, and hosts share the
-machine's cores (quotas that add up to more than the host's cores contend).
+throughput, not its cache, memory bandwidth or instruction set.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +60,8 @@ from epara.peer.testing import NamespaceLab, have_netns
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 PERIOD_US = 100_000
+# CPUs kept for the load generator (the demo's or bench's driver process) beside the hosts
+LOADGEN_CPUS = 0.4
 
 
 @dataclass(frozen=True)
@@ -193,15 +201,49 @@ class PortForward:
                     sock.shutdown(socket.SHUT_RDWR)
 
 
+def quota_scale(cpus: Sequence[float], cores: float, loadgen_cpus: float) -> float:
+    """The factor (at most 1) that makes the hosts' quotas plus the load generator's
+    share fit ``cores``."""
+    room = cores - loadgen_cpus
+    total = sum(cpus)
+    if room <= 0:
+        raise ValueError(f"{cores:g} cores leave nothing beside the load generator's "
+                         f"{loadgen_cpus:g} CPU")
+    return min(1.0, room / total) if total > 0 else 1.0
+
+
+def _quota_group(group: Path, cpus: float) -> None:
+    group.mkdir()
+    (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+    # The kernel refuses quotas under 1 ms.
+    (group / "cpu.cfs_quota_us").write_text(str(max(1000, round(cpus * PERIOD_US))))
+
+
+def _own_cpu_group() -> str:
+    """This process's cgroup in the v1 cpu hierarchy ("/" at the root)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            return path
+    return "/"
+
+
 class EmulatedBed:
     """``hosts[i]`` runs in namespace ``lab.hosts[i]`` at ``ip(i)``, inside its own cpu
     cgroup, behind a shaped link. Use as a context manager: ``close()`` always runs."""
 
-    def __init__(self, hosts: Sequence[HostSpec], subnet: str = "10.77.0") -> None:
+    def __init__(self, hosts: Sequence[HostSpec], subnet: str = "10.77.0",
+                 cores: float | None = None, loadgen_cpus: float = LOADGEN_CPUS) -> None:
         self.specs = list(hosts)
         self.lab = NamespaceLab(len(self.specs), subnet)
         self.groups = [CGROUP_CPU / f"epara-{self.lab.tag}-h{i}"
                        for i in range(len(self.specs))]
+        self.loadgen_group = CGROUP_CPU / f"epara-{self.lab.tag}-loadgen"
+        self.cores = float(cores if cores is not None else os.cpu_count() or 1)
+        self.loadgen_cpus = loadgen_cpus
+        self.scale = quota_scale([s.device.cpus for s in self.specs], self.cores,
+                                 loadgen_cpus)
+        self._home_group: str | None = None  # the driver's cgroup before it joined ours
         self.not_emulated: list[str] = []  # what this kernel could not emulate
         self.forwards: list[PortForward] = []
 
@@ -222,12 +264,26 @@ class EmulatedBed:
     def create(self) -> EmulatedBed:
         self.lab.create()
         for i, spec in enumerate(self.specs):
-            group = self.groups[i]
-            group.mkdir()
-            (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-            (group / "cpu.cfs_quota_us").write_text(str(round(spec.device.cpus * PERIOD_US)))
+            _quota_group(self.groups[i], spec.device.cpus * self.scale)
             self._shape(i, spec.link)
+        _quota_group(self.loadgen_group, self.loadgen_cpus)
         return self
+
+    def cpus(self, i: int) -> float:
+        """Host i's CPU quota after scaling."""
+        return self.specs[i].device.cpus * self.scale
+
+    @contextlib.contextmanager
+    def load_generator(self) -> Iterator[None]:
+        """The calling process (all its threads) runs in the load generator's cgroup
+        while the body runs, then returns to the cgroup it came from."""
+        home = _own_cpu_group()
+        (self.loadgen_group / "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                (CGROUP_CPU / home.lstrip("/") / "cgroup.procs").write_text(str(os.getpid()))
 
     def _shape(self, i: int, link: LinkClass) -> None:
         # The token bucket must hold at least one timer tick of traffic (the kernel ticks
@@ -288,7 +344,13 @@ class EmulatedBed:
                 "--device-class", ADVERTISED_CLASS[spec.device.name]]
 
     def describe(self) -> list[str]:
-        lines = [f"host {i} {self.ip(i)}: {s.device.name} ({s.device.cpus:g} CPU quota, "
+        lines = [f"quotas x{self.scale:.2f} to fit {self.cores:g} cores (the class CPUs "
+                 f"add up to {sum(s.device.cpus for s in self.specs):g}, the load generator "
+                 f"has {self.loadgen_cpus:g} CPU in a cgroup of its own)"
+                 if self.scale < 1 else
+                 f"quotas as the classes say: they fit {self.cores:g} cores with the load "
+                 f"generator's {self.loadgen_cpus:g} CPU (in a cgroup of its own)"]
+        lines += [f"host {i} {self.ip(i)}: {s.device.name} ({self.cpus(i):.2f} CPU quota, "
                  f"{s.budget} MB budget), {s.link.name} link ({s.link.rate_mbit:g} Mbit/s, "
                  f"{s.link.delay_ms:g} ms)" for i, s in enumerate(self.specs)]
         lines += [f"not emulated: {n}" for n in self.not_emulated]
@@ -301,7 +363,7 @@ class EmulatedBed:
             forward.close()
         self.forwards.clear()
         self.lab.close()
-        for group in self.groups:
+        for group in [*self.groups, self.loadgen_group]:
             if not group.exists():
                 continue
             # Processes of ours that left the namespaces (none should) still hold the group.

@@ -237,13 +237,18 @@ def unpack(frames: list[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if not frames:
         raise WireError("bad_frame", "empty multipart message")
     header = decode(bytes(frames[0].buffer) if hasattr(frames[0], "buffer") else frames[0])
+    return header, unpack_tensors(header, frames[1:])
+
+
+def unpack_tensors(header: dict[str, Any], frames: list[Any]) -> dict[str, np.ndarray]:
+    """The tensor frames after a decoded header (whose "tensors" entry this removes)."""
     specs = header.pop("tensors", [])
-    if not isinstance(specs, list) or len(specs) != len(frames) - 1:
+    if not isinstance(specs, list) or len(specs) != len(frames):
         listed = len(specs) if isinstance(specs, list) else "?"
-        raise WireError("bad_frame", f"header lists {listed} tensors, {len(frames) - 1} "
+        raise WireError("bad_frame", f"header lists {listed} tensors, {len(frames)} "
                         "frames follow")
     tensors: dict[str, np.ndarray] = {}
-    for spec, frame in zip(specs, frames[1:], strict=True):
+    for spec, frame in zip(specs, frames, strict=True):
         try:
             sent = np.dtype(spec["sent"]).newbyteorder("<")
             wanted = np.dtype(spec["dtype"])
@@ -256,4 +261,80 @@ def unpack(frames: list[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         except ValueError as exc:
             raise WireError("bad_frame", f"tensor {spec.get('name')!r}: {exc}") from None
         tensors[str(spec["name"])] = array if array.dtype == wanted else array.astype(wanted)
-    return header, tensors
+    return tensors
+
+
+# --- whole messages with their tensors as frames (forwarded API requests and replies) -----
+#
+# A forwarded API message is a CBOR map that may hold tensors (and byte strings such as an
+# encoded image) anywhere in nested maps. They leave the CBOR header and travel as raw
+# frames like stage activations; the header's "places" says where each one goes back:
+# its path of map keys, and "bytes" for a byte string. Sender: no copy (a contiguous
+# array's memory is the frame). Receiver: tensors are views of the frames; a byte string
+# costs one copy (consumers want ``bytes``).
+
+MAX_PLACES = 1024  # tensors per message: far above any model's inputs or outputs
+
+
+def pack_message(header: Mapping[str, Any], message: Mapping[str, Any]) -> list[Any]:
+    """Header plus a message that may hold tensors → frames (see ``unpack_message``)."""
+    places: list[dict[str, Any]] = []
+    arrays: dict[str, np.ndarray] = {}
+
+    def strip(value: Mapping[str, Any], path: list[Any]) -> dict[str, Any]:
+        kept: dict[str, Any] = {}
+        for key, item in value.items():
+            named = isinstance(key, (str, int)) and not isinstance(key, bool)
+            if isinstance(item, Mapping):
+                kept[key] = strip(item, [*path, key])
+            elif named and isinstance(item, np.ndarray):
+                if item.dtype == np.bool_:
+                    item = item.astype(np.uint8)
+                if item.dtype.name not in _SEND_TAGS:
+                    raise WireError("bad_input", f"dtype {item.dtype} cannot be sent; use "
+                                    f"one of {', '.join(SUPPORTED_DTYPES)}")
+                places.append({"path": [*path, key]})
+                arrays[str(len(arrays))] = item
+            elif named and isinstance(item, (bytes, bytearray)):
+                places.append({"path": [*path, key], "bytes": True})
+                arrays[str(len(arrays))] = np.frombuffer(item, np.uint8)
+            else:
+                kept[key] = item  # a key no path can name stays inline
+        return kept
+
+    skeleton = strip(message, [])
+    if len(places) > MAX_PLACES:
+        raise WireError("bad_input", f"{len(places)} tensors in one message; at most "
+                        f"{MAX_PLACES}")
+    return pack({**header, "msg": skeleton, "places": places}, arrays)
+
+
+def unpack_message(frames: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Frames of ``pack_message`` → (header, message with its tensors back in place)."""
+    header, arrays = unpack(frames)
+    return header, restore_message(header, arrays)
+
+
+def restore_message(header: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The message of a ``pack_message`` header (whose "msg" and "places" this removes),
+    with the tensors of its frames back in place."""
+    message = header.pop("msg", None)
+    places = header.pop("places", None)
+    if not isinstance(message, dict) or not isinstance(places, list) \
+            or len(places) != len(arrays) or len(places) > MAX_PLACES:
+        raise WireError("bad_frame", "a message needs a map 'msg' and one place per tensor")
+    for index, place in enumerate(places):
+        path = place.get("path") if isinstance(place, dict) else None
+        if not isinstance(path, list) or not path or not all(
+                isinstance(k, (str, int)) and not isinstance(k, bool) for k in path):
+            raise WireError("bad_frame", f"bad tensor place {place!r}")
+        target: Any = message
+        for key in path[:-1]:
+            target = target.get(key) if isinstance(target, dict) else None
+            if not isinstance(target, dict):
+                raise WireError("bad_frame", f"tensor place {path!r} is not inside a map")
+        array = arrays.get(str(index))
+        if array is None:
+            raise WireError("bad_frame", f"no frame for tensor place {index}")
+        target[path[-1]] = array.tobytes() if place.get("bytes") is True else array
+    return message

@@ -141,8 +141,10 @@ def test_frequency_service_batches_concurrent_requests(node: Path) -> None:
     ({"op": "frobnicate"}, "unknown_op"),
     ({"model": "add"}, "bad_request"),
     ({"op": "generate", "model": "add", "prompt": "hi"}, "unsupported"),
-    ({"op": "infer", "model": "add", "inputs": {"x": np.ones((1, 4), np.float32)},
-      "deadline_ms": -5}, "deadline_exceeded"),
+    *[({"op": "infer", "model": "add", "inputs": {"x": np.ones((1, 4), np.float32)},
+        "deadline_ms": bad}, "bad_request")
+      # negative, zero, NaN, infinities, a bignum (CBOR tag 2), a year, a bool
+      for bad in (-5, 0, float("nan"), float("inf"), float("-inf"), 2**70, 3.2e10, True)],
 ])
 def test_bad_requests_get_clear_errors(node: Path, request_fields: dict, code: str) -> None:
     with Client(node) as client:

@@ -6,6 +6,7 @@ Only loose orderings are asserted: the machine's cores are shared with whatever 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from epara.node.testbed import EmulatedBed, have_bed, host
+from epara.node.testbed import EmulatedBed, have_bed, host, quota_scale
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(have_bed() is not None, reason=f"{have_bed()}")]
@@ -57,14 +58,14 @@ def _throttled(bed: EmulatedBed, i: int) -> int:
 
 def test_a_lower_cpu_quota_slows_the_same_work(bed: EmulatedBed) -> None:
     # The kernel's own accounting, not wall time (this machine is shared and noisy): one
-    # busy thread exceeds the Pi class's 0.4-CPU quota, so the Pi host is throttled in
-    # many periods; it can never exceed the server class's 2 CPUs.
+    # busy thread exceeds the Pi class's quota, so the Pi host is throttled in many
+    # periods, more than the server class with its 5x larger quota.
     before = {i: _throttled(bed, i) for i in range(3)}
     for i in range(3):
         run_in(bed, i, LOOP)
     throttled = {bed.specs[i].device.name: _throttled(bed, i) - before[i] for i in range(3)}
     assert throttled["pi"] >= 2, throttled
-    assert throttled["server"] == 0, throttled
+    assert throttled["server"] < throttled["pi"], throttled
 
 
 def transfer_s(bed: EmulatedBed, sender: int, receiver: int) -> float:
@@ -108,11 +109,34 @@ def test_a_node_advertises_its_cpu_quota(bed: EmulatedBed) -> None:
     # period; the node scales its speed and cores by the quota it runs under.
     probe = ("from epara.peer.capabilities import cpu_quota, probe; c = probe(); "
              "print(cpu_quota(), c.cpu_cores, c.gflops)")
-    quota, cores, gflops = run_in(bed, 1, probe).split()  # the Pi class: 0.4 CPU
-    assert float(quota) == pytest.approx(0.4)
+    quota, cores, gflops = run_in(bed, 1, probe).split()  # the Pi class, scaled to fit
+    assert float(quota) == pytest.approx(bed.cpus(1), abs=0.01)
     assert int(cores) == 1
-    # The server class: 2 CPUs (no limit at all when the machine has no more).
+    # The server class (no limit at all when the machine has no more).
     server_quota, _, server_gflops = run_in(bed, 0, probe).split()
-    assert server_quota == "None" or float(server_quota) == pytest.approx(2.0)
+    assert server_quota == "None" or float(server_quota) == pytest.approx(bed.cpus(0),
+                                                                         abs=0.01)
     # The same cached measurement underneath, scaled by the quotas.
     assert float(gflops) < float(server_gflops) * 0.5
+
+
+def test_quotas_are_scaled_to_fit_the_cores_beside_the_load_generator() -> None:
+    # server 2 + jetson 1 + pi 0.4 = 3.4 CPUs, on 2 cores with 0.4 kept for the load
+    # generator: every quota x(1.6 / 3.4).
+    assert quota_scale([2.0, 1.0, 0.4], 2.0, 0.4) == pytest.approx(1.6 / 3.4)
+    assert quota_scale([1.0, 0.4], 8.0, 0.4) == 1.0  # fits: as the classes say
+    with pytest.raises(ValueError):
+        quota_scale([1.0], 0.4, 0.4)
+    bed = EmulatedBed([host("server"), host("jetson"), host("pi")], cores=2.0)
+    assert bed.cpus(0) == pytest.approx(2.0 * 1.6 / 3.4)
+    assert sum(bed.cpus(i) for i in range(3)) + bed.loadgen_cpus == pytest.approx(2.0)
+    assert bed.describe()[0].startswith("quotas x0.47 to fit 2 cores")
+
+
+def test_the_load_generator_runs_in_its_own_cgroup(bed: EmulatedBed) -> None:
+    mine = str(os.getpid())
+    with bed.load_generator():
+        assert mine in (bed.loadgen_group / "cgroup.procs").read_text().split()
+        quota = int((bed.loadgen_group / "cpu.cfs_quota_us").read_text())
+        assert quota == round(bed.loadgen_cpus * 100_000)
+    assert mine not in (bed.loadgen_group / "cgroup.procs").read_text().split()

@@ -62,8 +62,9 @@ def stage_cost(spec: ServiceSpec, device: DeviceProfile, first: int = 0,
     # One pass: a decode token for an LLM (a prefill already is a batch of 256 tokens).
     unit_gflop = spec.gflop_per_token if spec.is_llm else spec.gflop
     f = device.batch_fixed
-    return StageCost(per_gflop * (1 - f), read, spec.overhead_ms / 1000,
-                     f * unit_gflop * per_gflop)
+    k = spec.time_scale
+    return StageCost(k * per_gflop * (1 - f), k * read, k * spec.overhead_ms / 1000,
+                     k * f * unit_gflop * per_gflop)
 
 
 @dataclass(frozen=True)

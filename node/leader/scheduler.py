@@ -437,8 +437,8 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
 
 def _standby(p: _Planner, idle: Mapping[str, Unit], decisions: list[Decision]) -> None:
     """One replica of each idle service where memory is left: in its previous place when
-    that still has room (no reload), else on the slowest device that meets its SLO, so
-    standbys do not crowd the accelerators that demanded services need next period."""
+    that still has room (no reload), else where its first requests will be served well
+    (``cold_start_choice``)."""
     for svc in p.services.values():
         if svc.units or svc.demand.rate_hz > 0 or \
                 svc.allocation.mode.startswith("pipeline"):
@@ -448,13 +448,49 @@ def _standby(p: _Planner, idle: Mapping[str, Unit], decisions: list[Decision]) -
                 p.free[s.device] >= s.memory_mb for s in before.stages):
             p.commit(svc, [p.live(svc, before)])
             continue
-        for rep in sorted(p.reps, key=lambda r: (r.gflops, r.id)):
-            found = p.candidate(svc, rep.profile_key())
-            if found is not None and found[0].slack_s > 0:
-                p.commit(svc, [found[0]])
-                decisions.append(Decision("standby", found[0].unit.id, 0.0,
-                                          "no recent demand: one replica kept ready"))
-                break
+        found = [f[0] for rep in p.reps
+                 if (f := p.candidate(svc, rep.profile_key())) is not None]
+        chosen = cold_start_choice(svc.spec, [(f, f.perf) for f in found])
+        if chosen is not None:
+            p.commit(svc, [chosen])
+            decisions.append(Decision("standby", chosen.unit.id, 0.0,
+                                      "no recent demand: one replica kept ready"))
+
+
+def cold_start_choice(spec: ServiceSpec, options: list[tuple[Any, UnitPerf]]) -> Any | None:
+    """Where a service with no demand yet waits for its first requests (pure).
+
+    A latency-sensitive service goes to the option that answers one request soonest; a
+    stream to an option whose capacity sustains its target rate (the quickest of those),
+    else the one with the most capacity. Options that cannot meet the deadline alone are
+    left out. Never "the slowest that fits" by default: the first seconds of a stream
+    or a user's first request are served by this choice."""
+    deadline_s = spec.deadline_ms() / 1000
+    fit = [(o, perf) for o, perf in options if perf.latency_s < deadline_s]
+    if not fit:
+        return None
+    if spec.category == "frequency" and spec.target_rate_hz:
+        rate = spec.target_rate_hz
+        sustains = [(o, perf) for o, perf in fit if perf.capacity_hz >= rate]
+        if not sustains:
+            return max(fit, key=lambda x: x[1].capacity_hz)[0]
+        fit = sustains
+    return min(fit, key=lambda x: x[1].latency_s)[0]
+
+
+def estimated_attainment(placement: Placement, state: ClusterState, demand: Demand,
+                         services: Mapping[str, ServiceSpec],
+                         config: SchedulerConfig | None = None) -> dict[str, float]:
+    """Per demanded service, the share of its requests the estimates expect ``placement``
+    to serve within their deadline (goodput over rate): what observed attainment is
+    compared with (policies.py)."""
+    p = _Planner(state, demand, services, config or SchedulerConfig())
+    for name, svc in p.services.items():
+        units = [u for u in placement.units_of(name) if all(d in p.devices for d in u.devices)]
+        if units:
+            p.commit(svc, [p.live(svc, u) for u in units])
+    return {name: min(1.0, svc.goodput / svc.demand.rate_hz)
+            for name, svc in p.services.items() if svc.demand.rate_hz > 0}
 
 
 def _sweep(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -> int:
