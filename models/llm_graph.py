@@ -263,13 +263,14 @@ def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str) -> str:
     # (``seqlens_k``) and reads only that row's positions: no cache is copied, rows of
     # different lengths batch without padding, and a chunk of a long prompt attends to
     # the chunks before it. Gemma 2's score soft-capping and sliding windows are the
-    # op's own ``softcap`` and ``local_window_size`` (keys within ``window - 1``
-    # positions back, as transformers' ``distance < window``).
+    # op's own ``softcap`` and ``local_window_size`` (ONNX Runtime's window W shows keys
+    # with query - key < W: transformers' ``sliding_window``, measured against the
+    # reference in tests/test_llm_gguf.py).
     attrs: dict[str, Any] = {}
     if cfg.attn_softcap:
         attrs["softcap"] = float(cfg.attn_softcap)
     if cfg.sliding_window and layer % cfg.sliding_every == 0:
-        attrs["local_window_size"] = cfg.sliding_window - 1
+        attrs["local_window_size"] = cfg.sliding_window
     ctx = b.op("GroupQueryAttention",
                [q, k, v, f"past_k.{layer}", f"past_v.{layer}", "seqlens_k", "total_length"],
                outputs=[b.name("attn"), f"present_k.{layer}", f"present_v.{layer}"],
