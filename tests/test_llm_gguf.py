@@ -147,7 +147,7 @@ def test_unsupported_files_are_refused_clearly(tmp_path: Path, store: ModelStore
 def test_logits_and_greedy_tokens_equal_the_reference(name: str, files: dict[str, Path],
                                                       prepared: dict[str, Path]) -> None:
     engine = load_engine(prepared[name], threads=2)
-    reference = Reference(files[name])
+    reference = Reference(files[name], cache=True)
     ids = engine.encode(PROMPT)
     stage = LlmStage(prepared[name] / engine.manifest.model_file, threads=2)
     got = stage.forward(["s"], np.array([ids], np.int64), np.arange(len(ids))[None])[0]
@@ -266,7 +266,7 @@ def test_cli_import_then_generate_in_process(files: dict[str, Path], tmp_path: P
 # Minutes of CPU each: they run only when asked for (pytest -m slow tests/test_llm_gguf.py),
 # never in the default run (CI runs everything that does not skip).
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def slow_opt_in(request: pytest.FixtureRequest) -> None:
     if "slow" not in (request.config.getoption("-m") or ""):
         pytest.skip("slow: run with -m slow")
