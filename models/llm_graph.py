@@ -69,6 +69,7 @@ class LlamaConfig:
     final_softcap: float = 0.0  # Gemma 2, on the logits
     sandwich_norms: bool = False  # Gemma 2: norms after attention and after the FFN too
     sliding_window: int = 0  # keys visible while query - key < window; 0: all
+    attn_scale: float = 0.0  # scores' scale; 0: 1 / sqrt(head size)
     sliding_every: int = 1  # layers l with l % sliding_every == 0 slide (Gemma 2: 2)
     # Matrix key (e.g. "blk.0.qkv", "head") -> its layout: N, K, qtype, block,
     # zero_points (one per 4-bit term), offset (block minimum), dense (float matrix).
@@ -267,6 +268,8 @@ def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str) -> str:
     # with query - key < W: transformers' ``sliding_window``, measured against the
     # reference in tests/test_llm_gguf.py).
     attrs: dict[str, Any] = {}
+    if cfg.attn_scale:
+        attrs["scale"] = float(cfg.attn_scale)
     if cfg.attn_softcap:
         attrs["softcap"] = float(cfg.attn_softcap)
     if cfg.sliding_window and layer % cfg.sliding_every == 0:

@@ -104,8 +104,14 @@ def read_config(reader: Any) -> LlamaConfig:
     # Sliding-window attention: Gemma 2's even layers, every layer of Phi-3.
     window = int(get("attention.sliding_window", 0)) if arch in ("gemma2", "phi3") else 0
     gemma = arch in ("gemma", "gemma2")
+    layers = int(get("block_count"))
+    # The scores' scale: the file's own, else llama.cpp's rule for Gemma 2 27B (46
+    # layers: query_pre_attn_scalar = width / heads), else 1 / sqrt(head size).
+    scale = float(get("attention.scale", 0.0))
+    if not scale and arch == "gemma2" and layers == 46:
+        scale = (hidden / heads) ** -0.5
     return LlamaConfig(
-        layers=int(get("block_count")),
+        layers=layers,
         hidden=hidden,
         ffn=int(get("feed_forward_length")),
         heads=heads,
@@ -124,6 +130,7 @@ def read_config(reader: Any) -> LlamaConfig:
         sandwich_norms=arch == "gemma2",
         sliding_window=window if window < context else 0,  # a window >= context: none
         sliding_every=2 if arch == "gemma2" else 1,
+        attn_scale=scale,
     )
 
 

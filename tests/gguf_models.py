@@ -187,6 +187,7 @@ class Spec:
     linear_rope: float = 0.0
     sliding_window: int = 0
     softcaps: tuple[float, float] = (0.0, 0.0)  # attention, final (Gemma 2)
+    attn_scale: float = 0.0  # {arch}.attention.scale; 0: not written
     add_bos: bool | None = None
     chat_template: str | None = None
     pre: str | None = None  # tokenizer.ggml.pre (byte-level BPE only)
@@ -242,6 +243,8 @@ def write_model(path: Path, spec: Spec) -> Path:
         w.add_rope_scaling_factor(spec.linear_rope)
     if spec.sliding_window:
         w.add_sliding_window(spec.sliding_window)
+    if spec.attn_scale:
+        w.add_attention_scale(spec.attn_scale)
     if spec.softcaps[0]:
         w.add_attn_logit_softcapping(spec.softcaps[0])
         w.add_final_logit_softcapping(spec.softcaps[1])

@@ -132,7 +132,8 @@ class Reference:
             k = rope(k.reshape(n, kv_heads, hd).transpose(1, 0, 2))
             v = v.reshape(n, kv_heads, hd).transpose(1, 0, 2)
             k, v = np.repeat(k, heads // kv_heads, 0), np.repeat(v, heads // kv_heads, 0)
-            scores = cap(q @ k.transpose(0, 2, 1) / np.sqrt(hd),
+            scale = float(self.get("attention.scale", 0.0)) or 1 / np.sqrt(hd)
+            scores = cap(q @ k.transpose(0, 2, 1) * scale,
                          self.get("attn_logit_softcapping") if arch == "gemma2" else None)
             distance = np.arange(n)[:, None] - np.arange(n)[None]
             visible = distance >= 0

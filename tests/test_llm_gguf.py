@@ -58,12 +58,13 @@ MODELS: dict[str, Spec] = {
         chat_template=CHATML,
         types={r"attn_v": "Q8_0", r"attn_[qk]": "Q5_0", r"ffn_down": "Q4_0",
                r"ffn_(gate|up)": "Q5_1", r"attn_output": "Q4_1", "default": "Q8_0"}),
-    # Gemma: head size apart from width/heads, one KV head, GeGLU, scaled F16 embedding.
+    # Gemma: head size apart from width/heads, one KV head, GeGLU, scaled F16 embedding;
+    # an attention scale of the file's own (attention.scale).
     "gemma-f16": Spec(
         "gemma", spm_vocab(["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>",
                             "<end_of_turn>"], bos=2, eos=1, unk=3),
         hidden=128, ffn=256, heads=4, kv_heads=1, head_dim=64, add_bos=True, embedding_std=0.1,
-        chat_template=GEMMA_CHAT,
+        chat_template=GEMMA_CHAT, attn_scale=0.2,
         types={r"token_embd": "F16", r"ffn_down": "BF16", "default": "Q4_0"}),
     # Gemma 2: soft-capping, sandwich norms, a sliding window the tests' prompts outgrow.
     "gemma2-q8_0": Spec(
