@@ -11,7 +11,8 @@ reference is the float64 numpy forward pass of ``tests/llm_reference.py`` on the
 ``gguf`` package's de-quantised weights. Reports the times to write, import and load the
 model, the greedy tokens of both, the largest logit difference, and epara's decode speed
 (batch 1) next to the reference's own time per token in the same run, for scale only.
-Needs about 3 GB of memory and several minutes on 2 cores. Not a test: run it by hand (a
+Needs about 4 GB of memory and several minutes on 2 cores (``--keep DIR`` reuses the
+file and the import in a second run). Not a test: run it by hand (a
 ``slow`` test runs the same check: ``pytest -m slow tests/test_llm_gguf.py``).
 """
 
@@ -43,7 +44,10 @@ def run(folder: Path, tokens: int = 8, threads: int = 2) -> dict[str, Any]:
     """Write, import, load and check the model in ``folder``; the figures as a dict."""
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    path = write_model(folder / "qwen2.5-0.5b-q4_k_m-random.gguf", qwen25_05b_q4_k_m())
+    path = folder / "qwen2.5-0.5b-q4_k_m-random.gguf"
+    if not path.exists():  # --keep DIR: a second run reuses the file and the import
+        partial = write_model(path.with_suffix(".partial"), qwen25_05b_q4_k_m())
+        partial.replace(path)
     written = time.perf_counter()
     directory = import_model(path, ModelStore(folder / "store"), "qwen25-05b-random",
                              stream=io.StringIO())
@@ -61,7 +65,7 @@ def run(folder: Path, tokens: int = 8, threads: int = 2) -> dict[str, Any]:
         tick = time.perf_counter()
         got += [e.token_id for e in engine.step() if e.finish_reason != "stop"]
         step_times.append(time.perf_counter() - tick)
-    reference = Reference(path)
+    reference = Reference(path, cache=True)  # ~2 GB of float32 weights, kept
     tick = time.perf_counter()
     want_logits = reference.forward(ids)[-1]
     reference_s = time.perf_counter() - tick

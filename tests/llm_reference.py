@@ -50,16 +50,26 @@ class _Weights:
         return self._rows(name, np.asarray(ids))
 
     def times_transposed(self, x: np.ndarray, name: str, chunk: int = 16384) -> np.ndarray:
-        """x @ W.T, W de-quantised a block of rows at a time."""
+        """x @ W.T, W de-quantised a block of rows at a time (cached as float32 blocks
+        when caching)."""
         rows = int(self._tensors[name].shape[-1])
-        return np.concatenate([x @ self._rows(name, slice(i, i + chunk)).T
-                               for i in range(0, rows, chunk)], axis=-1)
+        out = []
+        for i in range(0, rows, chunk):
+            key = f"{name}[{i}]"
+            if self._cache is None:
+                block = self._rows(name, slice(i, i + chunk))
+            else:
+                if key not in self._cache:
+                    self._cache[key] = self._rows(name, slice(i, i + chunk)).astype(np.float32)
+                block = self._cache[key].astype(np.float64)
+            out.append(x @ block.T)
+        return np.concatenate(out, axis=-1)
 
 
 class Reference:
     def __init__(self, path: Path, cache: bool = False) -> None:
         """``cache``: keep the de-quantised matrices (float32) between forward passes
-        (faster greedy runs; a 0.5B model's would take 2 GB)."""
+        (faster greedy runs; a 0.5B model's take 2 GB)."""
         from gguf import GGUFReader
         from gguf.quants import dequantize
 
