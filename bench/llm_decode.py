@@ -1,19 +1,35 @@
 """Decode speed of the epara LLM engine against transformers, measured in the same run.
 
     python bench/llm_decode.py [--threads 2] [--tokens 48] [--repeats 3] [--llama-cpp]
+    python bench/llm_decode.py --json
 
 For batch 1 and batch 4 it reports time to first token (prefill of the batch's prompts)
 and decode throughput (generated tokens per second over all sequences, after the first),
 best of interleaved rounds, for: epara (ONNX Runtime, GGUF weights kept 4-bit), plain
 transformers ``generate`` on the same GGUF de-quantised to float32, and optionally
 llama-cpp-python on the GGUF itself (only if it is installed). It also reports how many
-greedy tokens epara and transformers agree on. Not a test: run it by hand.
+greedy tokens epara and transformers agree on, and the stall of a running stream while
+a 1,000-token prompt is admitted: the longest gap between two of its tokens, in units
+of its median gap before the prompt arrived (decode steps). Not a test: run it by hand.
+
+``--json`` runs every system that is installed and prints one JSON object: the ratios
+``b1_vs_llama_cpp``, ``b4_vs_transformers``, ``b4_vs_llama_cpp`` (decode tok/s, best of
+the rounds, ``null`` where the reference is not installed), ``max_token_gap_steps``,
+and the raw rates with their spread over the rounds.
+
+The references are bench-only dependencies, not epara's:
+- transformers: ``pip install torch==2.13.0`` (the CPU wheel, first), then
+  ``pip install transformers==5.24.0 accelerate``.
+- llama.cpp: ``CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python`` builds
+  llama.cpp from source (about 8 minutes on two idle cores; a C/C++ compiler and cmake
+  are needed).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import statistics
@@ -23,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from epara.models.llm import GenerationParams, LlmEngine, load_engine
 from epara.models.llm_prepare import extract_gguf, prepare_smollm2
@@ -59,6 +76,38 @@ def bench_epara(engine: LlmEngine, batch: int, tokens: int) -> Result:
     end = time.perf_counter()
     decoded = sum(len(t) - 1 for t in out.values())
     return first - start, decoded / (end - first), list(out.values())
+
+
+def token_gap_steps(engine: LlmEngine, prompt_tokens: int = 1000, before: int = 12,
+                    ) -> float:
+    """The stall of a running stream while a long prompt is admitted: the longest gap
+    between two of its tokens from the prompt's arrival until the prompt's first token,
+    over the stream's median gap before the arrival (its decode step)."""
+    # Long enough to outlast the prompt's whole prefill (it is cancelled then).
+    engine.add("stream", prompt=PROMPTS[0], params=GenerationParams(max_tokens=4000))
+    stamps: list[float] = []
+    arrival = first_long = None
+    while engine.active:
+        events = engine.step()
+        now = time.perf_counter()
+        if any(e.seq_id == "stream" and e.token_id >= 0 for e in events):
+            stamps.append(now)
+        if any(e.seq_id == "long" for e in events) and first_long is None:
+            first_long = now
+            engine.cancel("stream")
+            engine.cancel("long")
+        if len(stamps) == before and arrival is None:
+            words = "The history of the printing press begins with movable type. " * 200
+            ids = engine.tokenizer.encode(words, add_special_tokens=False).ids
+            long_prompt = engine.tokenizer.decode(ids[:prompt_tokens])
+            arrival = time.perf_counter()
+            engine.add("long", prompt=long_prompt, params=GenerationParams(max_tokens=2))
+    while engine.active:
+        engine.step()
+    step = statistics.median(b - a for a, b in itertools.pairwise(stamps[:before]))
+    during = [s for s in stamps if s >= arrival] + [first_long]
+    gaps = [b - a for a, b in itertools.pairwise([stamps[before - 1], *during])]
+    return max(gaps) / step
 
 
 def load_transformers(gguf: Path, threads: int) -> Callable[[int, int], Result]:
@@ -152,9 +201,11 @@ def measure_in_child(name: str, args: argparse.Namespace, model_dir: Path, gguf:
     OpenMP or ONNX Runtime workers) competes with the next system for the cores."""
     command = [sys.executable, __file__, "--child", name, "--model-dir", str(model_dir),
                "--gguf", str(gguf), "--threads", str(args.threads),
-               "--tokens", str(args.tokens)]
+               "--tokens", str(args.tokens), "--gap-tokens", str(args.gap_tokens)]
     done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
-    return {int(b): tuple(r) for b, r in json.loads(done.stdout.splitlines()[-1]).items()}
+    out = json.loads(done.stdout.splitlines()[-1])
+    return {(int(k) if k.isdigit() else k): (tuple(v) if isinstance(v, list) else v)
+            for k, v in out.items()}
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> str:
@@ -164,6 +215,31 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> str:
         prefix = next((i for i in range(n) if x[i] != y[i]), n)
         same, total = same + prefix, total + n
     return f"{same}/{total}"
+
+
+def summary(results: dict[str, dict[int, Result]], rounds: list[dict[str, Any]],
+            gaps: list[float], args: argparse.Namespace) -> dict[str, Any]:
+    """The --json object: ratios of best decode rates, and every rate's spread."""
+    def ratio(batch: int, base: str) -> float | None:
+        if base not in results:
+            return None
+        return round(results["epara"][batch][1] / results[base][batch][1], 3)
+
+    return {
+        "b1_vs_llama_cpp": ratio(1, "llama-cpp"),
+        "b4_vs_transformers": ratio(4, "transformers"),
+        "b4_vs_llama_cpp": ratio(4, "llama-cpp"),
+        "b1_vs_transformers": ratio(1, "transformers"),
+        "max_token_gap_steps": round(statistics.median(gaps), 2),
+        "gap_prompt_tokens": args.gap_tokens,
+        "max_token_gap_steps_range": [round(min(gaps), 2), round(max(gaps), 2)],
+        "decode_tok_s": {name: {str(b): {"best": round(results[name][b][1], 1),
+                                         "all": [round(r[name][b][1], 1) for r in rounds]}
+                                for b in (1, 4)} for name in results},
+        "threads": args.threads, "tokens": args.tokens, "rounds": args.repeats,
+        "llama_cpp_installed": "llama-cpp" in results,
+        "transformers_installed": "transformers" in results,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--llama-cpp", action="store_true",
                         help="also time llama-cpp-python if it is installed")
+    parser.add_argument("--gap-tokens", type=int, default=1000, help="length of the prompt "
+                        "admitted beside a running stream for the token-gap measure")
+    parser.add_argument("--json", action="store_true", help="run every installed system "
+                        "and print one JSON object of ratios (see the module docstring)")
     parser.add_argument("--child", choices=list(LABELS), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
@@ -183,16 +263,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         run = load_system(args.child, args.model_dir, args.gguf, args.threads)
-        print(json.dumps({b: run(b, args.tokens) for b in (1, 4)}))
+        out: dict[str, Any] = {str(b): run(b, args.tokens) for b in (1, 4)}
+        if args.child == "epara":
+            out["gap"] = token_gap_steps(load_engine(args.model_dir, threads=args.threads),
+                                         args.gap_tokens)
+        print(json.dumps(out))
         return 0
 
     store = ModelStore(args.store)
     model_dir = prepare_smollm2(store)
     gguf = extract_gguf(store, Path(tempfile.mkdtemp(prefix="epara-bench-")))
-    names = ["epara", "epara-int8"]
-    if not args.no_transformers:
+    names = ["epara"] if args.json else ["epara", "epara-int8"]
+    have_transformers = importlib.util.find_spec("transformers") is not None
+    if not args.no_transformers and (have_transformers or not args.json):
         names.append("transformers")
-    if args.llama_cpp:
+    if args.llama_cpp or args.json:
         if importlib.util.find_spec("llama_cpp") is None:
             print("llama-cpp-python is not installed: skipped", file=sys.stderr)
         else:
@@ -202,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
               for _ in range(args.repeats)]
     results = {name: {b: best_of([r[name][b] for r in rounds]) for b in (1, 4)}
                for name in names}
+    gaps = [r["epara"]["gap"] for r in rounds]
+    if args.json:
+        print(json.dumps(summary(results, rounds, gaps, args), indent=1))
+        return 0
 
     print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, {args.tokens} new tokens per "
           f"sequence, best of {args.repeats} interleaved rounds, each system in its own "
@@ -215,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             ttft, rate, _ = results[name][batch]
             ratio = f"{rate / base[1]:.1f}x" if base else "-"
             print(f"{LABELS[name]:<34}{batch:>6}{ttft * 1000:>10.1f}{rate:>14.1f}{ratio:>17}")
+    print(f"longest token gap of a running stream while a {args.gap_tokens}-token prompt is "
+          "admitted: "
+          f"{statistics.median(gaps):.2f} decode steps (median of {len(gaps)} rounds; "
+          f"range {min(gaps):.2f}-{max(gaps):.2f})")
     if "transformers" in results:
         for name in ("epara", "epara-int8"):
             for batch in (1, 4):

@@ -28,6 +28,7 @@ from epara.firmware import install
 from epara.firmware.profiles import Profile, parse_wheel_name, wheel_fits
 from epara.models.manifest import ManifestError
 from epara.models.store import ModelStore, StoredModel
+from epara.peer.security import AUTHORITY_KEY_FILE, DEVICE_FILES
 
 try:
     from packaging.requirements import Requirement
@@ -132,9 +133,16 @@ def build_bundle(profile: Profile, store: ModelStore, out: Path | None = None,
             key = cluster / "cluster.key"
             if not key.is_file():
                 raise BundleError(f"no cluster credentials in {cluster} (epara cluster init)")
+            if (cluster / AUTHORITY_KEY_FILE).exists():
+                raise BundleError(f"{cluster} is the cluster's authority, which never goes "
+                                  "onto a device: bundle a device directory made by `epara "
+                                  "cluster admit ID --authority DIR --out DEVICE_DIR`")
             (root / "cluster").mkdir(mode=0o700)
-            shutil.copyfile(key, root / "cluster" / "cluster.key")
-            (root / "cluster" / "cluster.key").chmod(0o600)
+            # The shared key, or a device's own key, certificate and trust files.
+            for name, mode in DEVICE_FILES.items():
+                if (cluster / name).is_file():
+                    shutil.copyfile(cluster / name, root / "cluster" / name)
+                    (root / "cluster" / name).chmod(mode)
         _write(root / "etc" / "node.env", f'EPARA_NODE_FLAGS="{" ".join(flags)}"\n')
         _write(root / "systemd" / install.UNIT, render_unit(profile))
         _write(root / "systemd" / install.FIRSTBOOT_UNIT, render_firstboot_unit(profile))
@@ -356,8 +364,9 @@ WantedBy=multi-user.target
 def render_tmpfiles() -> str:
     # Files written onto a mounted root belong to root (the user does not exist there
     # yet); at boot, after systemd-sysusers made the user, these hand them over.
-    return (f"d {install.ETC}/cluster 0700 {install.USER} {install.USER} -\n"
-            f"z {install.ETC}/cluster/cluster.key 0600 {install.USER} {install.USER} -\n")
+    return f"d {install.ETC}/cluster 0700 {install.USER} {install.USER} -\n" + "".join(
+        f"z {install.ETC}/cluster/{name} {mode:04o} {install.USER} {install.USER} -\n"
+        for name, mode in DEVICE_FILES.items())
 
 
 def render_install_sh(profile: Profile) -> str:

@@ -12,6 +12,8 @@ Layout on the target (``--root`` prefixes every path; ``/`` on the device itself
     /opt/epara/releases/<id>/node.env    node flags from the bundle's profile
     /etc/epara/identity.env              EPARA_NODE_ID: written once, kept by upgrades
     /etc/epara/cluster/cluster.key       credentials: written once, kept by upgrades
+                      (node.key, node.cert,  (and a device's own identity, when it has one:
+                       authority.pub, ...)    DEVICE_FILES; never the authority's key)
     /var/lib/epara/models/<name>/        the bundled models (the node's store)
     /etc/systemd/system/epara.service    + multi-user.target.wants/ symlink
 
@@ -42,6 +44,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 PREFIX = "/opt/epara"
+# A device's credentials (epara.peer.security.DEVICE_FILES, repeated here: this file
+# imports nothing of epara): the shared cluster key, or its own key and certificate.
+DEVICE_FILES = {"cluster.key": 0o600, "node.key": 0o600, "node.cert": 0o644,
+                "authority.pub": 0o644, "revocations.cbor": 0o644}
 ETC = "/etc/epara"
 STATE = "/var/lib/epara"
 RUNTIME = "/run/epara"
@@ -235,7 +241,9 @@ class Installer:
             # Credentials are the cluster membership: an upgrade never swaps them.
             if not installed.exists():
                 self.at(f"{ETC}/cluster").mkdir(parents=True, exist_ok=True, mode=0o700)
-                self.put_file(key, f"{ETC}/cluster/cluster.key", 0o600)
+                for name, mode in DEVICE_FILES.items():  # a device's own identity too
+                    if (b / "cluster" / name).exists():
+                        self.put_file(b / "cluster" / name, f"{ETC}/cluster/{name}", mode)
             elif installed.read_bytes() != key.read_bytes():
                 self.say("keeping the cluster credentials already installed (the bundle's "
                          "differ; `epara firmware uninstall --purge` first to replace them)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -125,8 +126,11 @@ class KvPool:
             raise KvPoolFull(f"the KV pool has {self.slots} slots, "
                              f"{self.owner.count(None)} free; {len(new)} new sequences")
         members = set(seq_ids)
+        # The range holding most of them, then the most free slots (a new sequence goes
+        # to a free slot, not over another batch's), then the lowest.
         start = max(range(self.slots - n + 1), key=lambda a: (
-            sum(1 for s in seq_ids if s in self.slot and a <= self.slot[s] < a + n), -a))
+            sum(1 for s in seq_ids if s in self.slot and a <= self.slot[s] < a + n),
+            self.owner[a:a + n].count(None), -a))
         span = range(start, start + n)
         outside = [s for s in seq_ids if s in self.slot and self.slot[s] not in span]
         free_in = [p for p in span if self.owner[p] is None]
@@ -184,8 +188,9 @@ class LlmStage:
     with different cache lengths batch together without padding.
 
     ``slots``: sequences the pool holds at once; ``capacity``: positions per sequence
-    (default the model's context). A sequence idle for ``idle_seconds`` (its head died,
-    say) is freed by ``expire``.
+    (default the model's context). ``expire`` frees sequences idle for a while (their
+    head died, say). ``providers``: ONNX Runtime execution providers, by default the
+    device's (``device_providers``).
     """
 
     def __init__(self, path: Path, threads: int | None = None, slots: int = 16,
@@ -205,9 +210,10 @@ class LlmStage:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self.providers = list(providers or ["CPUExecutionProvider"])
-        self._session = ort.InferenceSession(str(path), sess_options=options,
-                                             providers=self.providers)
+        self.providers = list(providers or device_providers())
+        self._session = ort.InferenceSession(
+            str(path), sess_options=options,
+            providers=[_provider_options(p, Path(path).parent) for p in self.providers])
         self._ortvalue = ort.OrtValue.ortvalue_from_numpy
         self._input_name = "input_ids" if self.first else "hidden_in"
         self._output = "logits" if self.last else "hidden_out"
@@ -284,6 +290,48 @@ class LlmStage:
         return result if ordered else result[np.argsort(order)]
 
 
+ACCELERATED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def choose_providers(available: Sequence[str], accelerators: Sequence[str]) -> list[str]:
+    """Execution providers for an LLM stage, best first, CPU always last.
+
+    ``available``: what the installed onnxruntime offers (``onnxruntime-gpu``, or the
+    Jetson wheel, offers CUDA and TensorRT); ``accelerators``: the kinds of accelerator
+    the capability probe found (``cuda``, ``jetson``). A GPU provider is used only where
+    both agree: an onnxruntime-gpu wheel on a machine without a GPU runs on the CPU.
+    Operators a GPU provider lacks (the float32 GroupQueryAttention over the KV pool)
+    run on the CPU provider, which ONNX Runtime assigns node by node.
+    """
+    chosen = []
+    if {"cuda", "jetson"} & set(accelerators):
+        chosen = [p for p in ACCELERATED_PROVIDERS if p in available]
+    return [*chosen, "CPUExecutionProvider"]
+
+
+def device_providers() -> list[str]:
+    """``choose_providers`` for this device: onnxruntime's providers and the probe's
+    accelerator figures (``epara.peer.capabilities``; only its cheap hardware part)."""
+    import onnxruntime as ort
+
+    from epara.peer import capabilities
+
+    kinds = [a.kind for a in capabilities.cuda_devices()]
+    if capabilities.jetson(capabilities.board_model()) is not None:
+        kinds.append("jetson")
+    return choose_providers(ort.get_available_providers(), kinds)
+
+
+def _provider_options(provider: str, model_dir: Path) -> str | tuple[str, dict[str, Any]]:
+    if provider == "TensorrtExecutionProvider":
+        # Building a TensorRT engine takes minutes on a Jetson: keep it across restarts,
+        # in the user's cache (the model store's directories are hashed, read-only).
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return provider, {"trt_engine_cache_enable": True, "trt_engine_cache_path":
+                          str(cache / "epara" / "tensorrt" / Path(model_dir).name)}
+    return provider
+
+
 class Detokenizer:
     """Incremental decoding: ``push(token)`` returns the text the token adds.
 
@@ -330,9 +378,10 @@ class LlmEngine:
 
     Each ``step()`` decodes one token for every running sequence (one batched forward
     per stage), then prefills newly added sequences in chunks: while sequences are
-    decoding, only as many prompt tokens as take about one decode step, so a long prompt
-    never stalls the running streams for more than about one extra step; with nothing
-    decoding, ``prefill_chunk`` tokens at a time.
+    decoding, only as many prompt tokens as take about ``interleave_steps`` decode steps
+    (measured, adapted chunk by chunk), so a long prompt stretches the running streams'
+    token gaps to about 1 + ``interleave_steps`` steps instead of stalling them for a
+    whole prefill; with nothing decoding, ``prefill_chunk`` tokens at a time.
 
     Sequences are admitted by KV memory: each holds ``prompt + max_tokens`` positions
     (at most ``context``) of ``kv_budget_tokens`` (default: the manifest's
@@ -387,9 +436,12 @@ class LlmEngine:
         self._sequences: dict[str, _Sequence] = {}
         self._cancelled: list[str] = []
         self._reserved = 0
-        # Measured costs that size the prefill chunks interleaved with decoding.
+        # Prefill chunks beside decoding are sized to take about this many decode steps
+        # (measured), so a running stream's token gap stays near 1 + this.
+        self.interleave_steps = 1.5
         self._decode_seconds: float | None = None
-        self._prefill_seconds_per_token: float | None = None
+        # From one token up: a first chunk guessed too big would be the longest stall.
+        self._interleave_tokens = 1
 
     @property
     def active(self) -> int:
@@ -496,8 +548,8 @@ class LlmEngine:
                     raise
                 events.append(self._fail(seq, exc))
                 continue
-            self._prefill_seconds_per_token = _ewma(
-                self._prefill_seconds_per_token, (time.perf_counter() - started) / count)
+            if running:
+                self._adapt_budget(time.perf_counter() - started)
             seq.fed += count
             budget -= count
             if seq.fed == len(tokens):
@@ -506,11 +558,25 @@ class LlmEngine:
         return events
 
     def _prefill_budget(self) -> int:
-        """Prompt tokens to prefill beside a decode step: about one decode step's time."""
-        if self._decode_seconds is None or self._prefill_seconds_per_token is None:
-            return min(32, self.prefill_chunk)
-        fits = int(self._decode_seconds / self._prefill_seconds_per_token)
-        return max(8, min(self.prefill_chunk, fits))
+        """Prompt tokens to prefill beside a decode step (see ``_adapt_budget``)."""
+        return min(self._interleave_tokens, self.prefill_chunk)
+
+    def _adapt_budget(self, chunk_seconds: float) -> None:
+        """Steer the interleaved chunk's time towards ``interleave_steps`` decode steps.
+
+        A chunk's cost is far from proportional to its tokens (a matmul over several
+        rows re-expands the 4-bit weights once per call, whatever the rows), so the
+        budget follows the measured time of the last chunk instead of a per-token rate:
+        shrink when it ran long, grow when it ran short."""
+        if self._decode_seconds is None:
+            return
+        target = self.interleave_steps * self._decode_seconds
+        tokens = self._interleave_tokens
+        if chunk_seconds > target:
+            tokens = int(tokens * max(0.5, target / chunk_seconds))
+        elif chunk_seconds < 0.7 * target:
+            tokens = int(tokens * 1.25) + 1
+        self._interleave_tokens = max(1, min(self.prefill_chunk, tokens))
 
     def _decode(self, running: list[_Sequence]) -> list[TokenEvent]:
         last = np.array([[s.generated[-1]] for s in running], np.int64)

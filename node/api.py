@@ -14,7 +14,6 @@ import itertools
 import logging
 import math
 import os
-import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,16 +26,16 @@ import numpy as np
 
 from epara.models import imaging
 from epara.node.generation import GenerationService
+from epara.node.localsock import LocalSocketServer, SocketLimits
 from epara.node.service import InferResult, ModelService, ServiceError
 from epara.peer import wire
-from epara.peer.wire import PROTOCOL_VERSION, WireError
+from epara.peer.wire import WireError
 
 log = logging.getLogger(__name__)
 
 Reply = Callable[[dict[str, Any]], Awaitable[None]]
 SEGMENTATION_TASKS = ("segmentation", "text-detection")
 ROUTED_OPS = ("infer", "segment", "generate")
-SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 RETRYABLE = ("stage_failed", "unavailable")  # a route broke: another may serve
 MAX_REPLAYS = 3
 MAX_DEADLINE_MS = 86_400_000.0  # one day: anything longer is a mistake, not a deadline
@@ -177,17 +176,25 @@ class LocalApi:
     def __init__(self, services: Mapping[str, ModelService | GenerationService],
                  describe_models: Callable[[], list[dict[str, Any]]],
                  status: Callable[[], dict[str, Any]],
-                 max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES) -> None:
+                 limits: SocketLimits | None = None) -> None:
         self.services = services
         self.describe_models = describe_models
         self.status = status
-        self.max_frame_bytes = max_frame_bytes
-        self.connections = 0
+        self.limits = limits or SocketLimits()
         self.router: Any = None  # the node's ClusterRuntime, when it is in a cluster
         # Told how every model request ended (the node's request counters and metrics).
         self.observer: Callable[[Finished], None] | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server = LocalSocketServer(self._serve, self.limits)
         self._socket_path: Path | None = None
+
+    @property
+    def connections(self) -> int:
+        return len(self._server.connections)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """What the local socket's connections hold in read and write buffers now."""
+        return self._server.buffered
 
     async def start(self, socket_path: Path, group: int | None = None) -> None:
         """Listen on ``socket_path``; only the owner (and ``group``, if given) may connect."""
@@ -201,9 +208,7 @@ class LocalApi:
         await self._remove_stale(socket_path)
         old_umask = os.umask(0o177 if group is None else 0o117)
         try:
-            loop = asyncio.get_running_loop()
-            self._server = await loop.create_unix_server(lambda: _Connection(self),
-                                                         path=str(socket_path))
+            self._server.listen(socket_path)
         finally:
             os.umask(old_umask)
         if group is not None:
@@ -224,12 +229,18 @@ class LocalApi:
         raise RuntimeError(f"another node is already serving on {path}")
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        self._server.close()
         if self._socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._socket_path.unlink()
+
+    def _serve(self, message: dict[str, Any], reply: Reply,
+               inflight: dict[Any, Request]) -> Awaitable[None]:
+        """A request decoded by a local socket connection."""
+        request = Request(message)
+        if request.id is not None:
+            inflight[request.id] = request
+        return self._handle(request, reply, inflight)
 
     async def _handle(self, request: Request, reply: Reply,
                       inflight: dict[Any, Request]) -> None:
@@ -455,10 +466,17 @@ async def _await_result(request: Request, future: Future[InferResult]) -> InferR
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
         future.cancel()
-        task = asyncio.current_task()
-        if request.cancelled and task is not None and not task.cancelling():
+        if request.cancelled and not _task_being_cancelled():
             raise ServiceError("cancelled", "cancelled by the client") from None
         raise
+
+
+def _task_being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (its client left). A helper, so
+    no frame the CancelledError's traceback keeps holds the task: that cycle would keep
+    the request's inputs (maybe a client's shared memory) alive until a GC pass."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _generation_params(request: Request) -> Any:
@@ -496,101 +514,6 @@ def _generation_params(request: Request) -> Any:
     if values.get("top_p", 1.0) == 0:
         raise ServiceError("bad_request", "params.top_p must be in (0, 1]")
     return GenerationParams(**values)
-
-
-class _Connection(asyncio.BufferedProtocol):
-    """One client connection. Frames are received straight into a buffer of their
-    announced size (no stream-reader copies: a 1 MB tensor arrives in one pass)."""
-
-    def __init__(self, api: LocalApi) -> None:
-        self.api = api
-        self.transport: asyncio.Transport | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.inflight: dict[Any, Request] = {}  # by id, for the `cancel` op
-        self.closed = False
-        self._header = bytearray(wire.FRAME_HEADER.size)
-        self._buffer = self._header
-        self._filled = 0
-        self._writable = asyncio.Event()
-        self._writable.set()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.api.connections += 1
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # Room for a whole image-sized tensor: fewer wake-ups per frame both ways.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._buffer)[self._filled:]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._filled += nbytes
-        if self._filled < len(self._buffer):
-            return
-        self._filled = 0
-        if self._buffer is self._header:
-            try:
-                length = wire.parse_frame_length(bytes(self._header), self.api.max_frame_bytes)
-            except WireError as exc:
-                # The rest of the stream cannot be trusted to realign: answer, then close
-                # (the transport flushes the answer before closing).
-                self._write(_error(None, exc.code, str(exc)))
-                self._close()
-                return
-            self._buffer = bytearray(length)
-        else:
-            payload, self._buffer = self._buffer, self._header
-            self._dispatch(payload)
-
-    def _dispatch(self, payload: bytearray) -> None:
-        try:
-            message = wire.decode(payload)
-        except WireError as exc:
-            self._write(_error(wire.peek_id(payload), exc.code, str(exc)))
-            return
-        request = Request(message)
-        if request.id is not None:
-            self.inflight[request.id] = request
-        task = asyncio.create_task(self.api._handle(request, self.reply, self.inflight))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def reply(self, message: dict[str, Any]) -> None:
-        self._write(message)
-        await self._writable.wait()  # back-pressure from a client that reads slowly
-
-    def _write(self, message: dict[str, Any]) -> None:
-        if self.closed or self.transport is None:
-            return
-        payload = wire.encode({"v": PROTOCOL_VERSION, **message})
-        self.transport.writelines([wire.FRAME_HEADER.pack(len(payload)), payload])
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def eof_received(self) -> bool:
-        if self._filled or self._buffer is not self._header:
-            log.info("client closed mid-frame")
-        return False  # close our side too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._writable.set()
-        for task in self.tasks:
-            task.cancel()  # the client is gone: stop its work, free its queue slots
-        self.api.connections -= 1
 
 
 def _error(request_id: Any, code: str, message: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from epara.node.client import Client, Done, EparaError
 from epara.node.leader.policies import POLICIES
+from epara.node.leader.workloads import TRACE_DEVICES, TRACE_SERVICES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--threads", type=int, help="threads per model runtime")
     node.add_argument("--max-frame-mb", type=float, default=64.0,
                       help="largest request accepted (MiB)")
+    node.add_argument("--max-inflight", type=int, default=64,
+                      help="requests in flight per local connection; more get `overloaded`")
+    node.add_argument("--max-buffered-mb", type=float, default=256.0,
+                      help="bytes all local connections may buffer together (MiB); past it "
+                      "new requests get `overloaded`")
+    node.add_argument("--frame-timeout", type=float, default=10.0,
+                      help="seconds a started frame may take to arrive whole")
     node.add_argument("--node-id", default=os.environ.get("EPARA_NODE_ID") or None,
                       help="default: $EPARA_NODE_ID, else hostname and machine id")
     node.add_argument("--cluster", type=Path, help="cluster credentials directory (default: "
@@ -82,8 +90,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="serve HTTP on this port: OpenAI-compatible /v1 API, /metrics and "
                       "the dashboard (default: off; 0 picks a free port; docs/http.md)")
     node.add_argument("--http-host", default="127.0.0.1", metavar="IP",
-                      help="address of the HTTP endpoint (default 127.0.0.1: it has no "
-                      "authentication)")
+                      help="address of the HTTP endpoint (default 127.0.0.1; any other "
+                      "needs --http-token-file)")
+    node.add_argument("--http-token-file", type=Path, metavar="FILE",
+                      help="bearer token clients must send (created, mode 0600, if absent); "
+                      "required when --http-host is not loopback")
     node.set_defaults(run=_cmd_node)
 
     cluster = sub.add_parser("cluster", help="cluster credentials")
@@ -92,7 +103,21 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--dir", type=Path, help="where (default: $EPARA_CLUSTER_DIR or "
                       "~/.config/epara/cluster)")
     init.add_argument("--force", action="store_true", help="replace existing credentials")
+    init.add_argument("--authority", type=Path, metavar="DIR", help="per-device identity: "
+                      "create the signing authority in DIR (keep it off the devices); keeps "
+                      "--dir's cluster key if it has one (the upgrade of a shared-key cluster)")
     init.set_defaults(run=_cmd_cluster_init)
+    admit = csub.add_parser("admit", help="give a device its own key and certificate")
+    admit.add_argument("node_id", metavar="ID")
+    admit.add_argument("--authority", type=Path, required=True, metavar="DIR")
+    admit.add_argument("--out", type=Path, required=True, metavar="DIR",
+                       help="the device's credentials directory (its node.key is kept and "
+                       "signed if it already has one)")
+    admit.set_defaults(run=_cmd_cluster_admit)
+    revoke = csub.add_parser("revoke", help="shut a device out (no re-keying of others)")
+    revoke.add_argument("node_id", metavar="ID")
+    revoke.add_argument("--authority", type=Path, required=True, metavar="DIR")
+    revoke.set_defaults(run=_cmd_cluster_revoke)
 
     models = sub.add_parser("models", help="list served models; prepare or import models")
     _socket_arg(models)
@@ -222,8 +247,14 @@ def _parser() -> argparse.ArgumentParser:
                                                          "replicate-all")),
                          help="with --real: placement policies to compare (comma list)")
     goodput.add_argument("--store", type=Path, help="with --real: the model store")
-    goodput.add_argument("--devices", type=int, default=40)
-    goodput.add_argument("--services", type=int, default=40)
+    goodput.add_argument("--devices", type=int, default=TRACE_DEVICES,
+                         help="with --trace: the fleet (production mix) it replays on")
+    goodput.add_argument("--services", type=int, default=TRACE_SERVICES,
+                         help="with --trace: the built-in catalogue size its services "
+                         "come from (bench/goodput_sim.py --write-trace writes from "
+                         f"{TRACE_SERVICES})")
+    goodput.add_argument("--jobs", type=int, default=2,
+                         help="simulator processes (one (mix, seed) each)")
     goodput.set_defaults(run=_cmd_bench_goodput)
 
     status = sub.add_parser("status", help="show the node's state")
@@ -249,13 +280,30 @@ def _cmd_node(args: argparse.Namespace) -> int:
     import grp
 
     from epara.node.daemon import NodeConfig, default_cluster_dir, run_node
+    from epara.node.httpapi import is_loopback
+    from epara.node.localsock import SocketLimits
     from epara.peer.member import MemberConfig
 
+    try:
+        limits = SocketLimits(max_frame_bytes=int(args.max_frame_mb * 1024 * 1024),
+                              max_inflight=args.max_inflight,
+                              max_buffered_bytes=int(args.max_buffered_mb * 1024 * 1024),
+                              frame_timeout_s=args.frame_timeout)
+    except ValueError as exc:
+        print(f"epara: {exc}", file=sys.stderr)
+        return 2
     config = NodeConfig(store=args.store, models=tuple(args.model), threads=args.threads,
-                        max_frame_bytes=int(args.max_frame_mb * 1024 * 1024),
+                        socket_limits=limits,
                         node_id=args.node_id, memory_budget_mb=args.memory_budget_mb,
                         http_port=args.http_port, http_host=args.http_host,
+                        http_token_file=args.http_token_file,
                         placement_policy=args.placement_policy)
+    if args.http_port is not None and args.http_token_file is None and \
+            not is_loopback(args.http_host):
+        print(f"epara: --http-host {args.http_host} is not loopback: give "
+              "--http-token-file FILE (a bearer token is created there if absent)",
+              file=sys.stderr)
+        return 2
     cluster_dir = args.cluster or default_cluster_dir()
     if args.standalone:
         pass
@@ -288,11 +336,44 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
     from epara.peer.security import CredentialsError
 
     directory = args.dir or default_cluster_dir()
+    if args.authority is not None:
+        from epara.peer.cli import authority_init
+
+        try:
+            print(authority_init(args.authority, directory))
+        except CredentialsError as exc:
+            print(f"epara: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         print(format_cluster_init(cluster_init(directory, overwrite=args.force)))
     except CredentialsError:
         print(f"epara: {directory} already holds cluster credentials (--force replaces "
               "them, and every node must then get the new ones)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_cluster_admit(args: argparse.Namespace) -> int:
+    from epara.peer.cli import admit
+    from epara.peer.security import CredentialsError
+
+    try:
+        print(admit(args.authority, args.node_id, args.out))
+    except CredentialsError as exc:
+        print(f"epara: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_cluster_revoke(args: argparse.Namespace) -> int:
+    from epara.peer.cli import revoke
+    from epara.peer.security import CredentialsError
+
+    try:
+        print(revoke(args.authority, args.node_id))
+    except CredentialsError as exc:
+        print(f"epara: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -538,10 +619,17 @@ def _cmd_bench_goodput(args: argparse.Namespace) -> int:
                                args.plot, args.policies.split(","), args.load,
                                args.bed.split(",") if args.bed else ()))
         return 0
-    from epara.node.leader.sim import run_goodput_bench
+    from epara.node.lab.goodput import run_goodput_bench
 
-    print(run_goodput_bench(args.trace, args.json, args.plot, args.quick, args.devices,
-                            args.services))
+    if args.devices < 1 or args.services < 1 or args.jobs < 1:
+        raise SystemExit("epara bench goodput: --devices, --services and --jobs must be "
+                         "at least 1")
+    try:
+        print(run_goodput_bench(args.trace, args.json, args.plot, args.quick, args.devices,
+                                args.services, args.jobs,
+                                progress=lambda line: print(line, file=sys.stderr)))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"epara bench goodput: {exc}") from None
     return 0
 
 

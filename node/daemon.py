@@ -19,12 +19,13 @@ from epara.models.manifest import Manifest
 from epara.models.store import ModelStore
 from epara.node.api import LocalApi, default_socket_path
 from epara.node.generation import GenerationService
-from epara.node.httpapi import HttpServer
+from epara.node.httpapi import HttpServer, load_or_create_token
+from epara.node.localsock import SocketLimits
 from epara.node.metrics import RequestLog, make_exporter
 from epara.node.runtime import ClusterRuntime
 from epara.node.service import ModelService
-from epara.peer import wire
 from epara.peer.member import ClusterMember, MemberConfig
+from epara.peer.security import certified_node_id
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
@@ -37,7 +38,7 @@ class NodeConfig:
     socket_group: int | None = None
     models: tuple[str, ...] = ()  # empty: every model in the store
     threads: int | None = None  # per model; None lets each runtime decide
-    max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES
+    socket_limits: SocketLimits = field(default_factory=SocketLimits)  # the local socket's
     node_id: str | None = None
     # Cluster membership: None runs the node alone (no mDNS, no network ports).
     cluster_dir: Path | None = None
@@ -45,9 +46,11 @@ class NodeConfig:
     memory_budget_mb: float | None = None  # what models may use here (default: free memory)
     placement_policy: str = "epara"  # what the leader places by (baselines: for benchmarks)
     # The HTTP endpoint (OpenAI-compatible API, /metrics, dashboard): off unless a port is
-    # given (0: any free port). It has no authentication, hence loopback by default.
+    # given (0: any free port). Loopback by default; any other address needs a bearer
+    # token, read from (or created in) http_token_file (docs/http.md).
     http_port: int | None = None
     http_host: str = "127.0.0.1"
+    http_token_file: Path | None = None
 
 
 def default_cluster_dir() -> Path:
@@ -73,13 +76,15 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.store = ModelStore(config.store)
-        self.node_id = config.node_id or _stable_node_id()
+        # A device with its own certificate is the node its certificate names.
+        self.node_id = config.node_id or certified_node_id(config.cluster_dir) or \
+            _stable_node_id()
         self.services: dict[str, ModelService | GenerationService] = {}
         self.unavailable: dict[str, str] = {}  # model name or directory -> why not served
         self.started = time.time()
         self.backends: list[dict[str, Any]] = []
         self.api = LocalApi(self.services, self.describe_models, self.status,
-                            config.max_frame_bytes)
+                            config.socket_limits)
         self.requests = RequestLog()
         self.api.observer = self.requests.record
         self.exporter = make_exporter(self, self.requests)
@@ -99,8 +104,10 @@ class Node:
         # With the socket, before joining: whoever sees the socket up sees HTTP up too, and
         # requests meanwhile are served as the socket's are (locally until the router is set).
         if self.config.http_port is not None:
+            token = (load_or_create_token(self.config.http_token_file)
+                     if self.config.http_token_file is not None else None)
             self.http = HttpServer(self, self.config.http_host, self.config.http_port,
-                                   self.exporter)
+                                   self.exporter, token=token)
             await self.http.start()
             log.info("node %s serving HTTP on %s", self.node_id, self.http.url)
         if self.config.cluster_dir is not None:
@@ -212,6 +219,7 @@ class Node:
             "socket": str(self.config.socket_path),
             "model_store": str(self.store.root),
             "connections": self.api.connections,
+            "buffered_bytes": self.api.buffered_bytes,
             "http": self.http.url if self.http is not None else None,
             "backends": self.backends,
             "services": [s.stats() for _, s in sorted(self.services.items())],

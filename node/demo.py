@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from epara.node.client import Client
+from epara.node.httpapi import load_or_create_token
 from epara.node.loadgen import (
     BUILTIN_SLO_MS,
     NodeProc,
@@ -155,6 +156,11 @@ class Endpoint:
     served: str  # the URL the node serves on
     namespace: str | None = None  # the node's network namespace, on namespace hosts
     ip: str = "127.0.0.1"
+    token: str | None = None  # HTTP bearer token (namespace hosts serve off loopback)
+
+    @property
+    def dashboard(self) -> str:
+        return f"{self.http}/" + (f"#token={self.token}" if self.token else "")
 
 
 def endpoints(cluster: list[NodeProc], bed: EmulatedBed | None) -> list[Endpoint]:
@@ -169,8 +175,9 @@ def endpoints(cluster: list[NodeProc], bed: EmulatedBed | None) -> list[Endpoint
             found.append(Endpoint(node.name, node.socket, served, served))
         else:
             forward = bed.forward(i, int(served.rsplit(":", 1)[1]))
+            token = load_or_create_token(node.socket.parent.parent / "http.token")
             found.append(Endpoint(node.name, node.socket, f"http://127.0.0.1:{forward.port}",
-                                  served, bed.lab.hosts[i], bed.ip(i)))
+                                  served, bed.lab.hosts[i], bed.ip(i), token))
     return found
 
 
@@ -187,8 +194,10 @@ def stay_hints(points: list[Endpoint], leader: str, credentials: Path) -> list[s
     url = first.http
     ask = ('{"model": "smollm2-135m", "messages": [{"role": "user", "content": '
            '"Name a colour."}], "max_tokens": 16}')
+    auth = f" -H 'Authorization: Bearer {first.token}'" if first.token else ""
     python = (f"{sys.executable} -c \"import openai; print(openai.OpenAI(base_url='{url}/v1',"
-              " api_key='none').chat.completions.create(model='smollm2-135m', messages=["
+              f" api_key='{first.token or 'none'}').chat.completions.create("
+              "model='smollm2-135m', messages=["
               "{'role': 'user', 'content': 'Name a colour.'}], max_tokens=16)"
               ".choices[0].message.content)\"")
     doctor = (f"{epara} doctor --cluster {credentials} --socket {first.socket} "
@@ -200,15 +209,17 @@ def stay_hints(points: list[Endpoint], leader: str, credentials: Path) -> list[s
         f"  {epara} status --socket {first.socket}",
         f"  {epara} plan --socket {first.socket}",
         f"  {doctor}",
-        f"  curl -s {url}/metrics | grep '^epara_' | grep -v _bucket",
-        f"  curl -s {url}/v1/models",
-        f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"  curl -s{auth} {url}/metrics | grep '^epara_' | grep -v _bucket",
+        f"  curl -s{auth} {url}/v1/models",
+        f"  curl -s{auth} {url}/v1/chat/completions -H 'Content-Type: application/json' "
         f"-d '{ask}'",
         f"  {python}",
-        f"  dashboard: {url}/",
+        f"  dashboard: {first.dashboard}",
     ]
+    if first.token:
+        lines.append(f"  HTTP token (off loopback every node needs it): {first.token}")
     if first.namespace:
-        lines.append(f"  inside the bed: ip netns exec {first.namespace} curl -s "
+        lines.append(f"  inside the bed: ip netns exec {first.namespace} curl -s{auth} "
                      f"{first.served}/metrics")
     return lines
 
@@ -281,7 +292,7 @@ def _run(nodes: int, seconds: float, out_dir: Path, model_store: ModelStore, use
 
             def show_dashboard(cluster: list[NodeProc], bed: EmulatedBed | None = bed) -> None:
                 point = endpoints(cluster[:1], bed)[0]
-                console.line(f"dashboard while this run lasts: {point.http}/"
+                console.line(f"dashboard while this run lasts: {point.dashboard}"
                              + (f" (forwarded to {point.served} in namespace "
                                 f"{point.namespace})" if point.namespace else ""))
 

@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from epara.peer.discovery import SERVICE_TYPE
-from epara.peer.security import CredentialsError, load_cluster_credentials
+from epara.peer.security import (
+    AUTHORITY_KEY_FILE,
+    CredentialsError,
+    load_cluster_credentials,
+)
 from epara.peer.wire import PROTOCOL_VERSION
 
 
@@ -38,8 +42,22 @@ def check_credentials(directory: Path) -> tuple[Finding, str | None]:
         return Finding("credentials", "fail", str(exc),
                        "copy the cluster directory from a member (mode 0600 key in a 0700 "
                        "directory), or `epara cluster init` for a new cluster"), None
-    return Finding("credentials", "ok", f"cluster {credentials.cluster_id} ({directory})"), \
-        credentials.cluster_id
+    if (Path(directory) / AUTHORITY_KEY_FILE).exists():
+        return Finding("credentials", "warn", f"{directory} holds the cluster's authority "
+                       "key", "keep the authority off devices: run nodes from a directory "
+                       "made by `epara cluster admit`"), credentials.cluster_id
+    cert, trust = credentials.certificate, credentials.trust
+    if cert is None or trust is None:
+        return Finding("credentials", "ok", f"cluster {credentials.cluster_id} ({directory}; "
+                       "shared key: any holder can claim any node id)"), credentials.cluster_id
+    if trust.revoked(credentials.node_public or b"", cert.node_id):
+        return Finding("credentials", "fail", f"this device ({cert.node_id}) is revoked "
+                       f"(revocation list v{trust.revocations.version})",
+                       "its peers refuse it; admit it again under a new id"), \
+            credentials.cluster_id
+    return Finding("credentials", "ok", f"cluster {credentials.cluster_id}, device "
+                   f"{cert.node_id} certified by the authority, revocation list "
+                   f"v{trust.revocations.version} ({directory})"), credentials.cluster_id
 
 
 def _ip_json(*args: str) -> list[dict[str, Any]]:

@@ -1,8 +1,10 @@
 """A text-generation model served on this node, with continuous batching.
 
-One worker thread owns the engine. Between engine steps it admits new sequences (up to
-the service's max batch) and cancellations, so concurrent chats decode together and a
-sequence joins or leaves without waiting for the others.
+One worker thread owns the engine. Between engine steps it admits new sequences (as
+many as the engine's KV memory takes: ``KvPoolFull`` means "not now", and admission
+waits until a sequence ends) and cancellations, so concurrent chats decode together
+and a sequence joins or leaves without waiting for the others. A failure that belongs
+to one sequence (the engine's ``"error"`` event) fails that request alone.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class GenerationService:
         self._pending: list[_Sequence] = []  # admitted by submit, not yet in the engine
         self._running: dict[str, _Sequence] = {}
         self._waiting = 0
+        self._kv_full = False  # the engine refused a sequence for memory: wait for an end
         self._lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"gen-{manifest.name}",
@@ -185,24 +188,36 @@ class GenerationService:
         if seq_id in self._running:
             self.engine.cancel(seq_id)
             self.counts["cancelled"] += 1
+            self._kv_full = False
             self._finish(self._running.pop(seq_id), None)
 
     def _admit(self) -> None:
         now = time.monotonic()
-        while self._pending and len(self._running) < self.max_active:
-            seq = self._pending.pop(0)
-            if seq.deadline is not None and now > seq.deadline:
-                self.counts["expired"] += 1
-                self._finish(seq, ServiceError("deadline_exceeded", "deadline passed before "
-                                               "the sequence could start"))
-                continue
+        if not self._running:
+            self._kv_full = False  # an empty engine takes any sequence it accepts at all
+        for seq in [s for s in self._pending if s.deadline is not None and now > s.deadline]:
+            self._pending.remove(seq)
+            self.counts["expired"] += 1
+            self._finish(seq, ServiceError("deadline_exceeded", "deadline passed before "
+                                           "the sequence could start"))
+        # In arrival order: one that waits for KV memory holds back the ones after it,
+        # so a long prompt is not starved by a stream of short ones.
+        while self._pending and not self._kv_full and len(self._running) < self.max_active:
+            seq = self._pending[0]
             try:
                 self.engine.add(seq.seq_id, prompt=seq.prompt, messages=seq.messages,
                                 params=seq.params, resume=seq.resume)
             except (ValueError, KeyError, TypeError) as exc:
+                self._pending.pop(0)
                 self.counts["failed"] += 1
                 self._finish(seq, ServiceError("bad_input", str(exc)))
                 continue
+            except Exception as exc:
+                if type(exc).__name__ != "KvPoolFull":
+                    raise
+                self._kv_full = True  # retried when a running sequence ends
+                return
+            self._pending.pop(0)
             self._running[seq.seq_id] = seq
 
     def _step(self) -> None:
@@ -218,6 +233,7 @@ class GenerationService:
                 self.engine.cancel(seq_id)
                 self.counts["failed"] += 1
                 self._finish(self._running.pop(seq_id), ServiceError(code, str(exc)))
+            self._kv_full = False
             with contextlib.suppress(Exception):
                 self.engine.step()  # flush the cancellation events of the failed sequences
             return
@@ -225,6 +241,12 @@ class GenerationService:
         for event in events:
             seq = self._running.get(event.seq_id)
             if seq is None:
+                continue
+            if event.finish_reason == "error":  # this sequence alone failed
+                del self._running[seq.seq_id]
+                self._kv_full = False
+                self.counts["failed"] += 1
+                self._finish(seq, ServiceError("inference_failed", event.text))
                 continue
             if seq.first_token is None:
                 seq.first_token = now
@@ -234,11 +256,13 @@ class GenerationService:
             seq.sink(event)
             if event.finish_reason is not None:
                 del self._running[seq.seq_id]
+                self._kv_full = False
                 self.counts["served"] += 1
                 self._finish(seq, None)
         for seq_id, seq in list(self._running.items()):
             if seq.deadline is not None and now > seq.deadline:
                 self.engine.cancel(seq_id)
+                self._kv_full = False
                 del self._running[seq_id]
                 self.counts["expired"] += 1
                 self._finish(seq, ServiceError(

@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import itertools
 import json
 import logging
+import os
+import secrets
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from epara.node.api import Request
 
@@ -29,10 +36,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 * 1024
-MAX_BODY_BYTES = 16 * 1024 * 1024
 IDLE_TIMEOUT_S = 60.0  # a keep-alive connection with no next request is closed
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+           404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+           411: "Length Required", 413: "Content Too Large", 421: "Misdirected Request",
            500: "Internal Server Error", 501: "Not Implemented",
            503: "Service Unavailable", 504: "Gateway Timeout"}
 # Local-API error codes as HTTP statuses. Both deadline codes are 504: whether the node
@@ -43,11 +50,86 @@ STATUS_OF_CODE = {"bad_request": 400, "bad_input": 400, "unsupported": 400,
 TEXT_GENERATION = "text-generation"
 
 
+@dataclass(frozen=True)
+class HttpLimits:
+    max_connections: int = 64  # open at once; more get 503 and are closed
+    max_body_bytes: int = 1024 * 1024  # a chat request is text: 1 MiB is plenty
+    request_timeout_s: float = 10.0  # from a request's first byte to its whole body
+
+
 class HttpError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.headers = headers or {}
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(authority: str) -> str:
+    """The host part of a ``Host`` header or URL authority (``[::1]:80`` -> ``::1``)."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1:].partition("]")[0]
+    if authority.count(":") == 1:
+        authority = authority.partition(":")[0]
+    return authority.rstrip(".")
+
+
+def host_allowed(authority: str, listen_host: str, own_names: frozenset[str]) -> bool:
+    """Whether a ``Host`` header names this listener, not a name an attacker's DNS points
+    at it (DNS rebinding). Loopback listeners: loopback literals and ``localhost`` only.
+    Others: any IP literal (a rebinding page's origin is a name, never the literal) and
+    this machine's own names (hostname, hostname.local, configured extras)."""
+    name = _host_name(authority)
+    if not name:
+        return False
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = \
+            ipaddress.ip_address(name)
+    except ValueError:
+        address = None
+    if is_loopback(listen_host):
+        return name == "localhost" or (address is not None and address.is_loopback)
+    return address is not None or name == "localhost" or name in own_names
+
+
+def origin_allowed(origin: str | None, authority: str) -> bool:
+    """A request with ``Origin`` (browsers send it on cross-site and on posts) must come
+    from a page served by this very listener: same scheme-less authority as ``Host``."""
+    if origin is None:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and \
+        parts.netloc.lower() == authority.strip().lower()
+
+
+def own_host_names(extra: tuple[str, ...] = ()) -> frozenset[str]:
+    hostname = socket.gethostname().lower()
+    return frozenset({hostname, f"{hostname}.local", *(n.lower().rstrip(".") for n in extra)})
+
+
+def load_or_create_token(path: Path) -> str:
+    """The bearer token in ``path``; a new random one (file mode 0600) if it is absent."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(24) + "\n")
+    token = path.read_text().strip()
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ValueError(f"{path} must hold one token of at least 16 characters")
+    return token
 
 
 @dataclass
@@ -61,11 +143,18 @@ class HttpRequest:
 
 class HttpServer:
     def __init__(self, node: Node, host: str, port: int,
-                 exporter: PrometheusExporter | None) -> None:
+                 exporter: PrometheusExporter | None, *, token: str | None = None,
+                 limits: HttpLimits = HttpLimits(), allowed_hosts: tuple[str, ...] = ()) -> None:
+        if token is None and not is_loopback(host):
+            raise ValueError(f"HTTP on {host} (not loopback) needs a bearer token "
+                             "(--http-token-file)")
         self.node = node
         self.host = host
         self.port = port
         self.exporter = exporter
+        self.token = token
+        self.limits = limits
+        self._own_names = own_host_names(allowed_hosts)
         self._server: asyncio.AbstractServer | None = None
         self._ids = itertools.count()
         self._connections: set[asyncio.Task[Any]] = set()
@@ -94,14 +183,33 @@ class HttpServer:
                           writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._connections) >= self.limits.max_connections:
+            with contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
+                await _send_json(writer, 503, _error_body(
+                    "overloaded", f"over {self.limits.max_connections} open connections"),
+                    keep_alive=False)
+                # Read what the client already sent (briefly, bounded): closing on unread
+                # bytes resets the connection and can destroy the answer in flight.
+                await asyncio.wait_for(reader.read(MAX_HEAD_BYTES), 0.5)
+            writer.close()
+            return
         self._connections.add(task)
         try:
             while True:
                 try:
-                    request = await asyncio.wait_for(_read_request(reader), IDLE_TIMEOUT_S)
+                    first = await asyncio.wait_for(reader.read(1), IDLE_TIMEOUT_S)
+                    if not first:
+                        return
+                    try:
+                        request = await asyncio.wait_for(_read_request(
+                            reader, first, self._admit, self.limits.max_body_bytes),
+                            self.limits.request_timeout_s)
+                    except asyncio.TimeoutError:
+                        raise HttpError(408, "request_timeout", "the request was not sent "
+                                        f"within {self.limits.request_timeout_s:g} s") from None
                 except HttpError as exc:
                     await _send_json(writer, exc.status, _error_body(exc.code, str(exc)),
-                                     keep_alive=False)
+                                     keep_alive=False, headers=exc.headers)
                     return
                 if request is None:
                     return
@@ -116,6 +224,24 @@ class HttpServer:
             writer.close()
             with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
                 await writer.wait_closed()
+
+    def _admit(self, method: str, path: str, headers: dict[str, str]) -> None:
+        """Refuse, before its body is read, a request this listener must not serve."""
+        authority = headers.get("host")
+        if authority is None or not host_allowed(authority, self.host, self._own_names):
+            raise HttpError(421, "bad_host", f"Host {authority!r} does not name this node "
+                            "(DNS rebinding protection; use its IP address)")
+        if not origin_allowed(headers.get("origin"), authority):
+            raise HttpError(403, "cross_origin", f"requests from origin "
+                            f"{headers.get('origin')!r} are not allowed")
+        if self.token is None or (method, path.split("?", 1)[0]) == ("GET", "/"):
+            return  # the dashboard's page is static; its data calls carry the token
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 self.token.encode()):
+            raise HttpError(401, "unauthorized", "this node needs 'Authorization: Bearer "
+                            "<token>' (the token is in the node's --http-token-file)",
+                            {"WWW-Authenticate": "Bearer"})
 
     async def _respond(self, request: HttpRequest, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter) -> bool:
@@ -354,12 +480,14 @@ def _message(raw: Any) -> dict[str, str]:
 # --- HTTP/1.1 framing ------------------------------------------------------------------
 
 
-async def _read_request(reader: asyncio.StreamReader) -> HttpRequest | None:
-    """The next request on the connection; None at a clean EOF between requests."""
+async def _read_request(reader: asyncio.StreamReader, first: bytes,
+                        admit: Any, max_body_bytes: int) -> HttpRequest | None:
+    """The request whose first byte was ``first``; None when it is only blank bytes
+    before EOF. ``admit(method, path, headers)`` may refuse it before its body is read."""
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
+        head = first + await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
-        if not exc.partial.strip():
+        if not (first + exc.partial).strip():
             return None
         raise HttpError(400, "bad_request", "incomplete request head") from None
     except asyncio.LimitOverrunError:
@@ -383,8 +511,9 @@ async def _read_request(reader: asyncio.StreamReader) -> HttpRequest | None:
         length = int(headers.get("content-length", "0"))
     except ValueError:
         raise HttpError(400, "bad_request", "malformed Content-Length") from None
-    if length < 0 or length > MAX_BODY_BYTES:
-        raise HttpError(413, "too_large", f"bodies are limited to {MAX_BODY_BYTES} bytes")
+    admit(method, path, headers)
+    if length < 0 or length > max_body_bytes:
+        raise HttpError(413, "too_large", f"bodies are limited to {max_body_bytes} bytes")
     body = await reader.readexactly(length) if length else b""
     connection = headers.get("connection", "").lower()
     keep_alive = connection != "close" and (version != "HTTP/1.0" or connection == "keep-alive")
@@ -421,18 +550,18 @@ async def _send_head(writer: asyncio.StreamWriter, status: int, content_type: st
 
 
 async def _send(writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str,
-                keep_alive: bool) -> None:
+                keep_alive: bool, headers: dict[str, str] | None = None) -> None:
     await _send_head(writer, status, content_type, keep_alive,
-                     {"Content-Length": str(len(body))})
+                     {"Content-Length": str(len(body)), **(headers or {})})
     writer.write(body)
     await writer.drain()
 
 
 async def _send_json(writer: asyncio.StreamWriter, status: int, data: Any,
-                     keep_alive: bool) -> None:
+                     keep_alive: bool, headers: dict[str, str] | None = None) -> None:
     # default=str: status records may hold values JSON has no type for (paths, tuples).
     body = json.dumps(data, default=str).encode()
-    await _send(writer, status, body, "application/json", keep_alive)
+    await _send(writer, status, body, "application/json", keep_alive, headers)
 
 
 async def _send_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from epara.node.client import Client, Done, EparaError, NodeUnreachable
+from epara.node.httpapi import load_or_create_token
 from epara.node.leader.workloads import Request
 
 if TYPE_CHECKING:
@@ -254,6 +255,9 @@ def start_cluster(policy: str, work: Path, store: Path, nodes: int, credentials:
         if http:
             where += ["--http-port", "0", "--http-host",
                       "127.0.0.1" if bed is None else bed.ip(i)]
+            if bed is not None:  # off loopback the endpoint needs a token: one for all
+                load_or_create_token(work / "http.token")
+                where += ["--http-token-file", str(work / "http.token")]
         command = [*prefix, sys.executable, "-m", "epara.node.cli", "--log-level", "info",
                    "node", "--store", str(store), "--socket", str(sock), "--cluster",
                    str(credentials), "--node-id", name, "--port", "0", *where,

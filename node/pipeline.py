@@ -66,10 +66,20 @@ class Stage(Protocol):
 
 
 class LlmStageAdapter:
-    """An ``LlmStage`` (layer range with per-sequence KV cache) as a pipeline stage."""
+    """An ``LlmStage`` (layer range with per-sequence KV cache) as a pipeline stage.
 
-    def __init__(self, stage: Any) -> None:
+    A sequence's cache is freed when its head drops it (the sequence ended) or, if the
+    head never does (it died), once the sequence has not run for ``idle_seconds``:
+    ``StageHost`` calls ``expire`` periodically. A head that comes back after that gets
+    an error for the lost cache and replays, never a wrong answer."""
+
+    def __init__(self, stage: Any, idle_seconds: float = 30.0) -> None:
         self.stage = stage
+        self.idle_seconds = idle_seconds
+
+    def expire(self) -> None:
+        for seq_id in self.stage.expire(self.idle_seconds):
+            log.info("freed the cache of idle sequence %s (its head is gone)", seq_id)
 
     def run(self, header: Mapping[str, Any],
             tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -111,6 +121,7 @@ class StageHost:
         self.stages: dict[str, Stage] = {}
         self.on_run: Callable[[str, float], None] | None = None  # (stage key, seconds)
         self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         dataplane.on("forward", self._on_forward, refuse=self._refuse)
         dataplane.on("drop", self._on_drop)
 
@@ -118,6 +129,25 @@ class StageHost:
         self.stages[key] = stage
         self._executors[key] = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"stage-{key}")
+        if hasattr(stage, "expire") and self._sweeper is None:
+            try:
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            except RuntimeError:  # no event loop (a synchronous caller): no sweeping
+                log.warning("stage %s: no event loop, idle sequences are not expired", key)
+
+    async def _sweep(self, period: float = 1.0) -> None:
+        """Free per-sequence state that no head will ever drop (stages' ``expire``)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(period)
+            for key, stage in list(self.stages.items()):
+                expire = getattr(stage, "expire", None)
+                if expire is not None and key in self._executors:
+                    try:  # on the stage's own thread: it may be mid-forward
+                        await loop.run_in_executor(self._executors[key], expire)
+                    except Exception:
+                        log.warning("expiring idle sequences of %s failed", key,
+                                    exc_info=True)
 
     def remove(self, key: str) -> None:
         self.stages.pop(key, None)
@@ -131,6 +161,9 @@ class StageHost:
     def close(self) -> None:
         for key in list(self.stages):
             self.remove(key)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     async def _on_forward(self, header: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         origin = (str(header["origin"][0]), int(header["origin"][1]))

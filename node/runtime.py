@@ -185,7 +185,11 @@ class ClusterRuntime:
                                 getattr(self.policy, "scales", {}).items()},
                 "estimated_attainment": {
                     name: round(value, 4) for name, value in
-                    getattr(self.policy, "estimates", {}).items()}}
+                    getattr(self.policy, "estimates", {}).items()},
+                "forwarding": {**self.forwarder.counts,
+                               "in_flight": self.forwarder.in_flight(),
+                               "dataplane_tasks": self.dataplane.running_tasks,
+                               "dataplane_refused": self.dataplane.refused}}
 
     def _on_view(self, view: Any) -> None:
         members = {m.node_id for m in view.members}

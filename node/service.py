@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -115,23 +116,55 @@ class RunCost:
         self.margin_s = margin_s
         self._samples: deque[tuple[float, float, float]] = deque(maxlen=window)
         self._lock = threading.Lock()
+        # Fitted once per new run, not per request: (line, [(when, actual / fitted)])
+        self._model: tuple[tuple[float, float, float], list[tuple[float, float]]] | None = None
 
     def record(self, work: float, seconds: float, now: float) -> None:
         with self._lock:
             self._samples.append((float(work), seconds, now))
+            fit = _fit([(w, t) for w, t, _ in self._samples])
+            assert fit is not None
+            fixed, per_element, floor = fit
+            self._model = (fit, [(at, t / max(fixed + per_element * w, floor, 1e-9))
+                                 for w, t, at in self._samples])
+
+    def fixed_seconds(self) -> float | None:
+        """The fitted cost of a run whatever its size (what batching shares); None until
+        runs of different sizes have been seen."""
+        with self._lock:
+            samples = [(w, t) for w, t, _ in self._samples]
+        works = [w for w, _ in samples]
+        if not works or max(works) < 1.2 * min(works):
+            return None
+        fit = _fit(samples)
+        return None if fit is None else fit[0]
 
     def predict(self, runs: int, work: float, now: float) -> float | None:
         """Seconds for ``runs`` runs fed ``work`` elements in all; None when unknown."""
-        with self._lock:
-            samples = list(self._samples)
-        fit = _fit([(w, t) for w, t, _ in samples])
-        if fit is None:
+        model = self._model
+        if model is None:
             return None
-        fixed, per_element, floor = fit
-        ratios = [t / max(fixed + per_element * w, floor, 1e-9)
-                  for w, t, at in samples if now - at <= self.margin_s]
-        margin = max([1.0, *ratios])
+        (fixed, per_element, floor), ratios = model
+        margin = max([1.0, *(r for at, r in ratios if now - at <= self.margin_s)])
         return margin * max(runs * fixed + per_element * work, runs * floor)
+
+
+def companion_wait(max_wait: float, arrival_gap: float | None,
+                   fixed_run_s: float | None) -> float:
+    """How long a batch stays open for requests not yet here.
+
+    Waiting pays only while requests arrive faster than ``max_wait`` *and* the run cost a
+    companion would share (the fitted fixed seconds per run, what stacking saves) is more
+    than the wait for it costs the idle worker. Measured on CPUs (bench/local_api.py,
+    ``batch_curve``), the time per frame hardly falls with the batch size, so there a
+    batch forms only from requests already queued and nobody pays ``max_wait``; an
+    accelerator with a large per-run cost keeps waiting. Unknown (one batch size seen so
+    far): wait, so batches of several sizes are seen and the fit can tell."""
+    if arrival_gap is None or arrival_gap >= max_wait:
+        return 0.0
+    if fixed_run_s is not None and fixed_run_s <= arrival_gap:
+        return 0.0
+    return max_wait
 
 
 def _fit(samples: list[tuple[float, float]]) -> tuple[float, float, float] | None:
@@ -243,8 +276,14 @@ class ModelService:
             self._waiting_work += work
         job = Job(checked, rows, deadline, work)
         self._note_arrival(job.enqueued)
-        # A request cancelled while queued (its client left) frees its slot at once.
-        job.future.add_done_callback(lambda f: f.cancelled() and self._release([job]))
+        # A request cancelled while queued (its client left) frees its slot at once. The
+        # callback holds the job weakly: a job <-> future cycle would keep the inputs (maybe
+        # views of a client's shared memory, mapped while referenced) until a GC pass.
+        # A job already gone was taken from the queue, and taking it released it.
+        job_ref = weakref.ref(job)
+        job.future.add_done_callback(
+            lambda f: f.cancelled() and (held := job_ref()) is not None
+            and self._release([held]))
         self._queue.put(job)
         return job.future
 
@@ -312,10 +351,9 @@ class ModelService:
             return batch
         rows = first.rows
         key = first.shape_key()
-        # Wait for companions only when requests arrive faster than the wait would last:
-        # a lone request (or a slow stream) runs at once instead of paying max_wait.
-        gap = self._arrival_gap
-        wait = self.max_wait if gap is not None and gap < self.max_wait else 0.0
+        # A lone request (or a slow stream) runs at once; a batch waits for companions
+        # only when what they would share is worth the wait (companion_wait).
+        wait = companion_wait(self.max_wait, self._arrival_gap, self.cost.fixed_seconds())
         until = time.monotonic() + wait
         # Held jobs first (they were waiting longest), then whatever arrives in time.
         for job in list(self._held):
@@ -349,6 +387,9 @@ class ModelService:
             live = self._drop_dead(batch)
             if live:
                 self._execute(live)
+            # Let go of the inputs before waiting for the next batch: they may be views of
+            # a client's shared memory, which stays mapped while anything refers to it.
+            del batch, live
 
     def _drop_dead(self, batch: list[Job]) -> list[Job]:
         now = time.monotonic()

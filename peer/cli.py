@@ -13,7 +13,7 @@ from typing import Any
 
 from .member import parse_endpoint, query_status
 from .membership import ClusterView, view_from_dict
-from .security import create_cluster_credentials
+from .security import admit_device, create_authority, create_cluster_credentials, revoke_device
 
 DEFAULT_CONTROL_PORT = 7370  # what `epara node` binds unless told otherwise
 DEFAULT_ENDPOINT = f"127.0.0.1:{DEFAULT_CONTROL_PORT}"
@@ -30,6 +30,31 @@ def format_cluster_init(result: dict[str, str]) -> str:
             f"secret: {result['path']} (mode 0600)\n"
             "copy this directory to every device that should join; anyone holding it "
             "can join the cluster")
+
+
+def authority_init(authority_dir: Path, cluster_dir: Path | None) -> str:
+    """``epara cluster init --authority DIR``: per-device identity (keeps the cluster key
+    of ``cluster_dir`` when it has one: upgrading a shared-key cluster keeps its id)."""
+    result = create_authority(authority_dir, cluster_dir)
+    kept = (f"kept the cluster key of {cluster_dir} (same cluster id); "
+            if result["kept_cluster_key"] == "true" else "")
+    return (f"created the authority of cluster {result['cluster_id']} in {authority_dir}\n"
+            f"{kept}keep this directory OFF the devices; give each device its own "
+            f"credentials with `epara cluster admit ID --authority {authority_dir} --out DIR`")
+
+
+def admit(authority_dir: Path, node_id: str, out_dir: Path) -> str:
+    result = admit_device(authority_dir, node_id, out_dir)
+    return (f"admitted {node_id} to cluster {result['cluster_id']}: {out_dir}\n"
+            f"copy that directory to the device (e.g. /etc/epara/cluster, or build its "
+            f"firmware bundle with --cluster {out_dir}); it holds no authority secret")
+
+
+def revoke(authority_dir: Path, node_id: str) -> str:
+    result = revoke_device(authority_dir, node_id)
+    return (f"revoked {node_id}: revocation list v{result['version']} in {result['path']}\n"
+            "copy it into any running member's credentials directory; members pass it on "
+            "and refuse that device from then on")
 
 
 def fetch_status(credentials_dir: Path, endpoint: str = DEFAULT_ENDPOINT,

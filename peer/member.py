@@ -2,13 +2,18 @@
 
 Wire (all over CurveZMQ, see security.py): every node binds one control ROUTER and keeps
 one DEALER per known peer endpoint. Through the DEALERs it sends, every
-``heartbeat_interval`` seconds, a heartbeat (membership.Heartbeat: election claim plus
-the state record from ``state_provider``) and, when leading, commands. Requests that
-need an answer (``status``, ``caps``) use a short-lived DEALER (``request``).
+``heartbeat_interval`` seconds (stretched in large clusters so that at most
+``max_heartbeats_per_s`` leave a node), a heartbeat (membership.Heartbeat: election
+claim plus the version and digest of its state record) and, when leading, commands.
+The state record (``state_provider``'s map plus the capability headline and known
+peer endpoints) moves only when it changes (statesync.py): as a delta inside the
+heartbeat that announces the new version, or on request (``sget``, answered with an
+``st`` message over the answering node's own link). Requests that need a reply
+(``status``, ``caps``) use a short-lived DEALER (``request``).
 
 Peers are found by mDNS adverts, static seeds (``host:port`` of a control port), the
 sender address inside every heartbeat received (so a seed learns who seeded it), and the
-endpoints of alive members that each heartbeat gossips (so seeds are transitive).
+endpoints of alive members listed in each state record (so seeds are transitive).
 """
 
 from __future__ import annotations
@@ -33,11 +38,11 @@ import zmq
 import zmq.asyncio
 
 from . import capabilities as caps_mod
-from . import election, membership, wire
+from . import election, membership, statesync, wire
 from .discovery import Discovery, PeerAdvert, local_ipv4_addresses
 from .membership import ClusterView, Heartbeat, Member
-from .security import ClusterCredentials, load_cluster_credentials
-from .transport import Transport, control_message, try_send
+from .security import ClusterCredentials, CredentialsError, load_cluster_credentials
+from .transport import Transport, control_message, sender_of, try_send
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,9 @@ ViewCallback = Callable[[ClusterView], None]
 _LEARNED_LINK_TTL = 5.0  # seconds a gossiped/learned endpoint lives without a refresh
 _CAPS_RETRY = 2.0
 _RECENT_COMMANDS = 256
+_STATE_RETRY = 1.0  # seconds before asking a member for its record again
+_MAX_PEERS_GOSSIPED = 256
+_MAX_DRAIN = 256  # queued messages folded at the start of a tick, at most
 
 
 class NotLeader(RuntimeError):
@@ -67,6 +75,10 @@ class MemberConfig:
     device_class: str | None = None
     priority: int | None = None  # override the capability-derived leadership priority
     heartbeat_interval: float = 0.2
+    # Heartbeats a node sends per second at most (to all peers together): beyond
+    # max_heartbeats_per_s * heartbeat_interval peers the interval grows, and so do
+    # the silence bounds below (they count heartbeats, see membership.expire).
+    max_heartbeats_per_s: float = 64.0
     suspect_after: float = 0.75
     remove_after: float = 1.5
     timing: election.Timing = field(default_factory=election.Timing)
@@ -101,16 +113,20 @@ class ClusterMember:
         # Wall-clock microseconds: larger on every restart (unless the clock steps back).
         self.incarnation = time.time_ns() // 1000
         self._seq = 0
+        self._published = statesync.Published()
+        self._state_pending: dict[str, float] = {}  # node id -> when I last asked
+        self.interval = config.heartbeat_interval
+        self.control_bytes_sent = 0  # payload bytes handed to ZeroMQ (benchmarks)
         self._members: dict[str, Member] = {}
         self._election = election.ElectionState()
         self._links: dict[tuple[str, int], _Link] = {}
+        self._shunned: set[tuple[str, int]] = set()  # endpoints of revoked members
         self._handlers: dict[str, CommandHandler] = {}
         self._subscribers: list[ViewCallback] = []
         self._recent_commands: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._caps_pending: dict[tuple[str, int], float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_summary: tuple[Any, ...] | None = None
-        self._own: Heartbeat | None = None  # my latest heartbeat, for my own view entry
         self._view = membership.make_view(self.node_id, (), None, 0)
         self._credentials: ClusterCredentials | None = None
         self._transport: Transport | None = None
@@ -126,6 +142,13 @@ class ClusterMember:
 
     async def start(self) -> None:
         self._credentials = load_cluster_credentials(self._credentials_dir)
+        cert = self._credentials.certificate
+        if cert is not None:  # per-device identity: my node id is my certificate's
+            if self.config.node_id not in (None, cert.node_id):
+                raise CredentialsError(f"node id {self.config.node_id!r} is not the one "
+                                       f"this device's certificate names ({cert.node_id!r})")
+            self.node_id = cert.node_id
+            self._view = membership.make_view(self.node_id, (), None, 0)
         if self.capabilities is None:
             self.capabilities = await asyncio.to_thread(caps_mod.probe, self.config.cache_dir)
         if self.config.device_class is not None:
@@ -135,12 +158,14 @@ class ClusterMember:
         self.priority = (self.config.priority if self.config.priority is not None else
                          election.leadership_priority(caps.headline(), caps.power_source,
                                                       caps.battery_percent))
-        self._transport = Transport(self._credentials)
+        # Our own heartbeats detect dead peers; libzmq's only need to notice a cut TCP
+        # connection eventually, so they run far less often than on the data plane.
+        self._transport = Transport(self._credentials, ping_interval_s=2.0)
         self._transport.start()
         interfaces = self.config.interfaces
         bind_hosts = list(interfaces) if interfaces else ["0.0.0.0"]
-        self._router, self.port = self._transport.bind_router(bind_hosts[0],
-                                                              self.config.control_port)
+        self._router, self.port = self._transport.bind_router(
+            bind_hosts[0], self.config.control_port, control=True)
         for extra in bind_hosts[1:]:
             self._router.bind(f"tcp://{extra}:{self.port}")
         hosts = ([self.config.advertise_host] if self.config.advertise_host else
@@ -202,7 +227,7 @@ class ClusterMember:
         msg = {"kind": kind, "body": body, "term": self._election.term, "from": self.node_id,
                "inc": self.incarnation, "seq": self._seq}
         payload = control_message("cmd", **msg)
-        sent = sum(try_send(link.sock, payload) for link in self._links.values())
+        sent = sum(self._send(link, payload) for link in self._links.values())
         self._deliver(msg)
         return sent
 
@@ -218,9 +243,15 @@ class ClusterMember:
         if not task.cancelled() and task.exception() is not None:
             log.error("task failed", exc_info=task.exception())
 
-    def _ensure_link(self, host: str, port: int, *, source: str, now: float) -> None:
-        if (host, port) == (self.host, self.port):
-            return
+    def _send(self, link: _Link, payload: bytes) -> bool:
+        sent = try_send(link.sock, payload)
+        if sent:
+            self.control_bytes_sent += len(payload)
+        return sent
+
+    def _ensure_link(self, host: str, port: int, *, source: str, now: float) -> _Link | None:
+        if (host, port) == (self.host, self.port) or (host, port) in self._shunned:
+            return None
         link = self._links.get((host, port))
         if link is None:
             assert self._transport is not None
@@ -229,6 +260,7 @@ class ClusterMember:
             log.debug("connecting to %s:%d (%s)", host, port, source)
         link.sources.add(source)
         link.refreshed = now
+        return link
 
     def _on_advert(self, advert: PeerAdvert) -> None:
         self._ensure_link(advert.hosts[0], advert.port, source=f"mdns:{advert.service_name}",
@@ -253,31 +285,54 @@ class ClusterMember:
     async def _receive_loop(self) -> None:
         assert self._router is not None
         while True:
-            frames = await self._router.recv_multipart()
-            if len(frames) != 2:
-                continue
-            ident, payload = frames
-            try:
-                msg = wire.decode(payload)
-            except wire.WireError as exc:
-                log.debug("undecodable control message: %s", exc)
-                continue
-            if msg.get("v") != wire.PROTOCOL_VERSION:
-                log.debug("ignoring message of protocol version %s", msg.get("v"))
-                continue
-            kind = msg.get("type")
-            if kind == "hb":
-                self._on_heartbeat(msg)
-            elif kind == "cmd":
-                self._on_command_message(msg)
-            elif kind == "status":
-                await self._router.send_multipart([ident, control_message(
-                    "status", view=self._status_dict())])
-            elif kind == "caps":
-                assert self.capabilities is not None
-                await self._router.send_multipart([ident, control_message(
-                    "caps", node=self.node_id, inc=self.incarnation,
-                    caps=self.capabilities.to_dict())])
+            batch = [await self._router.recv_multipart(copy=False)]
+            # Drain what else is queued without a trip through the event loop each.
+            while len(batch) < 64 and (frames := _recv_now(self._router)) is not None:
+                batch.append(frames)
+            for frames in batch:
+                await self._on_frames(frames)
+
+    async def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        assert self._router is not None and self._credentials is not None
+        if len(frames) != 2:
+            return
+        # Per-device layout: the node id the connection's certificate proves ("" in the
+        # shared-key layout); None: no valid certificate, the message is dropped.
+        sender = sender_of(self._credentials, frames[1])
+        if sender is None:
+            log.debug("dropping a message from a connection without a valid certificate")
+            return
+        ident, payload = frames[0].bytes, frames[1].bytes
+        try:
+            msg = wire.decode(payload)
+        except wire.WireError as exc:
+            log.debug("undecodable control message: %s", exc)
+            return
+        if msg.get("v") != wire.PROTOCOL_VERSION:
+            log.debug("ignoring message of protocol version %s", msg.get("v"))
+            return
+        kind = msg.get("type")
+        if sender and kind in ("hb", "st", "cmd") and \
+                msg.get("from" if kind == "cmd" else "id") != sender:
+            log.warning("dropping %s claiming to be %r from a connection certified as %r",
+                        kind, msg.get("from" if kind == "cmd" else "id"), sender)
+            return
+        if kind == "hb":
+            self._on_heartbeat(msg)
+        elif kind == "st":
+            self._on_state(msg)
+        elif kind == "sget":
+            self._on_state_request(msg)
+        elif kind == "cmd":
+            self._on_command_message(msg)
+        elif kind == "status":
+            await self._router.send_multipart([ident, control_message(
+                "status", view=self._status_dict())])
+        elif kind == "caps":
+            assert self.capabilities is not None
+            await self._router.send_multipart([ident, control_message(
+                "caps", node=self.node_id, inc=self.incarnation,
+                caps=self.capabilities.to_dict())])
 
     def _on_heartbeat(self, msg: Mapping[str, Any]) -> None:
         try:
@@ -288,18 +343,97 @@ class ClusterMember:
         if hb.node_id == self.node_id:
             return  # a seed list that names this node itself
         now = time.monotonic()
+        old = self._members.get(hb.node_id)
         self._members, news = membership.apply_heartbeat(self._members, hb, now)
         if not news:
             return
         self._ensure_link(hb.host, hb.port, source="learned", now=now)
-        for entry in msg.get("peers") or ():
+        update = msg.get("su")
+        if isinstance(update, Mapping) and not self._members[hb.node_id].state_current:
+            self._fold_state(hb.node_id, hb.incarnation, update, now)
+        # Fold a new member or a changed claim at once: a leader's commands follow its
+        # heartbeat on the same connection and must find it already accepted as leader.
+        # Anything else waits for the next tick (re-electing on every heartbeat costs
+        # O(members) each time, O(members^2) a tick).
+        if old is None or old.status != membership.ALIVE or \
+                (old.incarnation, old.term, old.leader, old.priority, old.eligible) != \
+                (hb.incarnation, hb.term, hb.leader, hb.priority, hb.eligible):
+            self._update(now)
+
+    def _on_state(self, msg: Mapping[str, Any]) -> None:
+        node_id, incarnation, update = msg.get("id"), msg.get("inc"), msg.get("su")
+        if isinstance(node_id, str) and isinstance(incarnation, int) and \
+                isinstance(update, Mapping):
+            self._fold_state(node_id, incarnation, update, time.monotonic())
+
+    def _fold_state(self, node_id: str, incarnation: int, update: Mapping[str, Any],
+                    now: float) -> None:
+        self._members, applied = membership.with_state(self._members, node_id, incarnation,
+                                                       update)
+        if not applied:
+            return
+        self._state_pending.pop(node_id, None)
+        changed = update.get("full") or update.get("set")
+        if not isinstance(changed, Mapping):
+            return
+        trust = self._credentials.trust if self._credentials else None
+        if trust is not None and isinstance(changed.get("_rev"), bytes) and \
+                trust.offer(changed["_rev"]):
+            log.warning("%s: adopted revocation list v%d from %s", self.node_id,
+                        trust.revocations.version, node_id)
+            self._drop_revoked()
+        if "_peers" not in changed:
+            return  # the endpoints it knows are the same as before
+        peers = self._members[node_id].synced
+        for entry in ((peers.record.get("_peers") if peers else None) or ())[
+                :_MAX_PEERS_GOSSIPED]:
             if isinstance(entry, list) and len(entry) == 2:
                 host, port = entry
-                if isinstance(host, str) and isinstance(port, int):
+                if isinstance(host, str) and isinstance(port, int) and 0 < port < 65536:
                     self._ensure_link(host, port, source="learned", now=now)
-        # Fold claims at once: a leader's commands follow its heartbeat on the same
-        # connection and must find it already accepted as leader.
-        self._update(now)
+
+    def _drop_revoked(self) -> None:
+        """Forget members a newly adopted revocation list names, and stop talking to
+        their endpoints (their messages are already refused: see ``sender_of``)."""
+        assert self._credentials is not None and self._credentials.trust is not None
+        revoked = self._credentials.trust.revocations.node_ids
+        for node_id in [n for n in self._members if n in revoked]:
+            member = self._members.pop(node_id)
+            self._shunned.add((member.host, member.port))
+            link = self._links.pop((member.host, member.port), None)
+            if link is not None:
+                link.sock.close(linger=0)
+            log.warning("%s: %s is revoked; removed", self.node_id, node_id)
+        self._update(time.monotonic())
+
+    def _on_state_request(self, msg: Mapping[str, Any]) -> None:
+        """Answer ``sget`` over my own link to the asker's control endpoint."""
+        host, port, have = msg.get("host"), msg.get("port"), msg.get("have")
+        if not (isinstance(host, str) and isinstance(port, int) and 0 < port < 65536):
+            return
+        if have is not None and (isinstance(have, bool) or not isinstance(have, int)):
+            have = None
+        link = self._links.get((host, port))
+        if link is None:
+            return  # its heartbeats will create the link; it asks again
+        self._send(link, control_message("st", id=self.node_id, inc=self.incarnation,
+                                         su=statesync.answer(self._published, have)))
+
+    def _request_states(self, now: float) -> None:
+        """Ask each member whose announced record I do not hold for it (throttled)."""
+        for node_id in membership.stale(self._members):
+            if now - self._state_pending.get(node_id, -_STATE_RETRY) < _STATE_RETRY:
+                continue
+            member = self._members[node_id]
+            link = self._links.get((member.host, member.port))
+            if link is None:
+                continue
+            self._state_pending[node_id] = now
+            have = member.synced.version if member.synced is not None else None
+            self._send(link, control_message("sget", id=self.node_id, host=self.host,
+                                             port=self.port, have=have))
+        for node_id in [n for n in self._state_pending if n not in self._members]:
+            del self._state_pending[node_id]
 
     def _on_command_message(self, msg: Mapping[str, Any]) -> None:
         try:
@@ -334,39 +468,79 @@ class ClusterMember:
 
     # --- the periodic tick: heartbeat out, expire, elect, publish the view ---
 
-    def _own_heartbeat(self) -> Heartbeat:
+    def _own_state(self) -> dict[str, Any]:
         try:
             state = dict(self._state_provider())
         except Exception:
-            log.exception("state provider failed; sending an empty state record")
+            log.exception("state provider failed; publishing an empty state record")
             state = {}
-        assert self.capabilities is not None
+        return state
+
+    def _own_heartbeat(self) -> Heartbeat:
         return Heartbeat(
             node_id=self.node_id, incarnation=self.incarnation, seq=self._seq, host=self.host,
             port=self.port, term=self._election.term, leader=self._election.leader,
-            priority=self.priority, eligible=not self.config.never_lead, state=state,
-            headline=self.capabilities.headline())
+            priority=self.priority, eligible=not self.config.never_lead,
+            state_version=self._published.version, state_digest=self._published.digest,
+            interval=self.interval)
+
+    def _publish(self) -> int:
+        """Fold my current state into my published record; returns the previous version."""
+        assert self.capabilities is not None
+        record = self._own_state()
+        record["_head"] = self.capabilities.headline()
+        trust = self._credentials.trust if self._credentials else None
+        if trust is not None and trust.revocations.version > 0:
+            record["_rev"] = trust.revocations.encode()  # spreads the newest list
+        record["_peers"] = [list(p) for p in sorted(
+            {(m.host, m.port) for m in self._members.values()})]
+        before = self._published.version
+        self._published = statesync.publish(self._published, record)
+        return before
 
     async def _tick_loop(self) -> None:
+        due = time.monotonic()
         while True:
+            # Heartbeats that arrived while this process could not run (CPU starvation,
+            # a long GC) are still queued: fold them before judging anyone silent.
+            for _ in range(_MAX_DRAIN):
+                if self._router is None or (frames := _recv_now(self._router)) is None:
+                    break
+                await self._on_frames(frames)
             now = time.monotonic()
+            if now - due > 2 * self.interval:
+                log.info("%s: tick %.2f s late (this process did not run)", self.node_id,
+                         now - due)
             self._seq += 1
-            hb = self._own_heartbeat()
-            self._own = hb
-            peers = sorted({(m.host, m.port) for m in self._members.values()})
-            payload = control_message("hb", **hb.to_wire(), peers=[list(p) for p in peers])
+            self.interval = membership.heartbeat_interval(
+                self.config.heartbeat_interval, len(self._links),
+                self.config.max_heartbeats_per_s)
+            trust = self._credentials.trust if self._credentials else None
+            if trust is not None and trust.reload():  # an operator dropped a new list in
+                log.warning("%s: adopted revocation list v%d from %s", self.node_id,
+                            trust.revocations.version, self._credentials_dir)
+                self._drop_revoked()
+            before = self._publish()
+            fields = self._own_heartbeat().to_wire()
+            if self._published.version != before:
+                # Push the change with the heartbeat that announces it.
+                fields["su"] = statesync.answer(self._published, before)
+            payload = control_message("hb", **fields)
             for link in self._links.values():
-                try_send(link.sock, payload)
+                self._send(link, payload)
             self._members, removed = membership.expire(
-                self._members, now, self.config.suspect_after, self.config.remove_after)
+                self._members, now, self.config.suspect_after, self.config.remove_after,
+                self.config.heartbeat_interval)
             for node_id in removed:
                 log.info("%s: removed silent member %s", self.node_id, node_id)
-            self._update(now, hb)
+            self._update(now)
             self._prune_links(now)
+            self._request_states(now)
             self._fetch_capabilities(now)
-            await asyncio.sleep(self.config.heartbeat_interval)
+            due = time.monotonic() + self.interval
+            await asyncio.sleep(self.interval)
 
-    def _update(self, now: float, own: Heartbeat | None = None) -> None:
+    def _update(self, now: float) -> None:
         candidates = [election.Candidate(m.node_id, m.term, m.leader, m.priority, m.eligible)
                       for m in self._members.values()]
         candidates.append(election.Candidate(self.node_id, self._election.term,
@@ -378,14 +552,19 @@ class ClusterMember:
         if (self._election.leader, self._election.term) != before:
             log.info("%s: leader %s term %d", self.node_id, self._election.leader,
                      self._election.term)
-        own = own or self._own or self._own_heartbeat()
+        record = dict(self._published.record)
+        head = record.pop("_head", {})
+        record.pop("_peers", None)
+        record.pop("_rev", None)
         me = Member(node_id=self.node_id, host=self.host, port=self.port,
-                    incarnation=self.incarnation, seq=own.seq, term=self._election.term,
+                    incarnation=self.incarnation, seq=self._seq, term=self._election.term,
                     leader=self._election.leader, priority=self.priority,
-                    eligible=not self.config.never_lead, state=own.state,
-                    headline=own.headline, first_seen=self._election.started_at,
+                    eligible=not self.config.never_lead, state=record,
+                    headline=head, first_seen=self._election.started_at,
                     last_seen=now,
-                    capabilities=self.capabilities.to_dict() if self.capabilities else None)
+                    capabilities=self.capabilities.to_dict() if self.capabilities else None,
+                    state_version=self._published.version,
+                    state_digest=self._published.digest, interval=self.interval)
         self._view = membership.make_view(self.node_id, [*self._members.values(), me],
                                           self._election.leader, self._election.term)
         summary = self._view.summary()
@@ -403,6 +582,8 @@ class ClusterMember:
         data["commands"] = list(self.commands_received)
         data["pid"] = os.getpid()
         data["endpoint"] = f"{self.host}:{self.port}"
+        data["control_tx_bytes"] = self.control_bytes_sent
+        data["heartbeat_interval_s"] = self.interval
         return data
 
     def write_status(self) -> None:
@@ -438,6 +619,18 @@ class ClusterMember:
         if reply.get("node") == member.node_id and isinstance(reply.get("caps"), dict):
             self._members = membership.with_capabilities(
                 self._members, member.node_id, int(reply.get("inc", -1)), reply["caps"])
+
+
+def _recv_now(sock: zmq.asyncio.Socket) -> list[zmq.Frame] | None:
+    """One queued multipart message, or None, without waiting (the synchronous base
+    class methods: the asyncio socket's own return futures)."""
+    try:
+        frames = [zmq.Socket.recv(sock, zmq.NOBLOCK, copy=False)]
+    except zmq.Again:
+        return None
+    while sock.getsockopt(zmq.RCVMORE):
+        frames.append(zmq.Socket.recv(sock, zmq.NOBLOCK, copy=False))
+    return frames
 
 
 async def request(transport: Transport, host: str, port: int, msg_type: str, /, *,
@@ -491,6 +684,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--command-every", type=float, default=0.0,
                         help="while leader, broadcast a 'ping' command this often (tests)")
     parser.add_argument("--remove-after", type=float, default=1.5)
+    parser.add_argument("--max-heartbeats-per-s", type=float,
+                        default=MemberConfig.max_heartbeats_per_s)
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
@@ -502,10 +697,11 @@ async def _run(args: argparse.Namespace) -> None:
         control_port=args.port, seeds=tuple(args.peer), mdns=not args.no_mdns,
         never_lead=args.never_lead, priority=args.priority,
         suspect_after=args.remove_after / 2, remove_after=args.remove_after,
+        max_heartbeats_per_s=args.max_heartbeats_per_s,
         cache_dir=args.cache_dir, status_file=args.status_file)
     started = time.monotonic()
     member = ClusterMember(config, args.credentials, lambda: {
-        "uptime_s": round(time.monotonic() - started, 1),
+        "uptime_s": round(time.monotonic() - started),
         "mem_free_mb": caps_mod.meminfo()[1]})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,5 +1,11 @@
 """ZeroMQ sockets for node-to-node traffic, all CurveZMQ-encrypted and authenticated.
 
+ZAP policy (security.py): in the shared-key layout only the cluster key is admitted. In
+the per-device layout the control ROUTER (``bind_router(control=True)``) admits any key
+not revoked and its owner checks each message's certificate (``sender_of``); every other
+ROUTER admits only keys the control plane has certified. Dealers present the device's
+own key and its certificate as ZMTP metadata.
+
 One ``Transport`` per member: it owns a private ``zmq.asyncio.Context`` because the ZAP
 authenticator is per context, and two members in one process (tests, the simulator)
 must not share one. Control messages are CBOR maps (``epara.peer.wire``) in one frame.
@@ -15,14 +21,21 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from . import wire
-from .security import ClusterCredentials, ClusterKeyOnly
+from .security import (
+    CERT_METADATA,
+    CONTROL_DOMAIN,
+    CertifiedMembers,
+    ClusterCredentials,
+    ClusterKeyOnly,
+    NotRevoked,
+)
 
 log = logging.getLogger(__name__)
 
 # A dead peer is noticed by libzmq's own heartbeats too, so a cut link drops the TCP
 # connection (and reconnects on heal) instead of sitting on a half-open socket.
 _ZMQ_HEARTBEAT_IVL_MS = 500
-_ZMQ_HEARTBEAT_TIMEOUT_MS = 1500
+_ZMQ_HEARTBEAT_TIMEOUTS = 3
 _RECONNECT_IVL_MS = 100
 _RECONNECT_IVL_MAX_MS = 1000
 # Heartbeats are only useful fresh: queue few, drop the rest rather than deliver stale.
@@ -37,8 +50,12 @@ def control_message(msg_type: str, /, **fields: Any) -> bytes:
 class Transport:
     """Creates CURVE server (bind) and client (connect) sockets for one member."""
 
-    def __init__(self, credentials: ClusterCredentials) -> None:
+    def __init__(self, credentials: ClusterCredentials, *,
+                 ping_interval_s: float = _ZMQ_HEARTBEAT_IVL_MS / 1000) -> None:
+        """``ping_interval_s``: libzmq's own keepalive on every connection (the dead
+        connection is dropped after three silent intervals, and redialled)."""
         self._credentials = credentials
+        self._ping_ms = max(1, round(ping_interval_s * 1000))
         self.context = zmq.asyncio.Context()
         self._auth: AsyncioAuthenticator | None = None
 
@@ -49,8 +66,19 @@ class Transport:
         zap_log.setLevel(logging.WARNING)
         self._auth = AsyncioAuthenticator(self.context, log=zap_log)
         self._auth.start()
-        self._auth.configure_curve_callback("*", credentials_provider=ClusterKeyOnly(
-            self._credentials))
+        trust = self._credentials.trust
+        if trust is None:  # shared-key layout: the cluster key is the only identity
+            self._auth.configure_curve_callback("*", credentials_provider=ClusterKeyOnly(
+                self._credentials))
+            self._auth.configure_curve_callback(CONTROL_DOMAIN, credentials_provider=
+                                                ClusterKeyOnly(self._credentials))
+            return
+        assert self._credentials.node_public is not None and \
+            self._credentials.certificate is not None
+        trust.member_keys[self._credentials.node_public] = self._credentials.certificate.node_id
+        self._auth.configure_curve_callback(CONTROL_DOMAIN,
+                                            credentials_provider=NotRevoked(trust))
+        self._auth.configure_curve_callback("*", credentials_provider=CertifiedMembers(trust))
 
     def close(self) -> None:
         if self._auth is not None:
@@ -60,16 +88,21 @@ class Transport:
 
     def _common(self, sock: zmq.asyncio.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, _ZMQ_HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ZMQ_HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, self._ping_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self._ping_ms * _ZMQ_HEARTBEAT_TIMEOUTS)
         sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)
         sock.setsockopt(zmq.SNDHWM, _SNDHWM)
 
-    def bind_router(self, host: str, port: int) -> tuple[zmq.asyncio.Socket, int]:
-        """Bind the control ROUTER as CURVE server; ``port=0`` picks a free port."""
+    def bind_router(self, host: str, port: int, *,
+                    control: bool = False) -> tuple[zmq.asyncio.Socket, int]:
+        """Bind a ROUTER as CURVE server; ``port=0`` picks a free port. ``control``: the
+        membership ROUTER, which checks each message's certificate itself (others admit
+        only already-certified members' keys)."""
         sock = self.context.socket(zmq.ROUTER)
         self._common(sock)
+        if control:
+            sock.setsockopt(zmq.ZAP_DOMAIN, CONTROL_DOMAIN.encode())
         sock.curve_server = True
         sock.curve_secretkey = self._credentials.secret_key
         # Unroutable replies (the asker went away) are dropped, not raised.
@@ -88,11 +121,32 @@ class Transport:
         # Queue only on completed (authenticated) connections: a send to a dead or
         # unreachable peer fails at once instead of piling up stale heartbeats.
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.curve_serverkey = self._credentials.public_key
-        sock.curve_publickey = self._credentials.public_key
-        sock.curve_secretkey = self._credentials.secret_key
+        creds = self._credentials
+        sock.curve_serverkey = creds.public_key
+        if creds.node_secret is not None and creds.certificate is not None:
+            # My own key, and the certificate that binds my node id to it.
+            sock.curve_publickey = creds.node_public
+            sock.curve_secretkey = creds.node_secret
+            sock.setsockopt(zmq.METADATA, f"{CERT_METADATA}:{creds.certificate.encode()}"
+                            .encode())
+        else:
+            sock.curve_publickey = creds.public_key
+            sock.curve_secretkey = creds.secret_key
         sock.connect(f"tcp://{_host_for_uri(host)}:{port}")
         return sock
+
+
+def sender_of(credentials: ClusterCredentials, frame: zmq.Frame) -> str | None:
+    """The proven node id behind a received frame (per-device layout); ``""`` in the
+    shared-key layout, where the cluster key proves membership only; None when the
+    connection has no valid, unrevoked certificate for its key."""
+    if credentials.trust is None:
+        return ""
+    try:
+        key, cert = frame.get("User-Id"), frame.get(CERT_METADATA)
+    except (zmq.ZMQError, UnicodeDecodeError):
+        return None
+    return credentials.trust.node_for(key.encode() if key else None, cert)
 
 
 def _host_for_uri(host: str) -> str:

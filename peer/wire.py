@@ -7,13 +7,19 @@ order. Any CBOR library can read such a message; no side channel is needed.
 
 A frame on a stream socket is a 4-byte big-endian unsigned length followed by that many
 bytes of one CBOR message. See docs/local-api.md for the full protocol.
+
+On the local socket a tensor's elements may instead live in shared memory the client
+attached: the typed-array tag then wraps a reference, tag ``TAG_SHARED``
+``[slot, offset, length]``, in place of the byte string (``decode(resolve=...)`` maps it
+to the bytes; ``encode(place=...)`` writes such references).
 """
 
 from __future__ import annotations
 
 import io
+import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import cbor2
@@ -23,8 +29,14 @@ PROTOCOL_VERSION = 1
 FRAME_HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 MAX_NESTING = 32
+# Data items (every head: map keys, values, array elements, tags) one message may hold.
+# A legal 8 MB frame of one-byte items would otherwise decode into millions of Python
+# objects, holding the event loop for a second and growing memory by hundreds of MB;
+# counting heads costs time in proportion to the limit, not to the frame's size.
+DEFAULT_MAX_ITEMS = 16384
 
 TAG_NDARRAY = 40  # RFC 8746: multi-dimensional array, row-major order
+TAG_SHARED = 0x65706172  # "epar": [slot, offset, length] in a client's shared memory
 
 # RFC 8746 typed-array tags we send (little-endian) and accept (both byte orders).
 _SEND_TAGS: dict[str, int] = {
@@ -69,9 +81,10 @@ SUPPORTED_DTYPES = tuple(_SEND_TAGS)
 class WireError(ValueError):
     """A message or frame that cannot be decoded. ``code`` is the protocol error code."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, too_many_items: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.too_many_items = too_many_items
 
 
 def _tensor_tag(array: np.ndarray) -> cbor2.CBORTag:
@@ -98,26 +111,145 @@ def _encode_default(encoder: cbor2.CBOREncoder, value: Any) -> None:
         raise cbor2.CBOREncodeTypeError(f"cannot encode {type(value).__name__}")
 
 
-def encode(message: Mapping[str, Any]) -> bytes:
+# Given an array about to be encoded, return what to encode instead (a TAG_SHARED
+# reference once its elements are copied into shared memory), or None to send it inline.
+Place = Callable[[np.ndarray], "cbor2.CBORTag | None"]
+# Given a TAG_SHARED reference's value, return its bytes (a uint8 array) or raise WireError.
+Resolve = Callable[[Any], np.ndarray]
+
+
+def shared_tensor(array: np.ndarray, reference: list[int]) -> cbor2.CBORTag:
+    """tag 40 around [shape, typed-array tag around a TAG_SHARED reference]."""
+    name = "uint8" if array.dtype == np.bool_ else array.dtype.name
+    tag = _SEND_TAGS.get(name)
+    if tag is None:
+        raise WireError("bad_input", f"dtype {array.dtype} cannot be sent")
+    return cbor2.CBORTag(TAG_NDARRAY, [list(array.shape),
+                                       cbor2.CBORTag(tag, cbor2.CBORTag(TAG_SHARED, reference))])
+
+
+def encode(message: Mapping[str, Any], place: Place | None = None) -> bytes:
     """Encode a message (a map that may hold numpy arrays) as CBOR."""
+    default = _encode_default
+    if place is not None:
+        def default(encoder: cbor2.CBOREncoder, value: Any) -> None:
+            if isinstance(value, np.ndarray):
+                reference = place(value)
+                if reference is not None:
+                    encoder.encode(reference)
+                    return
+            _encode_default(encoder, value)
     try:
-        return cbor2.dumps(message, default=_encode_default)
+        return cbor2.dumps(message, default=default)
     except cbor2.CBOREncodeError as exc:
         raise WireError("bad_input", str(exc)) from exc
 
 
-def _decode_tag(tag: cbor2.CBORTag, _immutable: bool) -> Any:
-    if tag.tag in _RECV_DTYPES:
-        if not isinstance(tag.value, bytes):
-            raise WireError("bad_frame", f"typed array tag {tag.tag} must hold a byte string")
-        dtype = _RECV_DTYPES[tag.tag]
-        if len(tag.value) % dtype.itemsize:
-            raise WireError("bad_frame", f"typed array of {len(tag.value)} bytes is not a "
-                            f"whole number of {dtype.itemsize}-byte elements")
-        return np.frombuffer(tag.value, dtype=dtype)
-    if tag.tag == TAG_NDARRAY:
-        return _ndarray(tag.value)
-    raise WireError("bad_frame", f"unsupported CBOR tag {tag.tag}")
+class _SharedBytes:
+    """A resolved TAG_SHARED reference, waiting for its typed-array tag."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data
+
+
+def _tag_hook(resolve: Resolve | None) -> Callable[[cbor2.CBORTag, bool], Any]:
+    def hook(tag: cbor2.CBORTag, _immutable: bool) -> Any:
+        if tag.tag in _RECV_DTYPES:
+            dtype = _RECV_DTYPES[tag.tag]
+            value = tag.value
+            if isinstance(value, _SharedBytes):
+                if value.data.size % dtype.itemsize:
+                    raise WireError("bad_frame", f"shared typed array of {value.data.size} "
+                                    f"bytes is not a whole number of {dtype.itemsize}-byte "
+                                    "elements")
+                return value.data.view(dtype)  # no copy: the client's shared memory
+            if not isinstance(value, bytes):
+                raise WireError("bad_frame", f"typed array tag {tag.tag} must hold a byte "
+                                "string")
+            if len(value) % dtype.itemsize:
+                raise WireError("bad_frame", f"typed array of {len(value)} bytes is not a "
+                                f"whole number of {dtype.itemsize}-byte elements")
+            return np.frombuffer(value, dtype=dtype)
+        if tag.tag == TAG_NDARRAY:
+            return _ndarray(tag.value)
+        if tag.tag == TAG_SHARED:
+            if resolve is None:
+                raise WireError("bad_frame", "a shared-memory reference needs an attached "
+                                "region (only on the local socket, after shm_attach)")
+            return _SharedBytes(resolve(tag.value))
+        raise WireError("bad_frame", f"unsupported CBOR tag {tag.tag}")
+    return hook
+
+
+_PLAIN_TAG_HOOK = _tag_hook(None)
+
+
+_ONE_BYTE_CLASS = rb"\x00-\x17\x20-\x37\x40\x60\x80-\x97\xa0-\xb7\xe0-\xf7"
+_ONE_BYTE_RUN = re.compile(b"[" + _ONE_BYTE_CLASS + b"]+")
+_ONE_BYTE_HEAD = [bool(re.fullmatch(b"[" + _ONE_BYTE_CLASS + b"]", bytes([b])))
+                  for b in range(256)]
+
+# Integers, negative integers and floats whose argument follows the head (1, 2, 4, 8 bytes).
+_SCALAR_STRIDE = [1 + (1 << ((b & 31) - 24)) if b >> 5 in (0, 1, 7) and 24 <= b & 31 <= 27
+                  else 0 for b in range(256)]
+_SCALAR_RUNS = {b: re.compile(b"(?:" + re.escape(bytes([b])) + b".{%d})+" % (stride - 1),
+                              re.DOTALL)
+                for b, stride in enumerate(_SCALAR_STRIDE) if stride}
+
+
+def count_items(payload: bytes | bytearray | memoryview, limit: int) -> int:
+    """The number of CBOR data-item heads in ``payload``, counting at most ``limit + 1``.
+
+    Walks heads in order (containers need no stack: their items simply follow), skipping
+    string contents by their length, so its cost is the count, whatever the size."""
+    data = payload
+    end = len(data)
+    pos = 0
+    items = 0
+    while pos < end:
+        head = data[pos]
+        if _ONE_BYTE_HEAD[head]:
+            # A run of one-byte items (small integers, empty or short containers' heads,
+            # simple values) is counted by the regex engine, not item by item: a frame of
+            # millions of them costs milliseconds.
+            run = _ONE_BYTE_RUN.match(data, pos, min(end, pos + limit + 1 - items))
+            assert run is not None
+            items += run.end() - pos
+            pos = run.end()
+            if items > limit:
+                return limit + 1
+            continue
+        stride = _SCALAR_STRIDE[head]
+        if stride and pos + stride < end and data[pos + stride] == head:
+            # Likewise a run of one multi-byte scalar kind (say 24, 24, 24, ...).
+            run = _SCALAR_RUNS[head].match(data, pos, min(end, pos + stride * (limit + 1 - items)))
+            if run is not None and run.end() - pos > stride:
+                items += (run.end() - pos) // stride
+                pos = run.end()
+                if items > limit:
+                    return limit + 1
+                continue
+        items += 1
+        if items > limit:
+            break
+        info = head & 31
+        pos += 1
+        if info < 24:
+            argument = info
+        elif info == 24:
+            argument = data[pos] if pos < end else 0
+            pos += 1
+        elif info < 28:
+            width = 1 << (info - 24)
+            argument = int.from_bytes(data[pos:pos + width], "big")
+            pos += width
+        else:
+            argument = 0
+        if (head >> 5) in (2, 3) and info != 31:
+            pos += argument
+    return items
 
 
 def _ndarray(value: Any) -> np.ndarray:
@@ -141,12 +273,20 @@ def _ndarray(value: Any) -> np.ndarray:
     return elements.reshape(shape)
 
 
-def decode(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """Decode one CBOR message; raise WireError with a protocol code on any fault."""
+def decode(payload: bytes | bytearray | memoryview, max_items: int = DEFAULT_MAX_ITEMS,
+           resolve: Resolve | None = None) -> dict[str, Any]:
+    """Decode one CBOR message; raise WireError with a protocol code on any fault.
+
+    ``max_items`` bounds the data items (checked before any object is built);
+    ``resolve`` maps shared-memory references (the local socket's attached regions)."""
+    if count_items(payload, max_items) > max_items:
+        raise WireError("bad_frame", f"the message holds more than {max_items} CBOR data "
+                        "items", too_many_items=True)
     stream = io.BytesIO(payload)
+    hook = _PLAIN_TAG_HOOK if resolve is None else _tag_hook(resolve)
     try:
         # read_size=1 keeps the stream position exact, so trailing bytes are detected.
-        decoder = cbor2.CBORDecoder(stream, tag_hook=_decode_tag, max_depth=MAX_NESTING,
+        decoder = cbor2.CBORDecoder(stream, tag_hook=hook, max_depth=MAX_NESTING,
                                     read_size=1)
         message = decoder.decode()
     except WireError:
@@ -168,12 +308,18 @@ def decode(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
 def peek_id(payload: bytes | bytearray | memoryview) -> Any:
     """The request id of a message that failed to decode fully, if it can be read at all,
     so the error reply reaches the right in-flight request."""
+    if count_items(payload, DEFAULT_MAX_ITEMS) > DEFAULT_MAX_ITEMS:
+        return None  # decoding it at all is what the limit prevents
     try:
-        message = cbor2.loads(payload, max_depth=MAX_NESTING)
+        message = cbor2.loads(payload, max_depth=MAX_NESTING, tag_hook=_peek_tag)
     except Exception:  # the payload is already known to be bad; any failure means no id
         return None
     request_id = message.get("id") if isinstance(message, Mapping) else None
     return request_id if valid_id(request_id) else None
+
+
+def _peek_tag(tag: cbor2.CBORTag, _immutable: bool) -> Any:
+    return None  # tensors and references do not matter to the id
 
 
 def valid_id(value: Any) -> bool:

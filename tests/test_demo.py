@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -154,8 +155,10 @@ def _run_hint(command: str, *extra: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60)
 
 
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=30) as response:
+def _get(url: str, token: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                timeout=30) as response:
         assert response.status == 200
         return response.read().decode()
 
@@ -165,8 +168,16 @@ def check_staying_cluster(output: str, bed: bool, openai: Any) -> None:
                        output, re.M)
     assert [n[0] for n in nodes] == ["epara-n0", "epara-n1", "epara-n2"], output
     assert all(("forwarded by the demo" in n[3]) == bed for n in nodes), output
+    # Off loopback (namespace hosts) HTTP needs the bearer token the demo prints.
+    printed = re.search(r"HTTP token \(.*\): (\S+)$", output, re.M)
+    assert (printed is not None) == bed, output
+    token = printed.group(1) if printed else None
     for _, _, url, _ in nodes:  # HTTP on every node
-        assert "smollm2-135m" in _get(url + "/v1/models")
+        assert "smollm2-135m" in _get(url + "/v1/models", token)
+    if bed:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _get(nodes[0][2] + "/v1/models")
+        assert refused.value.code == 401
 
     status = _run_hint(_hint(output, " status --socket "), "--json")
     assert status.returncode == 0, status.stderr
@@ -189,16 +200,16 @@ def check_staying_cluster(output: str, bed: bool, openai: Any) -> None:
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert "3 of this cluster" in doctor.stdout, doctor.stdout
 
-    url = re.search(r"curl -s (http://127\.0\.0\.1:\d+)/v1/models", output)
+    url = re.search(r"curl -s (?:-H '[^']*' )?(http://127\.0\.0\.1:\d+)/v1/models", output)
     assert url is not None, output
     base = url.group(1)
-    metrics = _get(base + "/metrics")
+    metrics = _get(base + "/metrics", token)
     assert "epara_request_latency_seconds" in metrics and "\nepara_" in metrics
     assert "<html" in _get(base + "/")
-    assert _get(base + "/api/status")
-    assert f"dashboard: {base}/" in output
+    assert _get(base + "/api/status", token)
+    assert f"dashboard: {base}/" + (f"#token={token}" if token else "") in output
 
-    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0,
+    client = openai.OpenAI(base_url=base + "/v1", api_key=token or "unused", max_retries=0,
                            timeout=60)
     assert "smollm2-135m" in [m.id for m in client.models.list()]
     answer = client.chat.completions.create(

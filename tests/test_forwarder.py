@@ -41,10 +41,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelService]:
 class Pair:
     """An origin and a serving peer, each a data plane with a Forwarder."""
 
-    def __init__(self, origin: Forwarder, peer: Forwarder, peer_plane: DataPlane) -> None:
+    def __init__(self, origin: Forwarder, peer: Forwarder, peer_plane: DataPlane,
+                 seen: list[dict[str, Any]]) -> None:
         self.origin = origin
         self.peer = peer
         self.peer_plane = peer_plane
+        self.seen = seen
 
     async def call(self, message: dict[str, Any], deadline_s: float | None = None,
                    ) -> list[dict[str, Any]]:
@@ -61,12 +63,14 @@ class Pair:
 @contextlib.asynccontextmanager
 async def pair(cluster_dir: Path, services: dict[str, ModelService], **limits: Any,
                ) -> AsyncIterator[Pair]:
+    seen: list[dict[str, Any]] = []  # what the peer was asked to serve
     peer_limits = limits.pop("peer", {})
     origin_plane = DataPlane(cluster_dir, "127.0.0.1")
     peer_plane = DataPlane(cluster_dir, "127.0.0.1", **peer_limits.pop("plane", {}))
     api = LocalApi(services, lambda: [], lambda: {})
 
     async def serve(message: dict[str, Any], reply: Callable[..., Any]) -> None:
+        seen.append(message)
         await api._handle(Request(message), reply, {})
 
     async def nothing(message: dict[str, Any], reply: Callable[..., Any]) -> None:
@@ -79,7 +83,7 @@ async def pair(cluster_dir: Path, services: dict[str, ModelService], **limits: A
     endpoints = {"peer": peer_plane.endpoint, "nobody": ("127.0.0.1", 9)}
     origin = Forwarder(origin_plane, "origin", nothing, endpoints.__getitem__, **limits)
     try:
-        yield Pair(origin, peer, peer_plane)
+        yield Pair(origin, peer, peer_plane, seen)
     finally:
         await origin_plane.stop()
         await peer_plane.stop()
@@ -99,6 +103,19 @@ def test_a_forwarded_request_and_its_reply_keep_their_tensors(
     x, answer = asyncio.run(run())
     assert answer["ok"] and answer["id"] == 7 and answer["served_by"] == "peer"
     np.testing.assert_array_equal(answer["outputs"]["y"], x + 1)
+
+
+def test_the_peer_gets_the_remaining_budget_as_its_deadline(
+        cluster_dir: Path, models: dict[str, ModelService]) -> None:
+    async def run() -> dict[str, Any]:
+        async with pair(cluster_dir, models) as p:
+            # The client asked for 60 s when the request arrived; 2 s are left now.
+            await p.call(_infer("add", np.ones((1, 4), np.float32), deadline_ms=60000),
+                         deadline_s=2.0)
+            return p.seen[-1]
+
+    served = asyncio.run(run())
+    assert 0 < served["deadline_ms"] <= 2000 and served["forwarded"] is True
 
 
 def test_a_peer_that_stops_answering_fails_the_request_at_its_deadline(
@@ -211,3 +228,92 @@ def test_work_nobody_waits_for_is_cancelled_on_the_peer(
 
     counts = asyncio.run(run())
     assert counts["served"] == 3  # the abandoned request never ran to completion
+
+
+# --- the frame form itself ---------------------------------------------------------------
+
+
+def test_pack_message_moves_every_tensor_and_byte_string_out_of_the_header() -> None:
+    from epara.peer import wire
+
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    message = {"id": 1, "op": "segment", "image": b"\x89PNG" * 1000,
+               "inputs": {"x": x, "mask": np.array([True, False])}, "n": [1, 2]}
+    frames = wire.pack_message({"kind": "api", "req": "r"}, message)
+    assert len(frames) == 4 and len(frames[0]) < 400  # the header holds no tensor bytes
+    header, back = wire.unpack_message([bytes(f) for f in frames])
+    assert header == {"kind": "api", "req": "r"}
+    np.testing.assert_array_equal(back["inputs"]["x"], x)
+    np.testing.assert_array_equal(back["inputs"]["mask"], [1, 0])
+    assert back["image"] == message["image"] and back["n"] == [1, 2]
+    # The sender's frame is the array's own memory: no copy on the way out.
+    assert any(np.shares_memory(np.frombuffer(f, np.uint8), x) for f in frames[1:])
+
+
+@pytest.mark.parametrize("places", [
+    [{"path": []}], [{"path": ["nowhere", "x"]}], [{"path": [True]}], ["x"], {"a": 1},
+])
+def test_unpack_message_refuses_bad_places(places: Any) -> None:
+    from epara.peer import wire
+
+    frames = wire.pack({"kind": "api", "msg": {"id": 1}, "places": places},
+                       {"0": np.ones(2, np.float32)})
+    with pytest.raises(wire.WireError):
+        wire.unpack_message([bytes(f) for f in frames])
+
+
+# --- two real node processes: forwarding, then a peer that stops answering ---------------
+
+
+def test_a_node_forwards_to_its_peer_and_a_frozen_peer_costs_only_the_deadline(
+        tmp_path: Path, cluster_dir: Path) -> None:
+    """Node b has no model; node a serves `add`. A request to b is forwarded to a and
+    relayed back. Then a is frozen (SIGSTOP: its sockets stay open, it answers nothing):
+    a request to b with a 1.5 s deadline ends with a clear error by about then, not after
+    the old fixed 120 s forwarding timeout."""
+    import os
+    import signal
+
+    from epara.node.client import Client, EparaError
+
+    from .helpers import start_node, stop_node, wait_for_socket, wait_until
+
+    make_add_model(tmp_path / "store-a", "add", batch=None)
+    (tmp_path / "store-b").mkdir()
+    socks = {name: tmp_path / name / "node.sock" for name in ("a", "b")}
+    processes = {name: start_node(tmp_path / f"store-{name}", socks[name], "--cluster",
+                                  str(cluster_dir), "--node-id", name, "--interface",
+                                  "127.0.0.1", "--port", "0") for name in socks}
+    x = np.ones((1, 4), np.float32)
+    try:
+        for name, process in processes.items():
+            wait_for_socket(socks[name], process)
+
+        def forwarded() -> bool:
+            try:
+                with Client(socks["b"], timeout=10) as client:
+                    answer = client._call({"op": "infer", "model": "add", "inputs": {"x": x},
+                                           "deadline_ms": 5000})
+            except EparaError:
+                return False  # not placed or not ready yet
+            np.testing.assert_array_equal(answer["outputs"]["y"], x + 1)
+            return answer.get("served_by") == "a"
+
+        wait_until(forwarded, 60, "b to forward `add` to a")
+        os.kill(processes["a"].pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with Client(socks["b"], timeout=60) as client, pytest.raises(EparaError) as info:
+                client._call({"op": "infer", "model": "add", "inputs": {"x": x},
+                              "deadline_ms": 1500})
+            elapsed = time.monotonic() - started
+        finally:
+            os.kill(processes["a"].pid, signal.SIGCONT)
+        # Either the wait ran into the deadline, or membership had already marked the
+        # frozen peer dead and b knows no other node with the model: both end quickly.
+        assert info.value.code in ("deadline_exceeded", "unavailable", "unknown_model"), \
+            info.value
+        assert elapsed < 30  # bounded by the deadline (1.5 s), not by a fixed 120 s
+    finally:
+        for process in processes.values():
+            stop_node(process)

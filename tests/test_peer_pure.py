@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from epara.peer import election, membership
+from epara.peer import election, membership, statesync
 from epara.peer.capabilities import Accelerator, classify_device
 from epara.peer.discovery import MAX_TXT_BYTES, parse_advert, txt_properties
 from epara.peer.election import Candidate, ElectionState, Timing, accept_command, decide
@@ -27,7 +28,12 @@ from epara.peer.wire import PROTOCOL_VERSION
 def hb(node: str, inc: int = 1, seq: int = 1, term: int = 0, leader: str | None = None,
        prio: int = 100, eligible: bool = True, state: dict | None = None) -> Heartbeat:
     return Heartbeat(node, inc, seq, "127.0.0.1", 5000, term, leader, prio, eligible,
-                     state or {})
+                     state_version=1 if state else 0,
+                     state_digest=statesync.digest(state or {}))
+
+
+def full_update(state: dict, version: int = 1) -> dict:
+    return {"sv": version, "sd": statesync.digest(state), "full": state}
 
 
 # --- membership folding ---
@@ -37,11 +43,15 @@ def test_heartbeat_wire_roundtrip() -> None:
     assert Heartbeat.from_wire(beat.to_wire()) == beat
     with pytest.raises(ValueError):
         Heartbeat.from_wire({"id": "a"})
+    for bad in ({"sd": b"short"}, {"sv": -1}, {"ivl": 0}):
+        with pytest.raises(ValueError):
+            Heartbeat.from_wire({**beat.to_wire(), **bad})
 
 
 def test_apply_heartbeat_orders_by_incarnation_then_seq() -> None:
     table, news = apply_heartbeat({}, hb("a", inc=5, seq=1, state={"x": 1}), now=1.0)
-    assert news and table["a"].state == {"x": 1}
+    table, applied = membership.with_state(table, "a", 5, full_update({"x": 1}))
+    assert news and applied and table["a"].state == {"x": 1} and table["a"].state_current
     table, news = apply_heartbeat(table, hb("a", inc=5, seq=1, state={"x": 2}), now=2.0)
     assert not news and table["a"].state == {"x": 1}  # duplicate
     table, news = apply_heartbeat(table, hb("a", inc=4, seq=99), now=2.0)
@@ -66,6 +76,19 @@ def test_expire_suspects_then_removes() -> None:
     assert removed == [] and t1["a"].status == "suspect" and t1["b"].status == "alive"
     t2, removed = expire(t1, now=1.6, suspect_after=0.75, remove_after=1.5)
     assert removed == ["a"] and set(t2) == {"b"}
+    # A member that announces a 4x longer interval (a large cluster) gets 4x the bounds.
+    slow, _ = apply_heartbeat({}, replace(hb("s"), interval=0.8), now=0.0)
+    t3, removed = expire(slow, now=2.0, suspect_after=0.75, remove_after=1.5,
+                         base_interval=0.2)
+    assert removed == [] and t3["s"].status == "alive"
+    assert expire(slow, now=6.1, suspect_after=0.75, remove_after=1.5,
+                  base_interval=0.2)[1] == ["s"]
+
+
+def test_heartbeat_interval_stretches_with_cluster_size() -> None:
+    assert membership.heartbeat_interval(0.2, 4, 64.0) == 0.2
+    assert membership.heartbeat_interval(0.2, 31, 64.0) == pytest.approx(31 / 64)
+    assert membership.heartbeat_interval(0.2, 999, 0.0) == 0.2
 
 
 @given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(1, 3), st.integers(1, 20)),

@@ -138,3 +138,28 @@ def test_peek_id_recovers_the_id_of_a_message_with_a_bad_tensor() -> None:
     assert wire.peek_id(bad) == "r7"
     assert wire.peek_id(b"\xff") is None
     assert wire.peek_id(cbor2.dumps({"id": 1.5})) is None
+
+
+def test_item_count_is_limited_before_decoding() -> None:
+    payload = cbor2.dumps({"a": [0] * 100, "b": b"x" * 1000, "c": "text"})
+    assert wire.count_items(payload, 10_000) == 1 + (1 + 1 + 100) + (1 + 1) + (1 + 1)
+    assert wire.count_items(payload, 50) == 51  # stops counting past the limit
+    assert wire.decode(payload, max_items=107)["c"] == "text"
+    with pytest.raises(WireError) as info:
+        wire.decode(payload, max_items=106)
+    assert info.value.code == "bad_frame" and "items" in str(info.value)
+    huge = cbor2.dumps({"x": [0] * 2_000_000})
+    with pytest.raises(WireError):
+        wire.decode(huge)
+    assert wire.peek_id(huge) is None
+
+
+def test_shared_references_need_a_resolver() -> None:
+    region = np.arange(64, dtype=np.uint8)
+    payload = wire.encode({"t": wire.shared_tensor(np.zeros((2, 2), np.float32), [0, 0, 16])})
+    with pytest.raises(WireError) as info:
+        wire.decode(payload)
+    assert info.value.code == "bad_frame"
+    decoded = wire.decode(payload, resolve=lambda ref: region[ref[1]:ref[1] + ref[2]])["t"]
+    assert decoded.shape == (2, 2) and decoded.dtype == np.float32
+    assert np.shares_memory(decoded, region)  # no copy

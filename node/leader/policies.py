@@ -1,13 +1,16 @@
 """Placement policies: one interface for epara and every baseline.
 
 A policy turns what a leader knows — the current placement, the cluster state that nodes
-publish, the demand they observe and the service specs (with measured run times) — into
-the next desired placement. The real leader (``epara node --placement-policy``) and the
-simulator hold the same policy objects, so a comparison changes only the policy.
+publish, the demand they observe (with the SLO attainment they measured) and the service
+specs (with measured run times) — into the next desired placement. The real leader
+(``epara node --placement-policy``) and the simulator hold the same policy objects, so a
+comparison changes only the policy.
 
 A policy may keep state between decisions (an autoscaler's history, popularity learned
 online), so each leader or simulated run makes its own object with ``make_policy``. It
-never sees anything a real leader could not: no trace, no ground truth.
+never sees anything a real leader could not: no trace, no ground truth. ``router`` names
+how the system it stands for routes requests among its units (node/leader/baselines.py
+lists the routers); the simulator honours it, the real node always routes with epara's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from epara.node.leader.baselines import (
+    AlpaServePolicy,
+    ExoPolicy,
+    KServePolicy,
+    PetalsPolicy,
+    SimpleBaseline,
+    TritonPolicy,
+)
 from epara.node.leader.demand import WINDOW_S
 from epara.node.leader.model import ClusterState, Placement, ServiceDemand, ServiceSpec
 from epara.node.leader.scheduler import (
@@ -31,6 +42,7 @@ class PlacementPolicy(Protocol):
     """``place`` is called once per scheduling period (and on a demand surge)."""
 
     name: str
+    router: str
 
     def place(self, current: Placement, state: ClusterState,
               demand: Mapping[str, ServiceDemand], specs: Mapping[str, ServiceSpec],
@@ -82,6 +94,8 @@ class EparaPolicy:
     """The task-categorised allocator and state-aware scheduler (node/leader/scheduler.py),
     with its estimates corrected from observed attainment (``CorrectionLaw``)."""
 
+    router = "epara"
+
     def __init__(self, config: SchedulerConfig | None = None,
                  name: str = "epara", law: CorrectionLaw | None = None) -> None:
         self.name = name
@@ -114,40 +128,34 @@ class EparaPolicy:
         return placement, decisions
 
 
-class _StaticBaseline:
-    """A baseline whose placement is a function of the live devices and the popularity
-    observed so far (never the trace's): re-placed every period, so it follows a device
-    loss like the system it stands for would."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def place(self, current: Placement, state: ClusterState,
-              demand: Mapping[str, ServiceDemand], specs: Mapping[str, ServiceSpec],
-              now: float) -> tuple[Placement, tuple[Decision, ...]]:
-        from epara.node.leader import sim
-
-        devices = state.alive()
-        popularity = {name: d.rate_hz for name, d in demand.items()}
-        if self.name == "one-replica":
-            fresh = sim.one_replica_placement(specs, devices)
-        elif self.name == "replicate-all":
-            fresh = sim.replicate_all_placement(specs, devices, popularity)
-        else:
-            fresh = sim.pipeline_all_placement(specs, devices, popularity=popularity)
-        reason = f"baseline policy {self.name}"
-        plans = {name: replace(plan, category="-", reason=reason)
-                 for name, plan in fresh.plans.items()}
-        if plans == dict(current.plans):
-            return current, ()
-        return Placement(current.version + 1, plans), ()
+PolicyFactory = Callable[[SchedulerConfig | None], PlacementPolicy]
+# Prior systems (node/leader/baselines.py); each also runs with epara's router
+# ("NAME+epara-router") so that placement alone can be compared.
+PRIOR_SYSTEMS = ("kserve", "triton", "alpaserve", "exo", "petals")
+_PRIOR: dict[str, Callable[[str, str | None], PlacementPolicy]] = {
+    "kserve": lambda n, r: KServePolicy(n, r or "least-connections"),
+    "triton": lambda n, r: TritonPolicy(n, r or "least-outstanding"),
+    "alpaserve": lambda n, r: AlpaServePolicy(n, r or "least-connections"),
+    "exo": lambda n, r: ExoPolicy(n, r or "least-connections"),
+    "petals": lambda n, r: PetalsPolicy(n, r or "fastest-chain"),
+}
+ROUTED = "+epara-router"
 
 
-POLICIES: dict[str, Callable[[SchedulerConfig | None], PlacementPolicy]] = {
+def _ablation(config: SchedulerConfig | None) -> PlacementPolicy:
+    return EparaPolicy(replace(config or SchedulerConfig(), categorise=False),
+                       "epara-no-categories")
+
+
+POLICIES: dict[str, PolicyFactory] = {
     "epara": lambda config: EparaPolicy(config),
-    "one-replica": lambda config: _StaticBaseline("one-replica"),
-    "replicate-all": lambda config: _StaticBaseline("replicate-all"),
-    "pipeline-all": lambda config: _StaticBaseline("pipeline-all"),
+    "epara-no-categories": _ablation,
+    "one-replica": lambda config: SimpleBaseline("one-replica"),
+    "replicate-all": lambda config: SimpleBaseline("replicate-all"),
+    "pipeline-all": lambda config: SimpleBaseline("pipeline-all"),
+    **{name: (lambda config, name=name: _PRIOR[name](name, None)) for name in PRIOR_SYSTEMS},
+    **{name + ROUTED: (lambda config, name=name: _PRIOR[name](name + ROUTED, "epara"))
+       for name in PRIOR_SYSTEMS},
 }
 
 

@@ -1,34 +1,47 @@
-"""A discrete-event simulator that drives the real allocator, scheduler and router.
+"""A discrete-event simulator of an edge cluster, with a ground truth the planner cannot see.
 
-Devices execute steps (batches of passes through a stage) one at a time, with the same
-roofline step times the estimates use; units admit up to ``max_batch`` requests per stage
-(continuous batching for LLMs: sequences join and leave between steps); requests hop
-between pipeline stages over links; devices can die mid-run. The epara systems call
-``scheduler.schedule`` every period on the state the simulated cluster would sync, and
-``routing.route`` for every request; the baselines use their own static placements and
-routing. Every request ends in exactly one outcome (``OUTCOMES``).
+What runs (the truth):
+  * each (device, model) pair runs at the cost model's step time (estimate.stage_cost)
+    times its own error factor, lognormal with sigma ``SimConfig.error_sigma``, seeded;
+    each request adds its own jitter (lognormal, ``jitter_sigma``);
+  * an accelerator runs one step at a time (the stage whose oldest request has the
+    earliest deadline goes next); a CPU device runs the steps of every unit it holds at
+    once on its cores, so co-located units slow each other in proportion to their load
+    (processor sharing);
+  * units admit up to ``max_batch`` requests per stage (continuous batching for LLMs:
+    sequences join and leave between steps); requests hop between pipeline stages over
+    links; devices can die mid-run.
 
-What is simplified (docs/epara-core.md): links have no contention, the routing view is
-current (no sync lag) but a dead device is noticed only after ``detect_s``, removed units
-release their memory at once, and each device runs one step at a time (no overlap of two
-models on one accelerator).
+What the simulated leader sees (what a real leader sees): every ``publish_s`` the nodes
+publish the run times they measured (per device and model, an EWMA of observed step time
+over the cost model's, so contention and the error factor are in it), their queues and
+utilisation, and per service the SLO attainment of the requests that finished within
+the demand window; the leader reads that record ``lag_s`` later. Its placement policy
+(node/leader/policies.py) is called every ``period_s`` on it; the specs it gets carry
+the published run times as per-device ``measured_ms``. It never sees the truth.
+
+Routing: each policy names its router (node/leader/baselines.py lists them). Routers see
+each unit's requests in flight now (a node's router reads the synced queues) and the
+unit's speed as the leader's view estimates it, never the truth.
+
+Simplified (docs/epara-core.md): links have no contention, a dead device is noticed only
+after ``detect_s``, removed units release their memory at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
-import json
 import math
+import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-from epara.node.leader.allocate import DEFAULT_BATCH
 from epara.node.leader.demand import WINDOW_S, observe
-from epara.node.leader.estimate import StageCost, stage_cost, unit_perf
+from epara.node.leader.estimate import StageCost, UnitPerf, stage_cost, unit_perf
 from epara.node.leader.model import (
     ClusterState,
     DeviceProfile,
@@ -37,34 +50,47 @@ from epara.node.leader.model import (
     ServiceDemand,
     ServicePlan,
     ServiceSpec,
-    Stage,
     Unit,
 )
-from epara.node.leader.partition import link_s, proportional_split
+from epara.node.leader.partition import link_s
+from epara.node.leader.policies import PlacementPolicy, make_policy
 from epara.node.leader.routing import Target, route
-from epara.node.leader.scheduler import SchedulerConfig, load_time_s, schedule
-from epara.node.leader.workloads import (
-    Request,
-    WorkloadShape,
-    catalogue,
-    fleet,
-    generate,
-    read_trace,
-)
+from epara.node.leader.scheduler import SchedulerConfig, load_time_s
+from epara.node.leader.workloads import Request
 
 OUTCOMES = ("good", "late", "refused", "expired", "lost")
-SYSTEMS = ("epara", "one-replica", "replicate-all", "pipeline-all", "epara-no-categories")
-BASELINES = SYSTEMS[1:]
+# Event kinds, in the order ties at one instant are processed.
+_FAIL, _DETECT, _PUBLISH, _DECIDE, _ARRIVE, _ADMIT, _STEP, _HOP = range(8)
 
 
 @dataclass(frozen=True)
 class SimConfig:
-    period_s: float = 5.0  # epara's scheduling period
+    period_s: float = 5.0  # the leader's decision period (every policy)
     warmup_s: float = 10.0  # arrivals before this are served but not measured
     detect_s: float = 1.5  # a dead device drops out of views after this (remove_after)
     fail_at_s: float | None = None  # kill devices at this time
     fail: tuple[str, ...] = ()  # ids of the devices that die
     window_s: float = 2.0  # goodput timeline resolution
+    error_sigma: float = 0.3  # per (device, model) run-time error of the cost model
+    jitter_sigma: float = 0.1  # per request
+    publish_s: float = 1.0  # nodes publish their measurements this often
+    lag_s: float = 0.5  # ... and the leader reads them this much later
+    measure_alpha: float = 0.2  # EWMA weight of one observed step
+    seed: int = 0  # ground truth (error factors, jitter) and random tie-breaks
+
+
+@dataclass(frozen=True)
+class Estimation:
+    """How far the planner's run times were from the truth, over the (device, model)
+    pairs that ran: |estimate / actual - 1|, median and 90th percentile, for the cost
+    model alone (before any measurement) and for the last published measurement.
+    ``actual`` is the mean observed step time over the cost model's, contention in."""
+
+    pairs: int
+    prior_median: float
+    prior_p90: float
+    measured_median: float
+    measured_p90: float
 
 
 @dataclass(frozen=True)
@@ -76,28 +102,40 @@ class SimResult:
     goodput_hz: float
     attainment: float
     timeline: tuple[float, ...]  # goodput per window, over the whole run
-    schedule_ms: tuple[float, ...]  # wall time of each scheduling decision
+    schedule_ms: tuple[float, ...]  # wall time of each placement decision
     units: int  # units in the final placement
+    estimation: Estimation
+
+
+def error_factor(seed: int, device: str, service: str, sigma: float) -> float:
+    """The truth's multiplier on the cost model for one (device, model) pair: seeded by
+    the names, so every system in a comparison meets the same world."""
+    digest = hashlib.blake2b(f"{seed}|{device}|{service}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "big")).lognormvariate(0.0, sigma)
 
 
 class _Stage:
-    __slots__ = ("cost", "device", "index", "queue", "unit")
+    __slots__ = ("cost", "device", "error", "index", "queue", "unit")
 
-    def __init__(self, unit: _Unit, index: int, device: _Device, cost: StageCost) -> None:
+    def __init__(self, unit: _Unit, index: int, device: _Device, cost: StageCost,
+                 error: float) -> None:
         self.unit, self.index, self.device, self.cost = unit, index, device, cost
+        self.error = error
         self.queue: deque[int] = deque()
 
 
 class _Unit:
-    __slots__ = ("broken", "capacity", "first_s", "hops", "limit", "live", "pass_s",
-                 "ready_at", "retired", "spec", "stages", "unit", "waiting")
+    __slots__ = ("broken", "hops", "limit", "live", "perf", "ready_at", "retired", "spec",
+                 "stages", "unit", "waiting")
 
-    def __init__(self, unit: Unit, spec: ServiceSpec, devices: dict[str, _Device],
-                 profiles: Mapping[str, DeviceProfile], ready_at: float) -> None:
+    def __init__(self, unit: Unit, spec: ServiceSpec, sim: _Sim, ready_at: float) -> None:
         self.unit, self.spec, self.ready_at = unit, spec, ready_at
-        self.stages = [_Stage(self, i, devices[s.device],
-                              stage_cost(spec, profiles[s.device], s.first, s.end or None))
-                       for i, s in enumerate(unit.stages)]
+        profiles = sim.profiles
+        self.stages = [
+            _Stage(self, i, sim.devices[s.device],
+                   stage_cost(spec, profiles[s.device], s.first, s.end or None),
+                   sim.error(s.device, spec.name))
+            for i, s in enumerate(unit.stages)]
         # Transfer after stage i (to i+1, or back to the head for the next LLM token).
         self.hops = []
         for i, s in enumerate(unit.stages):
@@ -109,60 +147,92 @@ class _Unit:
         self.waiting: deque[int] = deque()
         self.broken = False
         self.retired = False
-        perf = unit_perf(spec, unit, profiles)
-        self.capacity, self.first_s, self.pass_s = perf.capacity_hz, perf.first_pass_s, \
-            perf.pass_s
+        self.perf: UnitPerf | None = None  # the leader's estimate (sim.view_perf)
+
+
+class _Step:
+    __slots__ = ("batch", "nominal_s", "remaining", "stage", "started")
+
+    def __init__(self, stage: _Stage, batch: list[int], work: float, nominal: float,
+                 now: float) -> None:
+        self.stage, self.batch, self.remaining = stage, batch, work
+        self.nominal_s, self.started = nominal, now
 
 
 class _Device:
-    __slots__ = ("alive", "batch", "busy_until", "gen", "profile", "stages")
+    __slots__ = ("alive", "busy_s", "concurrent", "last", "profile", "running", "stages",
+                 "starting", "version")
 
     def __init__(self, profile: DeviceProfile) -> None:
         self.profile = profile
         self.alive = True
-        self.gen = 0  # bumps on death: step completions of an older generation are void
+        # A CPU runtime already spreads one input over every core, so units run side by
+        # side and share the cores; an accelerator runs one kernel stream at a time.
+        self.concurrent = not profile.accelerator
+        self.version = 0  # bumps on every change: older completion events are void
         self.stages: list[_Stage] = []
-        self.batch: tuple[_Stage, list[int]] | None = None
-        self.busy_until = 0.0
-
-
-Router = Callable[["_Sim", int, list["_Unit"]], "_Unit | None"]
+        self.running: list[_Step] = []
+        self.last = 0.0  # when ``remaining`` was last brought up to date
+        self.busy_s = 0.0
+        self.starting = False
 
 
 class _Sim:
     def __init__(self, requests: Sequence[Request], services: Mapping[str, ServiceSpec],
-                 devices: Sequence[DeviceProfile], config: SimConfig) -> None:
+                 devices: Sequence[DeviceProfile], config: SimConfig,
+                 policy: PlacementPolicy) -> None:
         self.requests = requests
         self.services = services
         self.profiles = {d.id: d for d in devices}
         self.device_ids = [d.id for d in devices]
         self.devices = {d.id: _Device(d) for d in devices}
         self.config = config
+        self.policy = policy
+        self.rng = random.Random(config.seed * 7919 + 1)
+        jitter = random.Random(config.seed * 104729 + 3)
         n = len(requests)
+        self.jitter = [jitter.lognormvariate(0.0, config.jitter_sigma)
+                       if config.jitter_sigma > 0 else 1.0 for _ in range(n)]
         self.outcome: list[str | None] = [None] * n
         self.passes = [0] * n  # passes done
         self.needed = [1 + r.output_tokens for r in requests]
         self.deadline = [r.t + r.slo_ms / 1000 for r in requests]
-        self.finish = [0.0] * n
         self.unit_of: list[_Unit | None] = [None] * n
         self.units: dict[str, list[_Unit]] = {name: [] for name in services}
-        self.events: list[tuple[float, int, int, Any]] = []
+        self.events: list[tuple[float, int, int, int, Any]] = []
         self.seq = 0
         self.now = 0.0
         self.known_dead: set[str] = set()
-        self.rr: dict[str, int] = {}
+        self.errors: dict[tuple[str, str], float] = {}
+        # What nodes measure: per (device, service), EWMA of observed / cost-model step
+        # time, and the run totals (for the estimation report).
+        self.ratio: dict[tuple[str, str], float] = {}
+        self.observed: dict[tuple[str, str], list[float]] = {}
+        self.finished: dict[str, deque[tuple[float, bool]]] = {n: deque() for n in services}
+        self.records: deque[tuple[float, dict[str, Any]]] = deque()
+        self.view_specs: Mapping[str, ServiceSpec] = services
 
-    # --- events -------------------------------------------------------------------
+    # --- ground truth ---------------------------------------------------------------
+
+    def error(self, device: str, service: str) -> float:
+        key = (device, service)
+        if key not in self.errors:
+            self.errors[key] = error_factor(self.config.seed, device, service,
+                                            self.config.error_sigma) \
+                if self.config.error_sigma > 0 else 1.0
+        return self.errors[key]
+
+    # --- events ---------------------------------------------------------------------
 
     def push(self, t: float, kind: int, payload: Any) -> None:
         self.seq += 1
-        heapq.heappush(self.events, (t, self.seq, kind, payload))
+        heapq.heappush(self.events, (t, kind, self.seq, kind, payload))
 
     def end(self, rid: int, outcome: str) -> None:
         if self.outcome[rid] is not None:
             raise AssertionError(f"request {rid} accounted twice")
         self.outcome[rid] = outcome
-        self.finish[rid] = self.now
+        self.finished[self.requests[rid].service].append((self.now, outcome == "good"))
 
     # --- placement ------------------------------------------------------------------
 
@@ -180,38 +250,39 @@ class _Sim:
                     self._retire(u)
             self.units[name] = keep
         for unit in wanted.values():
-            if any(not self.devices[d].alive for d in unit.devices):
+            if unit.service not in self.services or \
+                    any(not self.devices[d].alive for d in unit.devices):
                 continue
             spec = self.services[unit.service]
             ready = self.now + (load_time_s(unit, SchedulerConfig()) if loading else 0.0)
-            u = _Unit(unit, spec, self.devices, self.profiles, ready)
+            u = _Unit(unit, spec, self, ready)
             for st in u.stages:
                 st.device.stages.append(st)
             self.units[unit.service].append(u)
 
     def _drop_stage(self, st: _Stage) -> None:
-        if not st.queue and st in st.device.stages:
+        if not st.queue and st in st.device.stages and \
+                not any(step.stage is st for step in st.device.running):
             st.device.stages.remove(st)
 
     def _retire(self, u: _Unit) -> None:
         u.retired = True
         for st in u.stages:  # drained stages leave now; the others when they drain
-            if st.device.batch is None or st.device.batch[0] is not st:
-                self._drop_stage(st)
+            self._drop_stage(st)
         # Waiting requests have not started: send them on through the router again.
         while u.waiting:
             rid = u.waiting.popleft()
             self.unit_of[rid] = None
-            self.push(self.now, 0, rid)
+            self.push(self.now, _ARRIVE, rid)
 
-    # --- request path -------------------------------------------------------------
+    # --- request path -----------------------------------------------------------------
 
-    def arrive(self, rid: int, router: Router) -> None:
+    def arrive(self, rid: int) -> None:
         req = self.requests[rid]
         units = [u for u in self.units.get(req.service, ())
-                 if u.ready_at <= self.now and not u.broken
+                 if u.ready_at <= self.now and not u.broken and not u.retired
                  and not any(st.device.profile.id in self.known_dead for st in u.stages)]
-        target = router(self, rid, units)
+        target = ROUTERS[self.policy.router](self, rid, units)
         if target is None:
             self.end(rid, "refused")
             return
@@ -220,7 +291,7 @@ class _Sim:
         head = target.stages[0].device.profile
         delay = 0.0 if origin.id == head.id else \
             link_s(origin, head, req.input_size or target.spec.input_mb)
-        self.push(self.now + delay, 1, rid)
+        self.push(self.now + delay, _ADMIT, rid)
 
     def origin(self, rid: int) -> DeviceProfile:
         o = self.requests[rid].origin
@@ -256,51 +327,95 @@ class _Sim:
         if st not in st.device.stages:  # a retired unit still draining its requests
             st.device.stages.append(st)
         st.queue.append(rid)
-        if st.device.batch is None:
+        if not st.device.starting:
             self.start(st.device)
 
-    def start(self, dev: _Device) -> None:
-        """Run the next step: the stage whose oldest item has the earliest deadline."""
-        if dev.batch is not None or not dev.alive:
-            return  # busy: it starts the next step when this one ends
-        while True:
-            best = None
-            best_deadline = math.inf
-            for st in dev.stages:
-                if st.queue and self.deadline[st.queue[0]] < best_deadline:
-                    best, best_deadline = st, self.deadline[st.queue[0]]
-            if best is None:
-                return
-            batch: list[int] = []
-            gflop = 0.0
-            spec = best.unit.spec
-            # Claim the device first: an expiry below releases a slot, and the request it
-            # admits must queue for the next step, not start a second one now.
-            dev.batch = (best, batch)
-            while best.queue and len(batch) < best.unit.unit.max_batch:
-                rid = best.queue.popleft()
-                if self.now > self.deadline[rid]:
-                    self.end(rid, "expired")  # nobody waits for it any more: do not run it
-                    self.release(best.unit)
-                    continue
-                batch.append(rid)
-                gflop += spec.gflop if self.passes[rid] == 0 else spec.gflop_per_token
-            if not batch:
-                dev.batch = None
-                continue
-            dev.busy_until = self.now + best.cost.time(gflop)
-            self.push(dev.busy_until, 2, (dev, dev.gen))
-            return
+    # --- devices: processor sharing (CPU) or one step at a time (accelerator) ----------
 
-    def step_done(self, dev: _Device, gen: int) -> None:
-        if gen != dev.gen or dev.batch is None:
+    def _advance(self, dev: _Device) -> None:
+        n = len(dev.running)
+        if n:
+            elapsed = self.now - dev.last
+            dev.busy_s += elapsed
+            for step in dev.running:
+                step.remaining -= elapsed / n
+        dev.last = self.now
+
+    def _reschedule(self, dev: _Device) -> None:
+        dev.version += 1
+        if dev.running:
+            n = len(dev.running)
+            soonest = min(step.remaining for step in dev.running)
+            self.push(self.now + max(0.0, soonest) * n, _STEP, (dev, dev.version))
+
+    def start(self, dev: _Device) -> None:
+        """Start what may start: on an accelerator the next step if idle, on a CPU one
+        step for every stage with queued work that is not already running one."""
+        if not dev.alive:
             return
-        st, batch = dev.batch
+        self._advance(dev)
+        dev.starting = True
+        try:
+            while dev.concurrent or not dev.running:
+                busy = {id(step.stage) for step in dev.running}
+                best = None
+                best_deadline = math.inf
+                for st in dev.stages:
+                    if st.queue and id(st) not in busy and \
+                            self.deadline[st.queue[0]] < best_deadline:
+                        best, best_deadline = st, self.deadline[st.queue[0]]
+                if best is None:
+                    break
+                batch: list[int] = []
+                gflop = 0.0
+                spec = best.unit.spec
+                while best.queue and len(batch) < best.unit.unit.max_batch:
+                    rid = best.queue.popleft()
+                    if self.now > self.deadline[rid]:
+                        self.end(rid, "expired")  # nobody waits for it: do not run it
+                        self.release(best.unit)
+                        continue
+                    batch.append(rid)
+                    gflop += spec.gflop if self.passes[rid] == 0 else spec.gflop_per_token
+                if not batch:
+                    continue
+                nominal = best.cost.time(gflop)
+                jitter = sum(self.jitter[r] for r in batch) / len(batch)
+                dev.running.append(_Step(best, batch, nominal * best.error * jitter,
+                                         nominal, self.now))
+        finally:
+            dev.starting = False
+        self._reschedule(dev)
+
+    def step_done(self, dev: _Device, version: int) -> None:
+        if version != dev.version or not dev.alive:
+            return
+        self._advance(dev)
+        done = [s for s in dev.running if s.remaining <= 1e-9]
+        dev.running = [s for s in dev.running if s.remaining > 1e-9]
+        dev.starting = True
+        try:
+            for step in done:
+                self._finish(step)
+        finally:
+            dev.starting = False
+        self.start(dev)
+
+    def _finish(self, step: _Step) -> None:
+        st, batch = step.stage, step.batch
         u = st.unit
+        key = (st.device.profile.id, u.spec.name)
+        ratio = (self.now - step.started) / step.nominal_s if step.nominal_s > 0 else 1.0
+        old = self.ratio.get(key)
+        alpha = self.config.measure_alpha
+        self.ratio[key] = ratio if old is None else old + alpha * (ratio - old)
+        totals = self.observed.setdefault(key, [0.0, 0.0])
+        totals[0] += self.now - step.started
+        totals[1] += step.nominal_s
         last = st.index == len(u.stages) - 1
         for rid in batch:
             if not last:
-                self.push(self.now + u.hops[st.index], 3, (u.stages[st.index + 1], rid))
+                self.push(self.now + u.hops[st.index], _HOP, (u.stages[st.index + 1], rid))
                 continue
             self.passes[rid] += 1
             if self.passes[rid] >= self.needed[rid]:
@@ -309,21 +424,19 @@ class _Sim:
             elif len(u.stages) == 1:
                 st.queue.append(rid)  # continuous batching: joins the next step
             else:
-                self.push(self.now + u.hops[st.index], 3, (u.stages[0], rid))
-        dev.batch = None
+                self.push(self.now + u.hops[st.index], _HOP, (u.stages[0], rid))
         if u.retired:
             self._drop_stage(st)
-        self.start(dev)
 
     def fail(self, ids: Sequence[str]) -> None:
         for i in ids:
             dev = self.devices[i]
             dev.alive = False
-            dev.gen += 1
-            if dev.batch is not None:
-                for rid in dev.batch[1]:
+            dev.version += 1
+            for step in dev.running:
+                for rid in step.batch:
                     self.end(rid, "lost")
-                dev.batch = None
+            dev.running = []
             for st in dev.stages:
                 st.unit.broken = True
         for units in self.units.values():
@@ -335,17 +448,59 @@ class _Sim:
                     while u.waiting:
                         self.end(u.waiting.popleft(), "lost")
 
-    # --- state for the scheduler ------------------------------------------------------
+    # --- what the nodes publish and the leader reads ------------------------------------
 
-    def cluster_state(self) -> ClusterState:
+    def publish(self) -> None:
+        """The nodes' record at this instant; the leader reads it ``lag_s`` later."""
+        window = WINDOW_S
+        attained: dict[str, float] = {}
+        for name, done in self.finished.items():
+            while done and done[0][0] <= self.now - window:
+                done.popleft()
+            if done:
+                attained[name] = sum(1 for _, good in done if good) / len(done)
         states = {}
         for i, dev in self.devices.items():
+            self._advance(dev)
             queues: dict[str, int] = {}
             for st in dev.stages:
                 queues[st.unit.spec.name] = queues.get(st.unit.spec.name, 0) + len(st.queue)
-            states[i] = DeviceState(dev.profile, alive=i not in self.known_dead,
-                                    queues=queues)
-        return ClusterState(states, self.now)
+            load = min(1.0, dev.busy_s / self.config.publish_s)
+            dev.busy_s = 0.0
+            states[i] = DeviceState(dev.profile, alive=dev.alive, load=load, queues=queues)
+        self.records.append((self.now + self.config.lag_s, {
+            "states": states, "attained": attained, "ratio": dict(self.ratio)}))
+
+    def record(self) -> dict[str, Any] | None:
+        """The latest record the leader has received by now."""
+        while len(self.records) > 1 and self.records[1][0] <= self.now:
+            self.records.popleft()
+        if self.records and self.records[0][0] <= self.now:
+            return self.records[0][1]
+        return None
+
+    def view(self, record: dict[str, Any] | None) -> tuple[ClusterState, Mapping[str, ServiceSpec]]:
+        """Cluster state and specs as the leader knows them from ``record``: the
+        published run times become per-device measurements."""
+        if record is None:
+            states = {i: DeviceState(d.profile) for i, d in self.devices.items()}
+            return ClusterState(states, self.now), self.services
+        states = {i: replace(s, alive=i not in self.known_dead)
+                  for i, s in record["states"].items()}
+        measured: dict[str, dict[str, float]] = {}
+        for (device, service), ratio in record["ratio"].items():
+            spec = self.services[service]
+            nominal = stage_cost(spec, self.profiles[device]).time(spec.gflop)
+            measured.setdefault(service, dict(spec.measured_ms))[f"@{device}"] = \
+                ratio * nominal * 1000
+        specs = {n: replace(s, measured_ms=measured[n]) if n in measured else s
+                 for n, s in self.services.items()}
+        return ClusterState(states, self.now), specs
+
+    def view_perf(self, u: _Unit) -> UnitPerf:
+        if u.perf is None:
+            u.perf = unit_perf(self.view_specs[u.spec.name], u.unit, self.profiles)
+        return u.perf
 
     def current_placement(self, version: int) -> Placement:
         plans = {}
@@ -355,8 +510,30 @@ class _Sim:
                 plans[name] = ServicePlan(name, "", "replicas", live, "")
         return Placement(version, plans)
 
+    def estimation(self) -> Estimation:
+        prior, measured = [], []
+        for key, (actual_s, nominal_s) in self.observed.items():
+            if nominal_s <= 0 or actual_s <= 0:
+                continue
+            actual = actual_s / nominal_s
+            prior.append(abs(1.0 / actual - 1))
+            measured.append(abs(self.ratio.get(key, 1.0) / actual - 1))
+        return Estimation(len(prior), _quantile(prior, 0.5), _quantile(prior, 0.9),
+                          _quantile(measured, 0.5), _quantile(measured, 0.9))
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    if not xs:
+        return 0.0
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
 
 # --- routers ----------------------------------------------------------------------------
+
+def _outstanding(u: _Unit) -> int:
+    return u.live + len(u.waiting)
+
 
 def _expected(sim: _Sim, rid: int, u: _Unit) -> Target:
     req = sim.requests[rid]
@@ -365,14 +542,16 @@ def _expected(sim: _Sim, rid: int, u: _Unit) -> Target:
     link = 0.0 if origin.id == head.profile.id else \
         link_s(origin, head.profile, req.input_size or u.spec.input_mb) + \
         link_s(head.profile, origin, 0.0)
-    tokens = u.spec.mean_output_tokens if u.spec.is_llm else 0.0
-    service = u.first_s + tokens * u.pass_s
-    backlog = max(0, len(u.waiting) + u.live + 1 - u.limit)
-    wait = backlog / u.capacity + max(0.0, head.busy_until - sim.now)
+    perf = sim.view_perf(u)
+    tokens = req.output_tokens if u.spec.is_llm else 0.0
+    service = perf.first_pass_s + tokens * perf.pass_s
+    backlog = max(0, _outstanding(u) + 1 - u.limit)
+    wait = backlog / perf.capacity_hz
     return Target(u.unit.id, head.profile.id, link == 0.0, link, wait, service)
 
 
 def epara_router(sim: _Sim, rid: int, units: list[_Unit]) -> _Unit | None:
+    """Least expected completion; refuses what cannot meet its deadline."""
     req = sim.requests[rid]
     by_id = {u.unit.id: u for u in units}
     decision = route(req.service, [_expected(sim, rid, u) for u in units],
@@ -380,209 +559,117 @@ def epara_router(sim: _Sim, rid: int, units: list[_Unit]) -> _Unit | None:
     return None if decision.target is None else by_id[decision.target.unit]
 
 
-def round_robin_router(sim: _Sim, rid: int, units: list[_Unit]) -> _Unit | None:
+def least_connections_router(sim: _Sim, rid: int, units: list[_Unit]) -> _Unit | None:
+    """Fewest requests in flight; ties at random (not by id: an idle Pi must not win
+    over an idle T4 because of its name)."""
     if not units:
         return None
-    name = sim.requests[rid].service
-    k = sim.rr.get(name, 0)
-    sim.rr[name] = k + 1
-    return units[k % len(units)]
+    fewest = min(_outstanding(u) for u in units)
+    return sim.rng.choice([u for u in units if _outstanding(u) == fewest])
 
 
-def least_loaded_router(sim: _Sim, rid: int, units: list[_Unit]) -> _Unit | None:
+def least_outstanding_router(sim: _Sim, rid: int, units: list[_Unit]) -> _Unit | None:
+    """Power of two random choices, the one with fewer outstanding (Ray Serve)."""
+    if len(units) <= 1:
+        return units[0] if units else None
+    a, b = sim.rng.sample(units, 2)
+    if _outstanding(a) == _outstanding(b):
+        return a
+    return a if _outstanding(a) < _outstanding(b) else b
+
+
+def fastest_chain_router(sim: _Sim, rid: int, units: list[_Unit]) -> _Unit | None:
+    """The chain with the least expected time from published speeds and the requests
+    it already holds; never refuses (Petals' client)."""
     if not units:
         return None
-    return min(units, key=lambda u: (u.live + len(u.waiting), u.unit.id))
+    return min(units, key=lambda u: (_expected(sim, rid, u).expected_s, sim.rng.random()))
 
 
-# --- baseline placements ------------------------------------------------------------------
-
-def _fixed_batch(spec: ServiceSpec) -> int:
-    return min(spec.max_batch, DEFAULT_BATCH)
-
-
-def _whole(spec: ServiceSpec, device: str) -> Unit:
-    return Unit(spec.name, (Stage(device, 0, len(spec.layers), spec.memory_mb),),
-                _fixed_batch(spec))
-
-
-def one_replica_placement(services: Mapping[str, ServiceSpec],
-                          devices: Sequence[DeviceProfile]) -> Placement:
-    """One replica per service (a Kubernetes Deployment of one pod with a GPU preference):
-    largest models first, each on the fastest device with room, spreading ties."""
-    free = {d.id: d.mem_mb for d in devices}
-    count = dict.fromkeys(free, 0)
-    plans = {}
-    for spec in sorted(services.values(), key=lambda s: (-s.memory_mb, s.name)):
-        fits = [d for d in devices if free[d.id] >= spec.memory_mb]
-        if not fits:
-            continue
-        d = min(fits, key=lambda d: (-d.gflops, count[d.id], d.id))
-        free[d.id] -= spec.memory_mb
-        count[d.id] += 1
-        plans[spec.name] = ServicePlan(spec.name, "", "replicas", (_whole(spec, d.id),), "")
-    return Placement(1, plans)
-
-
-def _in_rounds(services: Mapping[str, ServiceSpec], popularity: Mapping[str, float] | None,
-               add: Callable[[ServiceSpec], Unit | None], mode: str) -> Placement:
-    """Rounds over the services, most popular first (the order known up front), each
-    round giving every service one more unit from ``add`` (None: no room left for it),
-    until a round places nothing."""
-    popularity = popularity or {}
-    names = sorted(services, key=lambda n: (-popularity.get(n, 0.0), n))
-    units: dict[str, list[Unit]] = {n: [] for n in names}
-    placed = True
-    while placed:
-        placed = False
-        for name in names:
-            unit = add(services[name])
-            if unit is not None:
-                units[name].append(unit)
-                placed = True
-    return Placement(1, {n: ServicePlan(n, "", mode, tuple(u), "")
-                         for n, u in units.items() if u})
-
-
-def replicate_all_placement(services: Mapping[str, ServiceSpec],
-                            devices: Sequence[DeviceProfile],
-                            popularity: Mapping[str, float] | None = None) -> Placement:
-    """Replicate wherever it fits: rounds over the services, most popular first, each
-    round giving every service one more replica on the device with the most free memory
-    that holds it, until no model fits anywhere. Memory is the only constraint it
-    knows: not speed, not SLOs, not batching."""
-    free = {d.id: d.mem_mb for d in devices}
-    hosts: dict[str, set[str]] = {n: set() for n in services}
-
-    def add(spec: ServiceSpec) -> Unit | None:
-        fits = [d for d in devices
-                if free[d.id] >= spec.memory_mb and d.id not in hosts[spec.name]]
-        if not fits:
-            return None
-        d = max(fits, key=lambda d: (free[d.id], d.id))
-        free[d.id] -= spec.memory_mb
-        hosts[spec.name].add(d.id)
-        return _whole(spec, d.id)
-
-    return _in_rounds(services, popularity, add, "replicas")
-
-
-def pipeline_all_placement(services: Mapping[str, ServiceSpec],
-                           devices: Sequence[DeviceProfile], group: int = 4,
-                           popularity: Mapping[str, float] | None = None) -> Placement:
-    """Every model split over a group of ``group`` devices, layers in proportion to free
-    memory (Petals / llama.cpp RPC style); groups mix device kinds like volunteers do.
-    Rounds over the services, most popular first, each round giving every service one
-    more pipeline on the group with the most free memory that holds it."""
-    ordered = sorted(devices, key=lambda d: d.id)
-    n_groups = max(1, len(ordered) // group)
-    groups = [ordered[g::n_groups] for g in range(n_groups)]
-    free = {d.id: d.mem_mb for d in ordered}
-    used: dict[str, set[int]] = {n: set() for n in services}
-
-    def add(spec: ServiceSpec) -> Unit | None:
-        for g in sorted((g for g in range(n_groups) if g not in used[spec.name]),
-                        key=lambda g: (-sum(free[d.id] for d in groups[g]), g)):
-            members = groups[g]
-            if spec.layers:
-                stages = proportional_split(spec, members, free)
-            else:
-                room = max(members, key=lambda d: (free[d.id], d.id))
-                stages = (Stage(room.id, 0, 0, spec.memory_mb),) \
-                    if free[room.id] >= spec.memory_mb else None
-            if stages is None:
-                continue
-            for s in stages:
-                free[s.device] -= s.memory_mb
-            used[spec.name].add(g)
-            return Unit(spec.name, stages, _fixed_batch(spec))
-        return None
-
-    return _in_rounds(services, popularity, add, "pipeline_throughput")
+ROUTERS = {"epara": epara_router, "least-connections": least_connections_router,
+           "least-outstanding": least_outstanding_router,
+           "fastest-chain": fastest_chain_router}
 
 
 # --- the run --------------------------------------------------------------------------------
 
-def simulate(system: str, requests: Sequence[Request], services: Mapping[str, ServiceSpec],
-             devices: Sequence[DeviceProfile], config: SimConfig | None = None,
+def simulate(system: str | PlacementPolicy, requests: Sequence[Request],
+             services: Mapping[str, ServiceSpec], devices: Sequence[DeviceProfile],
+             config: SimConfig | None = None,
              scheduler: SchedulerConfig | None = None) -> SimResult:
-    """Run ``requests`` through ``system`` (one of ``SYSTEMS``); deterministic."""
+    """Run ``requests`` through a placement policy (a name from policies.POLICIES or a
+    policy object); deterministic for a given ``config.seed``."""
     config = config or SimConfig()
-    sim = _Sim(requests, services, devices, config)
-    router: Router
-    dynamic = system in ("epara", "epara-no-categories")
-    if dynamic:
-        router = epara_router
-        sched = replace(scheduler or SchedulerConfig(),
-                        categorise=system == "epara")
-    elif system == "one-replica":
-        router = round_robin_router
-        sim.install(one_replica_placement(services, devices), loading=False)
-    elif system == "replicate-all":
-        router = least_loaded_router
-        sim.install(replicate_all_placement(services, devices, _popularity(requests)),
-                    loading=False)
-    elif system == "pipeline-all":
-        router = least_loaded_router
-        sim.install(pipeline_all_placement(services, devices,
-                                           popularity=_popularity(requests)), loading=False)
-    else:
-        raise ValueError(f"unknown system {system!r}; expected one of {', '.join(SYSTEMS)}")
+    policy = make_policy(system, scheduler) if isinstance(system, str) else system
+    unknown = sorted({r.service for r in requests} - set(services))
+    if unknown:
+        raise ValueError(f"trace names unknown service(s) {', '.join(unknown[:5])}"
+                         f"{' ...' if len(unknown) > 5 else ''}; known: the catalogue's "
+                         f"{len(services)} services")
+    sim = _Sim(requests, services, devices, config, policy)
     duration = max((r.t for r in requests), default=0.0)
     for rid in range(len(requests)):
-        sim.push(requests[rid].t, 0, rid)
+        sim.push(requests[rid].t, _ARRIVE, rid)
     if config.fail_at_s is not None and config.fail:
-        sim.push(config.fail_at_s, 4, None)
-        sim.push(config.fail_at_s + config.detect_s, 5, None)
+        sim.push(config.fail_at_s, _FAIL, None)
+        sim.push(config.fail_at_s + config.detect_s, _DETECT, None)
     placement = Placement()
     decisions_ms: list[float] = []
-    # Demand as the leader sees it: arrivals per service over the last period.
+    # Demand as the leader sees it: arrivals per service over the last window.
     seen: dict[str, list[float]] = {n: [] for n in services}
     tokens: dict[str, list[int]] = {n: [] for n in services}
-    if dynamic:
-        sim.push(0.0, 6, None)
+    counted = bytearray(len(requests))
+    sim.push(0.0, _DECIDE, None)
+    sim.push(config.publish_s, _PUBLISH, None)
     while sim.events:
-        t, _, kind, payload = heapq.heappop(sim.events)
+        t, kind, _, _, payload = heapq.heappop(sim.events)
         sim.now = t
-        if kind == 0:
+        if kind == _ARRIVE:
             req = requests[payload]
-            if req.service not in services:
-                raise ValueError(f"trace names unknown service {req.service!r}")
-            seen[req.service].append(t)
-            if req.output_tokens:
-                tokens[req.service].append(req.output_tokens)
-            sim.arrive(payload, router)
-        elif kind == 1:
+            if not counted[payload]:  # a first arrival, not a reroute
+                counted[payload] = 1
+                seen[req.service].append(t)
+                if req.output_tokens:
+                    tokens[req.service].append(req.output_tokens)
+            sim.arrive(payload)
+        elif kind == _ADMIT:
             sim.admit(payload)
-        elif kind == 2:
+        elif kind == _STEP:
             sim.step_done(*payload)
-        elif kind == 3:
+        elif kind == _HOP:
             st, rid = payload
             sim.enqueue(st, rid)
-        elif kind == 4:
+        elif kind == _FAIL:
             sim.fail(config.fail)
-        elif kind == 5:
+        elif kind == _DETECT:
             sim.known_dead.update(config.fail)
-        elif kind == 6:
+        elif kind == _PUBLISH:
+            sim.publish()
+            if t + config.publish_s <= duration:
+                sim.push(t + config.publish_s, _PUBLISH, None)
+        elif kind == _DECIDE:
+            record = sim.record()
             demand = _demand(seen, tokens, t, WINDOW_S)
+            if record is not None:
+                demand = {n: replace(d, attained=record["attained"].get(n))
+                          for n, d in demand.items()}
+            state, specs = sim.view(record)
+            sim.view_specs = specs
+            for units in sim.units.values():
+                for u in units:
+                    u.perf = None
             started = time.perf_counter()
-            placement, _ = schedule(sim.current_placement(placement.version),
-                                    sim.cluster_state(), demand, services, t, sched)
+            placement, _ = policy.place(sim.current_placement(placement.version), state,
+                                        demand, specs, t)
             decisions_ms.append((time.perf_counter() - started) * 1000)
-            sim.install(placement, loading=t > 0)
+            # During the warm-up the cluster is taken to have run this traffic before:
+            # what it places then is loaded already. Afterwards a new unit serves only
+            # once its weights are read.
+            sim.install(placement, loading=t > 0 and t >= config.warmup_s)
             if t + config.period_s <= duration:
-                sim.push(t + config.period_s, 6, None)
-    return _result(system, sim, requests, config, duration, decisions_ms,
+                sim.push(t + config.period_s, _DECIDE, None)
+    return _result(policy.name, sim, requests, config, duration, decisions_ms,
                    sum(len(u) for u in sim.units.values()))
-
-
-def _popularity(requests: Sequence[Request]) -> dict[str, float]:
-    """Requests per service over the whole trace: the static baselines' popularity
-    "known up front" (an oracle, so if anything generous to them)."""
-    out: dict[str, float] = {}
-    for r in requests:
-        out[r.service] = out.get(r.service, 0.0) + 1
-    return out
 
 
 def demand_of(requests: Sequence[Request], start: float, end: float
@@ -629,145 +716,8 @@ def _result(system: str, sim: _Sim, requests: Sequence[Request], config: SimConf
             windows[min(len(windows) - 1, int(r.t / config.window_s))] += 1
     measured = sum(counts.values())
     span = max(1e-9, duration - config.warmup_s)
+    attained = counts["good"] / measured if measured else 0.0
     return SimResult(system, counts, len(requests), accounted, counts["good"] / span,
-                     counts["good"] / measured if measured else 0.0,
-                     tuple(w / config.window_s for w in windows), tuple(decisions_ms), units)
-
-
-# --- the benchmark suite ------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    devices: tuple[DeviceProfile, ...]
-    services: Mapping[str, ServiceSpec]
-    requests: tuple[Request, ...]
-    config: SimConfig = field(default_factory=SimConfig)
-
-
-# The production mix per 40 devices at load x1: request rate over the non-stream
-# services and camera streams (10-30 fps each) over the stream services.
-PRODUCTION_RATE_HZ = 500.0
-PRODUCTION_STREAMS = 40
-
-
-def production_workload(load: float = 1.0, devices: int = 40, services: int = 150,
-                        duration_s: float = 60.0, seed: int = 1) -> Workload:
-    """The production-like mix: Zipf popularity over many services whose models do not
-    all fit everywhere, bursts, a diurnal swing, camera streams, LLM chats of several
-    sizes (the largest fits no single device), on a mostly Pi/Jetson fleet."""
-    fleet_ = tuple(fleet(devices))
-    catalog = catalogue(services, seed)
-    shape = WorkloadShape(duration_s=duration_s,
-                          rate_hz=PRODUCTION_RATE_HZ * load * devices / 40,
-                          streams=max(1, round(PRODUCTION_STREAMS * load * devices / 40)),
-                          diurnal_period_s=duration_s, diurnal_depth=0.4)
-    reqs = generate(catalog, shape, seed, devices)
-    return Workload(f"production x{load:g}", fleet_, catalog, tuple(reqs))
-
-
-def suite(quick: bool = False) -> list[Workload]:
-    duration = 40.0 if quick else 60.0
-    # The load sweep runs past saturation: at x4 every good strategy still meets ~94% of
-    # SLOs (most requests are small models any device serves in time); placement
-    # decides the outcome only once the accelerators run out.
-    out = [production_workload(load, duration_s=duration)
-           for load in ((0.5, 1.0, 4.0) if quick else (0.5, 1.0, 2.0, 4.0, 8.0))]
-    simple_services = catalogue(1, 3, (("detect", 1.0),))
-    simple_devices = tuple(fleet(6, (("jetson", 0.5), ("pi", 0.5))))
-    out.append(Workload("simple", simple_devices, simple_services, tuple(generate(
-        simple_services, WorkloadShape(duration_s=duration, rate_hz=400.0, burst_high=1.0,
-                                       streams=0), 3, len(simple_devices)))))
-    homo_services = catalogue(10, 4, (("classify", 0.5), ("embed", 0.3), ("kws", 0.2)))
-    homo_devices = tuple(fleet(12, (("pi", 1.0),)))
-    out.append(Workload("homogeneous", homo_devices, homo_services, tuple(generate(
-        homo_services, WorkloadShape(duration_s=duration, rate_hz=500.0, streams=0), 4,
-        len(homo_devices)))))
-    over = production_workload(16.0, duration_s=duration)
-    out.append(replace(over, name="overloaded x16"))
-    loss = production_workload(1.0, duration_s=duration)
-    victims = tuple(sorted(d.id for d in loss.devices if d.device_class != "microcomputer")
-                    [::3])
-    out.append(replace(loss, name="device loss", config=SimConfig(
-        fail_at_s=duration / 2, fail=victims)))
-    return out
-
-
-def run_workload(w: Workload, systems: Sequence[str] = SYSTEMS) -> dict[str, SimResult]:
-    return {s: simulate(s, w.requests, w.services, w.devices, w.config) for s in systems}
-
-
-def run_goodput_bench(trace: Path | None = None, json_out: bool = False,
-                      plot: Path | None = None, quick: bool = False,
-                      devices: int = 40, services: int = 150) -> str:
-    """`epara bench goodput`: every system on the same traces; a table, or JSON.
-
-    With ``trace``, that JSONL file (docs/trace-format.md) replaces the built-in
-    production mix; its services must name entries of the built-in catalogue for
-    ``services`` services (``catalogue(services, 1)``), its origins index the fleet.
-    """
-    if trace is not None:
-        base = production_workload(devices=devices, services=services)
-        workloads = [replace(base, name=f"trace {trace.name}",
-                             requests=tuple(read_trace(trace)))]
-    else:
-        workloads = suite(quick)
-    results = {w.name: run_workload(w) for w in workloads}
-    main = workloads[0].name if trace is not None else "production x1"
-    report = _report(results, main)
-    if plot is not None:
-        _plot(results, plot)
-    if json_out:
-        return json.dumps(report, indent=2)
-    return _table(report)
-
-
-def _report(results: Mapping[str, Mapping[str, SimResult]], main: str) -> dict[str, Any]:
-    rows = {}
-    for name, by_system in results.items():
-        best = max(by_system[s].goodput_hz for s in BASELINES if s in by_system)
-        rows[name] = {
-            "systems": {s: {"goodput_hz": round(r.goodput_hz, 3),
-                            "slo_attainment": round(r.attainment, 4),
-                            "outcomes": dict(r.counts), "units": r.units,
-                            "schedule_ms_max": round(max(r.schedule_ms, default=0.0), 1),
-                            "timeline": [round(x, 2) for x in r.timeline]}
-                        for s, r in by_system.items()},
-            "ratio_vs_best_baseline": round(by_system["epara"].goodput_hz / best, 3)
-            if best > 0 else None,
-        }
-    return {"ratio_vs_best_baseline": rows[main]["ratio_vs_best_baseline"],
-            "main": main, "workloads": rows}
-
-
-def _table(report: Mapping[str, Any]) -> str:
-    lines = [f"{'workload':<18}" + "".join(f"{s:>22}" for s in SYSTEMS) + f"{'ratio':>8}",
-             f"{'':<18}" + "".join(f"{'goodput/s  SLO%':>22}" for _ in SYSTEMS)]
-    for name, row in report["workloads"].items():
-        cells = "".join(f"{row['systems'][s]['goodput_hz']:>12.1f} "
-                        f"{row['systems'][s]['slo_attainment'] * 100:>8.1f}%" for s in SYSTEMS)
-        ratio = row["ratio_vs_best_baseline"]
-        lines.append(f"{name:<18}{cells}{'' if ratio is None else f'{ratio:>8.2f}'}")
-    lines.append(f"epara vs best baseline on {report['main']}: "
-                 f"{report['ratio_vs_best_baseline']}x")
-    return "\n".join(lines)
-
-
-def _plot(results: Mapping[str, Mapping[str, SimResult]], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    loads = sorted((float(n.split("x")[1]), n) for n in results if n.startswith("production"))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for s in SYSTEMS:
-        left.plot([x for x, _ in loads], [results[n][s].goodput_hz for _, n in loads],
-                  marker="o", label=s)
-        right.plot([x for x, _ in loads], [results[n][s].attainment * 100 for _, n in loads],
-                   marker="o", label=s)
-    left.set(xlabel="load (x production mix)", ylabel="goodput (requests within SLO / s)")
-    right.set(xlabel="load (x production mix)", ylabel="SLO attainment (%)")
-    left.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+                     attained,
+                     tuple(w / config.window_s for w in windows), tuple(decisions_ms),
+                     units, sim.estimation())

@@ -266,3 +266,82 @@ def generate(services: Mapping[str, ServiceSpec], shape: WorkloadShape, seed: in
             t += period
     out.sort(key=lambda r: (r.t, r.service))
     return out
+
+
+# A trace replayed with `epara bench goodput --trace` runs on the production fleet of this
+# size, its services drawn from this catalogue (what `bench/goodput_sim.py --write-trace`
+# writes from; docs/trace-format.md).
+TRACE_DEVICES, TRACE_SERVICES = 40, 150
+
+
+def production_trace(load: float = 1.0, seed: int = 1, duration_s: float = 60.0,
+                     devices: int = TRACE_DEVICES, services: int = TRACE_SERVICES
+                     ) -> tuple[list[DeviceProfile], dict[str, ServiceSpec], list[Request]]:
+    """The production mix at the trace format's sizes: fleet, catalogue and trace (500
+    requests/s and 40 camera streams per 40 devices at x1)."""
+    catalog = catalogue(services, seed)
+    shape = WorkloadShape(duration_s=duration_s, rate_hz=500.0 * load * devices / 40,
+                          streams=max(1, round(40 * load * devices / 40)),
+                          diurnal_period_s=duration_s, diurnal_depth=0.4)
+    return fleet(devices), catalog, generate(catalog, shape, seed, devices)
+
+
+# --- the benchmark mixes ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mix:
+    """A workload family: a fleet, a catalogue drawn per seed, and the traffic at load x1
+    (the bench scales it by a load multiplier to find each system's goodput)."""
+
+    name: str
+    devices: int
+    fleet: tuple[tuple[str, float], ...]
+    services: int
+    kinds: tuple[tuple[str, float], ...]
+    rate_hz: float  # non-stream requests per second at x1
+    streams: int  # camera streams at x1
+    target: float = 0.90  # the attainment the headline goodput keeps
+    stream_hz: float | None = None  # every stream at this frame rate (None: the template's)
+    slo_scale: Mapping[str, float] | None = None  # kind -> SLO multiplier
+    diurnal: bool = False
+    note: str = ""
+
+    def catalogue(self, seed: int) -> dict[str, ServiceSpec]:
+        out = catalogue(self.services, seed, self.kinds)
+        for name, spec in out.items():
+            if self.stream_hz and spec.target_rate_hz:
+                spec = replace(spec, target_rate_hz=self.stream_hz)
+            scale = (self.slo_scale or {}).get(kind_of(name))
+            if scale:
+                spec = replace(spec, slo_ms=spec.slo_ms * scale)
+            out[name] = spec
+        return out
+
+    def trace(self, load: float, seed: int, duration_s: float,
+              services: Mapping[str, ServiceSpec] | None = None) -> list[Request]:
+        shape = WorkloadShape(duration_s=duration_s, rate_hz=self.rate_hz * load,
+                              streams=max(0, round(self.streams * load)),
+                              diurnal_period_s=duration_s if self.diurnal else 0.0,
+                              diurnal_depth=0.4)
+        return generate(services or self.catalogue(seed), shape, seed, self.devices)
+
+
+MIXES: dict[str, Mix] = {m.name: m for m in (
+    Mix("production", 12, PRODUCTION_FLEET, 30, KIND_SHARE, 150.0, 12, diurnal=True,
+        note="Zipf over many services, bursts, a diurnal swing, camera streams, chats "
+             "of every size, on a mostly Pi/Jetson fleet"),
+    Mix("edge-llm", 12, (("jetson", 0.2), ("nano", 0.3), ("pi", 0.3), ("pi4g", 0.2)), 12,
+        (("chat-1b", 0.15), ("chat-3b", 0.15), ("chat-8b", 0.2), ("chat-14b", 0.15),
+         ("chat-32b", 0.05), ("classify", 0.1), ("embed", 0.1), ("kws", 0.1)), 30.0, 0,
+        note="chats carry most device-seconds; the 8B-32B tiers need pipelines on 4-8 GB "
+             "devices"),
+    Mix("camera", 12, (("jetson", 0.15), ("nano", 0.25), ("pi", 0.6)), 10,
+        (("selfie-stream", 0.3), ("seg-stream", 0.3), ("det-stream", 0.2),
+         ("classify", 0.1), ("detect", 0.1)), 20.0, 16, stream_hz=30.0,
+        note="dozens of 30 fps camera streams that only accelerator batching sustains"),
+    Mix("latency-critical", 12, PRODUCTION_FLEET, 20,
+        (("kws", 0.2), ("intent", 0.2), ("classify", 0.2), ("embed", 0.1),
+         ("chat-3b", 0.15), ("chat-8b", 0.15)), 150.0, 0, target=0.99,
+        slo_scale={"classify": 0.5, "embed": 0.5, "intent": 0.4, "kws": 0.4},
+        note="20-50 ms models beside multi-second chat prefills, judged at 99%"),
+)}
