@@ -1,12 +1,13 @@
-"""Honest admission: accepted requests that then miss their deadline, mixed image sizes.
+"""Honest admission: accepted requests that then miss their deadline, mixed input sizes.
 
     python bench/admission.py [--rounds 4] [--seconds 6] [--json] [--store DIR]
 
 The real text-det model (PP-OCRv4 det, onnxruntime) behind the node's own request
-handler (LocalApi `segment`: decode, resize, queue, run, mask), fed an open-loop mix of
-736x736, 736x1472 and 1472x1472 images, each with a deadline drawn between 1.5x the small
-image's time and 1.5x the large one's. Two admission estimates, interleaved by round
-(A B A B ...), each starting from the same few warm-up runs:
+handler (LocalApi `infer`: validate, admit, queue, run), fed an open-loop mix of
+160x160, 320x320 and 640x640 inputs (its input is [N, 3, H, W], any multiple of 32), each
+with a deadline drawn between 1.5x the small input's time and 1.5x the large one's. Two
+admission estimates, interleaved by round (A B A B ...), each starting from the same few
+warm-up runs:
   by-size     the node's RunCost: run time fitted against input elements, with the
               margin of recent runs slower than fitted (node/service.py)
   size-blind  the estimate before it: the mean recent run time, whatever the input
@@ -42,9 +43,7 @@ from epara.node.api import LocalApi, Request  # noqa: E402
 from epara.node.daemon import load_service  # noqa: E402
 from epara.node.service import ModelService, RunCost  # noqa: E402
 
-# text-det grows every image to a shorter side of 736 (rapidocr's limit_type "min"), so
-# sizes that reach the model differently: 0.5, 1.1 and 2.2 megapixels.
-SIDES = ((736, 736), (736, 1472), (1472, 1472))
+SIDES = ((160, 160), (320, 320), (640, 640))
 
 
 class SizeBlindCost(RunCost):
@@ -57,7 +56,7 @@ class SizeBlindCost(RunCost):
         return None if not times else runs * statistics.fmean(times)
 
 
-async def _segment(api: LocalApi, image: np.ndarray, budget_ms: float | None,
+async def _infer(api: LocalApi, tensor: np.ndarray, budget_ms: float | None,
                    ) -> tuple[str, float]:
     """One request through the node's handler: (outcome code, seconds it took)."""
     replies: list[dict[str, Any]] = []
@@ -65,7 +64,8 @@ async def _segment(api: LocalApi, image: np.ndarray, budget_ms: float | None,
     async def reply(answer: dict[str, Any]) -> None:
         replies.append(answer)
 
-    message: dict[str, Any] = {"id": 1, "op": "segment", "model": "text-det", "image": image}
+    message: dict[str, Any] = {"id": 1, "op": "infer", "model": "text-det",
+                               "inputs": {"x": tensor}}
     if budget_ms is not None:
         message["deadline_ms"] = budget_ms
     started = time.monotonic()
@@ -75,9 +75,9 @@ async def _segment(api: LocalApi, image: np.ndarray, budget_ms: float | None,
     return ("ok" if answer["ok"] else answer["error"]["code"]), elapsed
 
 
-def _images() -> dict[tuple[int, int], np.ndarray]:
+def _inputs() -> dict[tuple[int, int], np.ndarray]:
     rng = np.random.default_rng(0)
-    return {side: rng.integers(0, 255, (*side, 3), dtype=np.uint8) for side in SIDES}
+    return {side: rng.standard_normal((1, 3, *side), dtype=np.float32) for side in SIDES}
 
 
 async def _warm(api: LocalApi, service: ModelService, cost: RunCost,
@@ -88,7 +88,7 @@ async def _warm(api: LocalApi, service: ModelService, cost: RunCost,
     seconds: dict[tuple[int, int], list[float]] = {side: [] for side in SIDES}
     for _ in range(4):
         for side in SIDES:
-            _, elapsed = await _segment(api, images[side], None)
+            _, elapsed = await _infer(api, images[side], None)
             seconds[side].append(elapsed)
     return {side: statistics.median(v) for side, v in seconds.items()}
 
@@ -104,7 +104,7 @@ async def _round(api: LocalApi, images: dict[tuple[int, int], np.ndarray],
         side = rng.choice(SIDES)
         budget = rng.uniform(low, high)
         budgets.append(budget)
-        tasks.append(asyncio.create_task(_segment(api, images[side], budget)))
+        tasks.append(asyncio.create_task(_infer(api, images[side], budget)))
         await asyncio.sleep(rng.expovariate(rate_hz))
     outcomes = await asyncio.gather(*tasks)
     counts = {"sent": len(outcomes), "accepted": 0, "missed": 0, "ok_in_time": 0,
@@ -127,7 +127,7 @@ async def measure(store: ModelStore, rounds: int, seconds: float) -> dict[str, A
     service = load_service(directory, load_manifest(directory), 1)
     assert isinstance(service, ModelService)
     api = LocalApi({"text-det": service}, lambda: [], lambda: {})
-    images = _images()
+    images = _inputs()
     rng = random.Random(0)
     policies = {"by-size": RunCost, "size-blind": SizeBlindCost}
     totals = {name: {"sent": 0, "accepted": 0, "missed": 0, "ok_in_time": 0, "refused": 0}

@@ -129,21 +129,20 @@ def node_fps(sock: Path, name: str, inputs: dict[str, np.ndarray], seconds: floa
 
 
 def batch_curve(session: Session, name: str, frame: np.ndarray, max_batch: int,
-                repeats: int = 20) -> list[dict[str, float]]:
-    curve = []
-    for batch in (1, 2, 4, 8):
-        if batch > max_batch:
-            break
-        stacked = {name: np.repeat(frame, batch, axis=0)}
-        for _ in range(3):
-            session.run(stacked)
-        times = []
-        for _ in range(repeats):
+                rounds: int = 6, repeats: int = 5) -> list[dict[str, Any]]:
+    """In-process time per frame by batch size, sizes interleaved round by round."""
+    sizes = [b for b in (1, 2, 4, 8) if b <= max_batch]
+    stacked = {b: {name: np.repeat(frame, b, axis=0)} for b in sizes}
+    per_frame: dict[int, list[float]] = {b: [] for b in sizes}
+    for _ in range(rounds):
+        for batch in sizes:
+            session.run(stacked[batch])  # a new batch size may resize the runtime's tensors
             start = time.perf_counter()
-            session.run(stacked)
-            times.append(time.perf_counter() - start)
-        curve.append({"batch": batch, "ms_per_frame": statistics.median(times) * 1000 / batch})
-    return curve
+            for _ in range(repeats):
+                session.run(stacked[batch])
+            per_frame[batch].append((time.perf_counter() - start) * 1000 / repeats / batch)
+    return [{"batch": b, "ms_per_frame": statistics.median(v), "min": min(v), "max": max(v)}
+            for b, v in per_frame.items()]
 
 
 def rss_mb(pid: int) -> float:
@@ -168,15 +167,19 @@ def rss_growth(sock: Path, pid: int, requests: int) -> dict[str, float]:
             "growth_mb": after_all - after_100}
 
 
-def forward_curve() -> tuple[Any, str | None]:
+def forward_curve() -> tuple[dict[str, Any] | None, str | None]:
+    """bench/forward.py's whole JSON object (its own same-run baseline: raw CURVE)."""
     script = ROOT / "bench" / "forward.py"
     if not script.exists():
         return None, "bench/forward.py is not in this checkout"
     try:
         done = subprocess.run([sys.executable, str(script), "--json"], capture_output=True,
                               text=True, timeout=900, check=True)
-        return json.loads(done.stdout)["forward_vs_raw_curve"], None
-    except (subprocess.SubprocessError, json.JSONDecodeError, KeyError) as exc:
+        found = json.loads(done.stdout.strip().splitlines()[-1])
+        if "forward_vs_raw_curve" not in found:
+            raise KeyError("forward_vs_raw_curve")
+        return found, None
+    except (subprocess.SubprocessError, json.JSONDecodeError, KeyError, IndexError) as exc:
         return None, f"bench/forward.py failed: {exc}"
 
 
@@ -232,14 +235,14 @@ def main() -> None:
         "overhead_ms_tiny": tiny["shared_memory"]["overhead_ms"],
         "seg_fps_ratio_2_streams": statistics.median(fps[2]),
         "seg_fps_ratio_4_streams": statistics.median(fps[4]),
-        "forward_vs_raw_curve": forward,
+        "forward_vs_raw_curve": None if forward is None else forward["forward_vs_raw_curve"],
         "rss_growth_mb": rss["growth_mb"],
         "detail": {
             "tiny": tiny, "segmentation_1mb": seg,
             "seg_fps_ratio_rounds": {str(k): v for k, v in fps.items()},
             "seg_direct_fps": spread(direct),
             "seg_mean_batch": {str(k): statistics.mean(v) for k, v in mean_batch.items()},
-            "batch_curve": curve, "rss": rss, "threads": args.threads,
+            "batch_curve": curve, "rss": rss, "threads": args.threads, "forward": forward,
         },
     }
     if forward_reason is not None:

@@ -327,7 +327,7 @@ class Connection:
             self.loop.add_reader(self.fd, self._on_readable)
             if self._start < self._end:
                 self._arm_frame_timer(restart=True)
-                self.loop.call_soon(self._parse)  # frames already here wait no longer
+                self.loop.call_soon(self._parse_safely)  # frames already here go on
         else:
             self.loop.remove_reader(self.fd)
             # Time spent not reading (the client's own replies back up) is not the client's
@@ -418,6 +418,9 @@ class Connection:
                 self._cancel_frame_timer()
             return
         self._end += nbytes
+        self._parse_safely()
+
+    def _parse_safely(self) -> None:
         try:
             self._parse()
         except Exception:  # a bug here must cost this connection, never the node

@@ -116,10 +116,17 @@ class RunCost:
         self.margin_s = margin_s
         self._samples: deque[tuple[float, float, float]] = deque(maxlen=window)
         self._lock = threading.Lock()
+        # Fitted once per new run, not per request: (line, [(when, actual / fitted)])
+        self._model: tuple[tuple[float, float, float], list[tuple[float, float]]] | None = None
 
     def record(self, work: float, seconds: float, now: float) -> None:
         with self._lock:
             self._samples.append((float(work), seconds, now))
+            fit = _fit([(w, t) for w, t, _ in self._samples])
+            assert fit is not None
+            fixed, per_element, floor = fit
+            self._model = (fit, [(at, t / max(fixed + per_element * w, floor, 1e-9))
+                                 for w, t, at in self._samples])
 
     def fixed_seconds(self) -> float | None:
         """The fitted cost of a run whatever its size (what batching shares); None until
@@ -134,15 +141,11 @@ class RunCost:
 
     def predict(self, runs: int, work: float, now: float) -> float | None:
         """Seconds for ``runs`` runs fed ``work`` elements in all; None when unknown."""
-        with self._lock:
-            samples = list(self._samples)
-        fit = _fit([(w, t) for w, t, _ in samples])
-        if fit is None:
+        model = self._model
+        if model is None:
             return None
-        fixed, per_element, floor = fit
-        ratios = [t / max(fixed + per_element * w, floor, 1e-9)
-                  for w, t, at in samples if now - at <= self.margin_s]
-        margin = max([1.0, *ratios])
+        (fixed, per_element, floor), ratios = model
+        margin = max([1.0, *(r for at, r in ratios if now - at <= self.margin_s)])
         return margin * max(runs * fixed + per_element * work, runs * floor)
 
 

@@ -54,6 +54,7 @@ _CAPS_RETRY = 2.0
 _RECENT_COMMANDS = 256
 _STATE_RETRY = 1.0  # seconds before asking a member for its record again
 _MAX_PEERS_GOSSIPED = 256
+_MAX_DRAIN = 256  # queued messages folded at the start of a tick, at most
 
 
 class NotLeader(RuntimeError):
@@ -498,8 +499,18 @@ class ClusterMember:
         return before
 
     async def _tick_loop(self) -> None:
+        due = time.monotonic()
         while True:
+            # Heartbeats that arrived while this process could not run (CPU starvation,
+            # a long GC) are still queued: fold them before judging anyone silent.
+            for _ in range(_MAX_DRAIN):
+                if self._router is None or (frames := _recv_now(self._router)) is None:
+                    break
+                await self._on_frames(frames)
             now = time.monotonic()
+            if now - due > 2 * self.interval:
+                log.info("%s: tick %.2f s late (this process did not run)", self.node_id,
+                         now - due)
             self._seq += 1
             self.interval = membership.heartbeat_interval(
                 self.config.heartbeat_interval, len(self._links),
@@ -526,6 +537,7 @@ class ClusterMember:
             self._prune_links(now)
             self._request_states(now)
             self._fetch_capabilities(now)
+            due = time.monotonic() + self.interval
             await asyncio.sleep(self.interval)
 
     def _update(self, now: float) -> None:
@@ -672,6 +684,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--command-every", type=float, default=0.0,
                         help="while leader, broadcast a 'ping' command this often (tests)")
     parser.add_argument("--remove-after", type=float, default=1.5)
+    parser.add_argument("--max-heartbeats-per-s", type=float,
+                        default=MemberConfig.max_heartbeats_per_s)
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
@@ -683,6 +697,7 @@ async def _run(args: argparse.Namespace) -> None:
         control_port=args.port, seeds=tuple(args.peer), mdns=not args.no_mdns,
         never_lead=args.never_lead, priority=args.priority,
         suspect_after=args.remove_after / 2, remove_after=args.remove_after,
+        max_heartbeats_per_s=args.max_heartbeats_per_s,
         cache_dir=args.cache_dir, status_file=args.status_file)
     started = time.monotonic()
     member = ClusterMember(config, args.credentials, lambda: {

@@ -200,7 +200,7 @@ def check_staying_cluster(output: str, bed: bool, openai: Any) -> None:
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert "3 of this cluster" in doctor.stdout, doctor.stdout
 
-    url = re.search(r"curl -s (http://127\.0\.0\.1:\d+)/v1/models", output)
+    url = re.search(r"curl -s (?:-H '[^']*' )?(http://127\.0\.0\.1:\d+)/v1/models", output)
     assert url is not None, output
     base = url.group(1)
     metrics = _get(base + "/metrics", token)

@@ -135,8 +135,10 @@ def test_errors_are_openai_error_bodies_with_http_statuses(ai: Any,
     assert late.value.status_code == 504
     status, body, _ = get(node["url"] + "/v1/nothing")
     assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
-    with socket.create_connection(("127.0.0.1", int(node["url"].rsplit(":", 1)[1]))) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 5\r\n\r\nnope!")
+    port = int(node["url"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                  b"Content-Length: 5\r\n\r\nnope!" % port)
         head = s.recv(65536).decode()
     assert head.startswith("HTTP/1.1 400 ")
 

@@ -237,15 +237,17 @@ def run(config: BenchConfig, trace: Sequence[Request] | None = None,
     return report(results, config, plot_seed)
 
 
-def _ratio(a: float, b: float) -> float:
+def _ratio(a: float, b: float) -> float | None:
+    """a / b; None when neither reaches the target at any load (no goodput to compare),
+    inf when only ``a`` does."""
     if b <= 0:
-        return math.inf if a > 0 else 1.0
+        return math.inf if a > 0 else None
     return a / b
 
 
-def _median(xs: Sequence[float]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
+def _median(xs: Sequence[float | None]) -> float | None:
+    known = [x for x in xs if x is not None]
+    return statistics.median(known) if known else None
 
 
 def report(results: Sequence[Mapping[str, Any]], config: BenchConfig,
@@ -281,7 +283,8 @@ def report(results: Sequence[Mapping[str, Any]], config: BenchConfig,
         def summary(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             if not entries:
                 return {}
-            every = [x for e in entries for x in e["ratios_at_target"].values()]
+            every = [x for e in entries for x in e["ratios_at_target"].values()
+                     if x is not None]
             return {
                 "seeds": len(entries),
                 "ratio_vs_best_prior_median": _median(
@@ -289,7 +292,8 @@ def report(results: Sequence[Mapping[str, Any]], config: BenchConfig,
                 "ratio_vs_best_prior_at_target_median": _median(
                     [e["ratio_vs_best_prior_at_target"] for e in entries]),
                 "ratio_vs_best_prior_at_target_min": min(
-                    e["ratio_vs_best_prior_at_target"] for e in entries),
+                    (e["ratio_vs_best_prior_at_target"] for e in entries
+                     if e["ratio_vs_best_prior_at_target"] is not None), default=None),
                 "ratio_vs_ablation_median": _median(
                     [e["ratio_vs_ablation"] for e in entries]),
                 "ratio_vs_ablation_min": min((e["ratio_vs_ablation"] for e in entries
@@ -314,10 +318,11 @@ def report(results: Sequence[Mapping[str, Any]], config: BenchConfig,
                                  for s in config.systems} if str(plot_seed) in seeds else {}}
     main = "production" if "production" in mixes else next(iter(mixes))
     every_seed = [x for m in mixes.values() for e in m["seeds"].values()
-                  for x in e["ratios_at_target"].values()]
+                  for x in e["ratios_at_target"].values() if x is not None]
     x1 = [e["systems"] for e in mixes[main]["seeds"].values()]
-    fixed = _median([_ratio(s["epara"]["x1"]["goodput_hz"],
-                            max(s[b]["x1"]["goodput_hz"] for b in baselines)) for s in x1])
+    fixed = _median([r for r in (_ratio(s["epara"]["x1"]["goodput_hz"],
+                                        max(s[b]["x1"]["goodput_hz"] for b in baselines))
+                                 for s in x1) if r is not None])
     return {
         "goodput_ratio_vs_best_prior": mixes[main]["held_out"].get(
             "ratio_vs_best_prior_median"),
