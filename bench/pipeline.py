@@ -4,7 +4,7 @@ pipeline vs a memory-proportional split, measured. Needs root (namespaces, cgrou
     python bench/pipeline.py [--store DIR] [--tokens 24] [--concurrency 1,4]
                              [--repeat 3] [--json]
 
-Bed (``node/testbed.py``): host 0 server-class (2 CPUs), hosts 1-2 Pi-class (0.4 CPU
+Bed (``node/lab/testbed.py``): host 0 server-class (2 CPUs), hosts 1-2 Pi-class (0.4 CPU
 each), wired links; every number printed is **emulated**. Placements:
 
   single   the whole model on the best single device (the server host)
@@ -231,8 +231,8 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
     from epara.models.manifest import load_manifest
     from epara.models.store import ModelStore
     from epara.models.zoo import prepare
+    from epara.node.lab.testbed import LINKS, EmulatedBed, have_bed, host
     from epara.node.planning import catalogue_entry, service_spec
-    from epara.node.testbed import LINKS, EmulatedBed, have_bed, host
     from epara.peer.security import create_cluster_credentials
 
     reason = have_bed()

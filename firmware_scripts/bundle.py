@@ -164,13 +164,35 @@ def build_bundle(profile: Profile, store: ModelStore, out: Path | None = None,
                          cluster is not None)
 
 
+# Lab code no device needs (the emulated bed, the load generator, the demo): left out of
+# the wheel a bundle installs.
+LAB_PREFIX = "epara/node/lab/"
+
+
 def _build_epara_wheel(dest: Path) -> Path:
     env = {**os.environ, "SOURCE_DATE_EPOCH": str(FIXED_MTIME)}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "--quiet", "-w", str(dest), str(source_root())], check=True, env=env,
                    stdout=subprocess.DEVNULL)
     (wheel,) = dest.glob("epara-*.whl")
+    without_lab(wheel)
     return wheel
+
+
+def without_lab(wheel: Path) -> None:
+    """Rewrite ``wheel`` in place without the lab subpackage (its files and their RECORD
+    lines), keeping every other entry's bytes, time stamp and order (reproducible)."""
+    stripped = wheel.with_suffix(".tmp")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(stripped, "w") as out:
+        for info in src.infolist():
+            if info.filename.startswith(LAB_PREFIX):
+                continue
+            data = src.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = b"".join(line for line in data.splitlines(keepends=True)
+                                if not line.startswith(LAB_PREFIX.encode()))
+            out.writestr(info, data)
+    stripped.replace(wheel)
 
 
 def _pip_download(profile: Profile, requirements: Sequence[str], dest: Path,

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,12 @@ def _parser() -> argparse.ArgumentParser:
                       "$EPARA_MODEL_STORE or ~/.cache/epara/models)")
     demo.add_argument("--loopback", action="store_true", help="loopback processes even "
                       "as root (no namespace hosts with emulated device classes)")
+    demo.add_argument("--rounds", type=int, default=2, help="rounds of the comparison, "
+                      "policies interleaved A B A B (the bench runs 3)")
+    demo.add_argument("--scenario", choices=("default", "case-study"), default="default",
+                      help="case-study: the paper's case study (server-, Jetson- and "
+                      "Pi-class hosts whose memory holds no whole LLM; camera streams and "
+                      "a latency-critical model; baselines replicate-all and pipeline-all)")
     demo.add_argument("--stay", action="store_true", help="after the comparison, keep an "
                       "epara cluster running with HTTP on every node, print how to reach "
                       "it (status, plan, doctor, metrics, dashboard, OpenAI API), and stop "
@@ -243,10 +250,15 @@ def _parser() -> argparse.ArgumentParser:
                          "jetson, pi; needs root) instead of loopback")
     goodput.add_argument("--load", type=float, default=1.0,
                          help="with --real: scale the built-in trace's rates")
-    goodput.add_argument("--policies", default=",".join(("epara", "one-replica",
-                                                         "replicate-all")),
-                         help="with --real: placement policies to compare (comma list)")
+    goodput.add_argument("--policies", help="with --real: placement policies to compare "
+                         "(comma list; default epara,one-replica,replicate-all, or epara "
+                         "and the scenario's baselines)")
     goodput.add_argument("--store", type=Path, help="with --real: the model store")
+    goodput.add_argument("--rounds", type=int, default=3, help="with --real: rounds, the "
+                         "policies interleaved A B A B; the median and range are reported")
+    goodput.add_argument("--scenario", choices=("default", "case-study"),
+                         help="with --real: a scenario's hosts (an EMULATED bed, needs "
+                         "root), workload and baselines (see `epara demo --help`)")
     goodput.add_argument("--devices", type=int, default=TRACE_DEVICES,
                          help="with --trace: the fleet (production mix) it replays on")
     goodput.add_argument("--services", type=int, default=TRACE_SERVICES,
@@ -262,9 +274,10 @@ def _parser() -> argparse.ArgumentParser:
     _socket_arg(status)
     status.set_defaults(run=_cmd_status)
 
-    from epara.firmware.cli import add_parser as add_firmware_parser
-
-    add_firmware_parser(sub)
+    # Commands other packages of epara add (``epara firmware``), found through their
+    # entry points, so this module and theirs do not import each other.
+    for command in entry_points(group="epara.commands"):
+        command.load()(sub)
     return parser
 
 
@@ -602,24 +615,40 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from epara.node.demo import run_demo
+    run_demo = _lab("demo").run_demo
 
-    if args.nodes < 2 or args.seconds <= 0 or args.load <= 0:
-        raise SystemExit("epara demo: --nodes must be at least 2, --seconds and --load "
-                         "positive")
+    if args.nodes < 2 or args.seconds <= 0 or args.load <= 0 or args.rounds < 1:
+        raise SystemExit("epara demo: --nodes must be at least 2, --rounds at least 1, "
+                         "--seconds and --load positive")
     return run_demo(args.nodes, args.seconds, args.out, args.store, args.loopback,
-                    args.load, args.stay)
+                    args.load, args.stay, args.rounds, args.scenario)
+
+
+def _lab(module: str) -> Any:
+    """A module of the lab subpackage, or a clear exit where it is not installed."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"epara.node.lab.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.startswith("epara.node.lab"):
+            raise SystemExit("this command needs epara's lab code (epara.node.lab), which "
+                             "device bundles leave out: run it where epara is installed "
+                             "from a source checkout or a full wheel") from None
+        raise
 
 
 def _cmd_bench_goodput(args: argparse.Namespace) -> int:
     if args.real:
-        from epara.node.loadgen import run_real_goodput
-
+        run_real_goodput = _lab("loadgen").run_real_goodput
+        if args.rounds < 1:
+            raise SystemExit("epara bench goodput: --rounds must be at least 1")
         print(run_real_goodput(args.trace, args.seconds, args.nodes, args.store, args.json,
-                               args.plot, args.policies.split(","), args.load,
-                               args.bed.split(",") if args.bed else ()))
+                               args.plot, args.policies.split(",") if args.policies else None,
+                               args.load, args.bed.split(",") if args.bed else (),
+                               args.rounds, args.scenario))
         return 0
-    from epara.node.lab.goodput import run_goodput_bench
+    run_goodput_bench = _lab("goodput").run_goodput_bench
 
     if args.devices < 1 or args.services < 1 or args.jobs < 1:
         raise SystemExit("epara bench goodput: --devices, --services and --jobs must be "

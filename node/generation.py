@@ -61,6 +61,8 @@ class _Sequence:
     first_token: float | None = None
     tokens: int = 0
     resume: list[int] = field(default_factory=list)
+    prefill_began: float | None = None  # its first engine step
+    prefill_alone: bool = True  # no other sequence ran in its prefill's steps
 
 
 class GenerationService:
@@ -71,6 +73,12 @@ class GenerationService:
         self.max_active = max(1, manifest.hints.max_batch)
         self.max_queue = manifest.hints.max_queue
         self.ttft = LatencyTracker()
+        # A lone prefill's time, scaled to the planner's typical prompt: the "first pass"
+        # the leader's estimates start from (run_ms; none for a pipeline head, whose
+        # steps include its peers' stages and the network)
+        # (its first one too: an LLM's requests are few, and the roofline it would
+        # otherwise be planned by is ten times off on a CPU)
+        self.prefill = LatencyTracker(skip_first=False)
         self.counts = {"served": 0, "failed": 0, "refused": 0, "expired": 0, "cancelled": 0,
                        "tokens": 0}
         self._ids = itertools.count()
@@ -137,6 +145,8 @@ class GenerationService:
             "active_sequences": len(self._running),
             "max_batch": self.max_active,
             "ttft_ms_p50": self.ttft.percentile(50),
+            "run_ms_ewma": None if self.prefill.single_seconds is None
+            else self.prefill.single_seconds * 1000,
             "ttft_ms_p99": self.ttft.percentile(99),
             **self.counts,
         }
@@ -221,6 +231,12 @@ class GenerationService:
             self._running[seq.seq_id] = seq
 
     def _step(self) -> None:
+        started = time.monotonic()
+        for seq in self._running.values():
+            if seq.first_token is None:
+                if seq.prefill_began is None:
+                    seq.prefill_began = started
+                seq.prefill_alone &= len(self._running) == 1
         try:
             events = self.engine.step()
         except Exception as exc:  # an engine fault fails its sequences, not the node
@@ -250,6 +266,11 @@ class GenerationService:
                 continue
             if seq.first_token is None:
                 seq.first_token = now
+                # A prefill (in one step or several chunks) that ran alone, from the
+                # start (a replay's resume rebuilds more than the prompt)
+                if seq.prefill_alone and seq.prefill_began is not None and \
+                        not seq.resume and not self.target.startswith("pipeline"):
+                    self._note_prefill(seq, now - seq.prefill_began)
                 self.ttft.record_request((now - seq.submitted) * 1000)
             seq.tokens += 1
             self.counts["tokens"] += 1
@@ -267,6 +288,15 @@ class GenerationService:
                 self.counts["expired"] += 1
                 self._finish(seq, ServiceError(
                     "deadline_exceeded", f"deadline passed after {seq.tokens} tokens"))
+
+    def _note_prefill(self, seq: _Sequence, seconds: float) -> None:
+        """Record a step that was one sequence's prefill alone, per the planner's
+        typical prompt (node/planning.py): compute grows with the prompt's tokens."""
+        from epara.node.planning import TYPICAL_PROMPT_TOKENS
+
+        tokens = self.prompt_tokens(seq.prompt, seq.messages)
+        if tokens:
+            self.prefill.record_batch(seconds * TYPICAL_PROMPT_TOKENS / tokens)
 
     def _finish(self, seq: _Sequence, outcome: ServiceError | None) -> None:
         with self._lock:

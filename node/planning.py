@@ -27,6 +27,8 @@ MB = 1_000_000
 # Prompt length the planner assumes for an LLM's prefill when it has seen no traffic.
 TYPICAL_PROMPT_TOKENS = 64
 TYPICAL_OUTPUT_TOKENS = 48
+# Requests ended in the nodes' windows below which a service's attainment is not reported
+MIN_ATTAINMENT_SAMPLES = 10
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,10 @@ def demand(members: Iterable[Any]) -> dict[str, ServiceDemand]:
         weighted = slos.get(name)
         slo = sum(r * s for r, s in weighted) / sum(r for r, _ in weighted) \
             if weighted and sum(r for r, _ in weighted) > 0 else None
-        attained = met.get(name, 0) / ended[name] if ended.get(name) else None
+        # A handful of requests is no measurement: one late chat turn out of three is
+        # not "33% below the estimate" (the correction would chase noise).
+        attained = met.get(name, 0) / ended[name] \
+            if ended.get(name, 0) >= MIN_ATTAINMENT_SAMPLES else None
         out[name] = ServiceDemand(rate, cvs[name], None, peaks[name], slo, attained)
     return out
 

@@ -1,14 +1,17 @@
 """A node's life as a cluster member: placement, stages, and requests served by peers.
 
 - Every node publishes, in its synced state record, the models it can load (catalogue),
-  its data-plane port, its memory budget, the units it has ready and the demand it sees.
-- The leader runs the state-aware scheduler every few seconds and on membership change,
-  and broadcasts the versioned placement (best effort, so it re-sends it periodically).
-- Each node's reconciler loads exactly the replicas and stages the placement gives it
-  and unloads the rest.
-- A request for a model is routed by the pure routing policy: the local replica, a peer
-  replica (the request is forwarded over the data plane and its replies relayed back),
-  or a pipeline's head; it is refused early when no target can meet its deadline.
+  its data-plane port, its memory budget, the units it has ready, the demand it sees and
+  the SLO attainment of the requests that entered through it.
+- While it leads, ``PlacementPublisher`` (node/publisher.py) runs the placement policy
+  every few seconds, on membership change and on a demand surge, and broadcasts the
+  versioned placement (best effort, so it re-sends it periodically).
+- Each node's executor here carries out the pure reconcile step's actions
+  (node/reconcile.py): exactly the replicas (with the plan's batch), pipeline heads and
+  stages the placement gives it, nothing else.
+- A request for a model is routed by ``Router`` (node/router.py) from calibrated specs:
+  the local replica, a peer replica (forwarded by node/forwarder.py, replies relayed
+  back), or a pipeline's head; it is refused early when no target can meet its deadline.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import logging
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +33,6 @@ from epara.node.generation import GenerationService
 from epara.node.leader.demand import WINDOW_S, observe
 from epara.node.leader.model import Placement, Unit
 from epara.node.leader.policies import make_policy
-from epara.node.leader.routing import route, targets_for
 from epara.node.leader.scheduler import SchedulerConfig
 from epara.node.pipeline import (
     LlmStageAdapter,
@@ -41,32 +42,21 @@ from epara.node.pipeline import (
     StageHost,
     StageRef,
 )
+from epara.node.publisher import PlacementPublisher
 from epara.node.reconcile import Running, stage_key
+from epara.node.router import NotPlaced, Router
 from epara.node.service import ServiceError
-from epara.peer.member import ClusterMember, NotLeader
+from epara.peer.member import ClusterMember
 
 if TYPE_CHECKING:
     from epara.node.daemon import Node
 
 log = logging.getLogger(__name__)
 
-SCHEDULE_PERIOD_S = 3.0  # re-plan at least this often (and on membership change)
-# ... and sooner, at most once per SURGE_MIN_GAP_S, when a service's burst rate grew
-# SURGE_FACTOR-fold since the last decision (and is at least SURGE_MIN_HZ)
-SURGE_MIN_GAP_S = 0.5
-SURGE_FACTOR = 2.0
-SURGE_MIN_HZ = 1.0
-TICK_S = 0.5  # how often the leader checks that every member applied its placement
-REBROADCAST_S = 5.0
 COLD_START_WAIT_S = 15.0  # how long a request waits for the leader to place its model
-ROUTING_VIEW_S = 0.05  # how stale the routing snapshot of the cluster may be
 # "epara" is the state-aware scheduler; the others are the baseline strategies of the
 # simulator, here so a real cluster can be measured under each of them.
 Reply = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class _NotPlaced(Exception):
-    """No ready unit of the service anywhere (yet)."""
 
 
 class RateMeter:
@@ -108,7 +98,9 @@ class ClusterRuntime:
     def __init__(self, node: Node, member: ClusterMember, credentials_dir: Path,
                  budget_mb: float | None = None,
                  config: SchedulerConfig | None = None, policy: str = "epara") -> None:
-        self.policy = make_policy(policy, config)
+        # A real cluster's estimates start from a roofline: place what is demanded so
+        # that it runs and is measured (SchedulerConfig.place_to_measure).
+        self.policy = make_policy(policy, config or SchedulerConfig(place_to_measure=True))
         self.node = node
         self.member = member
         self.budget_mb = budget_mb
@@ -124,16 +116,17 @@ class ClusterRuntime:
         self._placement_dirty = asyncio.Event()
         self._applied = False
         self._applied_version = -1
-        self._wake_scheduler = asyncio.Event()
-        self._last_broadcast = 0.0
-        self._planned_load: dict[str, float] = {}  # burst rates the last decision used
+        self.publisher = PlacementPublisher(member, self.policy, lambda: self.placement,
+                                            self._adopt)
         self._tasks: list[asyncio.Task[None]] = []
         self.forwarder = Forwarder(self.dataplane, node.node_id, self._serve_forwarded,
                                    self._endpoint)
         self._members: set[str] = set()
         self._loading: dict[str, asyncio.Lock] = {}
-        self._routing_cache: tuple[int, float, tuple[list[Any], Placement, Any, dict[str, Any]]] \
-            | None = None
+        self.router = Router(
+            node.node_id, lambda: [m for m in self.member.view().members
+                                   if m.status != "suspect"],
+            lambda: self.placement, lambda: set(self.ready_units))
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -149,7 +142,7 @@ class ClusterRuntime:
         await self.dataplane.start()
         self.member.on_command("placement", self._on_placement)
         self.member.subscribe(self._on_view)
-        self._tasks = [asyncio.create_task(self._scheduler_loop()),
+        self._tasks = [asyncio.create_task(self.publisher.run()),
                        asyncio.create_task(self._reconcile_loop())]
 
     async def stop(self) -> None:
@@ -198,76 +191,15 @@ class ClusterRuntime:
         if gone:
             self.pipeline.nodes_lost(gone)
             self.forwarder.nodes_lost(gone)
-        self._wake_scheduler.set()
+        self.publisher.wake.set()
 
-    # --- the leader: schedule and publish -------------------------------------------
+    # --- the leader's publisher hands its placements here ---------------------------
 
-    async def _scheduler_loop(self) -> None:
-        last_run = 0.0
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake_scheduler.wait(), TICK_S)
-            woken = self._wake_scheduler.is_set()
-            self._wake_scheduler.clear()
-            view = self.member.view()
-            if not view.is_leader:
-                continue
-            try:
-                now = time.monotonic()
-                if woken or now - last_run >= SCHEDULE_PERIOD_S or (
-                        now - last_run >= SURGE_MIN_GAP_S and self._demand_surged(view)):
-                    last_run = now
-                    await self._schedule_once(view)
-                elif self._lagging(view) or now - self._last_broadcast > REBROADCAST_S:
-                    await self._broadcast()
-            except NotLeader:
-                continue
-            except Exception:  # a planning bug must not stop the leader's loop
-                log.exception("scheduling failed")
-
-    def _demand_surged(self, view: Any) -> bool:
-        """Some service's burst rate more than doubled since the last decision: a
-        stream that just started should not wait a whole period for its replicas."""
-        members = [m for m in view.members if m.status != "suspect"]
-        for name, seen in planning.demand(members).items():
-            if seen.load_hz >= SURGE_MIN_HZ and \
-                    seen.load_hz > SURGE_FACTOR * self._planned_load.get(name, 0.0):
-                return True
-        return False
-
-    def _lagging(self, view: Any) -> bool:
-        """Some live member has not applied the current placement (commands are best
-        effort: one sent before a follower adopted this leader's term is ignored)."""
-        return any((m.state or {}).get("placement_version", -1) < self.placement.version
-                   for m in view.members if m.status != "suspect" and m.state)
-
-    async def _schedule_once(self, view: Any) -> None:
-        members = [m for m in view.members if m.status != "suspect"]
-        models = planning.catalogue(members)
-        measured = planning.measured_ms(members)
-        demand = planning.demand(members)
-        self._planned_load = {name: d.load_hz for name, d in demand.items()}
-        specs = {name: planning.with_observed_slo(
-                     planning.service_spec(name, known["entry"], measured.get(name)),
-                     demand.get(name))
-                 for name, known in models.items()}
-        state = planning.cluster_state(members, time.time())
-        placement, decisions = await asyncio.to_thread(
-            self.policy.place, self.placement, state, demand, specs, time.time())
-        if placement.version != self.placement.version:
-            if decisions:
-                self.decisions = decisions
-                log.info("placement v%d: %s", placement.version,
-                         "; ".join(f"{d.action} {d.unit}" for d in decisions))
-            self.placement = placement
-            self._placement_dirty.set()
-            await self._broadcast()
-        elif self._lagging(view) or time.monotonic() - self._last_broadcast > REBROADCAST_S:
-            await self._broadcast()
-
-    async def _broadcast(self) -> None:
-        await self.member.broadcast_command("placement", self.placement.to_dict())
-        self._last_broadcast = time.monotonic()
+    def _adopt(self, placement: Placement, decisions: tuple[Any, ...]) -> None:
+        if decisions:
+            self.decisions = decisions
+        self.placement = placement
+        self._placement_dirty.set()
 
     # --- every node: reconcile to the placement --------------------------------------
 
@@ -443,45 +375,18 @@ class ClusterRuntime:
         while True:
             try:
                 return await self._choose(name, deadline)
-            except _NotPlaced as exc:
+            except NotPlaced as exc:
                 if time.monotonic() >= end:
                     raise ServiceError("unavailable", str(exc)) from None
                 await asyncio.sleep(0.2)
 
-    def _routing_view(self) -> tuple[list[Any], Placement, Any, dict[str, Any]]:
-        """Live members, the ready part of the placement and the planner's ClusterState,
-        rebuilt at most every ROUTING_VIEW_S: state records change a few times a second,
-        so rebuilding them for every request would only cost time on the hot path."""
-        now = time.monotonic()
-        cached = self._routing_cache
-        if cached is not None and cached[0] == self.placement.version and \
-                now - cached[1] < ROUTING_VIEW_S:
-            return cached[2]
-        members = [m for m in self.member.view().members if m.status != "suspect"]
-        view = (members, self._ready_placement(members),
-                planning.cluster_state(members, time.time()), planning.measured_ms(members))
-        self._routing_cache = (self.placement.version, now, view)
-        return view
-
     async def _choose(self, name: str, deadline: float | None) -> str | None:
-        members, placement, state, measured = self._routing_view()
-        entry = self.catalogue.get(name) or next(
-            ((m.state or {}).get("catalogue", {}).get(name) for m in members
-             if name in ((m.state or {}).get("catalogue") or {})), None)
-        if entry is None:
-            if name in self.node.services:
+        try:
+            decision = self.router.choose(name, deadline, self.catalogue)
+        except ServiceError as exc:
+            if exc.code == "unknown_model" and name in self.node.services:
                 return None
-            raise ServiceError("unknown_model", f"no node of the cluster has a model named "
-                               f"{name!r}")
-        # The run times the nodes measure as they run now, as the scheduler plans with
-        # (not the uncalibrated roofline). Not the leader's correction: a refusal it
-        # caused would be read as the service being slow, and feed it.
-        spec = planning.service_spec(name, entry, measured.get(name))
-        targets = targets_for(spec, placement, state, self.node.node_id)
-        budget = None if deadline is None else max(0.0, deadline - time.monotonic())
-        decision = route(name, targets, budget)
-        if decision.target is None and targets:
-            raise ServiceError("deadline_unmeetable", decision.reason)
+            raise
         if decision.target is None:
             if name in self.node.services:
                 return None
@@ -491,7 +396,7 @@ class ClusterRuntime:
                 await self._load_replica(name)
                 if name in self.node.services:
                     return None
-            raise _NotPlaced(decision.reason)
+            raise NotPlaced(decision.reason)
         return None if decision.target.local else decision.target.device
 
     async def wait_for_repair(self, deadline: float | None, longest: float = 5.0) -> None:
@@ -504,17 +409,6 @@ class ClusterRuntime:
         while time.monotonic() < end and self.placement.version == version:
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.2)  # let the new units report ready
-
-    def _ready_placement(self, members: list[Any]) -> Placement:
-        """The placement cut down to units that every one of their nodes reports ready:
-        requests only go to pipelines whose stages are all loaded."""
-        ready_on = {m.node_id: set((m.state or {}).get("ready") or ()) for m in members}
-        ready_on[self.node.node_id] = set(self.ready_units)
-        return Placement(self.placement.version, {
-            name: replace(plan, units=tuple(
-                u for u in plan.units
-                if all(u.id in ready_on.get(device, ()) for device in u.devices)))
-            for name, plan in self.placement.plans.items()})
 
     async def forward(self, node_id: str, message: dict[str, Any], reply: Reply,
                       deadline: float | None) -> None:

@@ -61,14 +61,15 @@ class Job:
 class LatencyTracker:
     """Exponentially weighted batch time plus a window of recent request latencies."""
 
-    def __init__(self, window: int = 256) -> None:
+    def __init__(self, window: int = 256, skip_first: bool = True) -> None:
         self.batch_seconds: float | None = None
         # One request's run time: from batches of one row, else a batch's time per row
         # (a lower bound on accelerators, about right on CPUs). The leader
         # plans from it, so it must not grow with the batches that load brings.
         self.single_seconds: float | None = None
         self.recent_ms: deque[float] = deque(maxlen=window)
-        self._cold = True  # the first run after loading (caches, JIT) says little
+        # the first run after loading (caches, JIT) says little, where there is a JIT
+        self._cold = skip_first
         self._lock = threading.Lock()
 
     @staticmethod

@@ -17,7 +17,7 @@ from epara.node.leader.model import (
     ServiceSpec,
 )
 from epara.node.leader.policies import CorrectionLaw, EparaPolicy, corrected_scale
-from epara.node.leader.scheduler import estimated_attainment, schedule
+from epara.node.leader.scheduler import SchedulerConfig, estimated_attainment, schedule
 
 # A server-, a Jetson- and a Pi-class host, as on the emulated bed.
 DEVICES = (
@@ -114,3 +114,46 @@ def test_nodes_demand_records_aggregate_into_attainment() -> None:
     assert seen["chat"].attained == 0.7
     assert seen["chat"].rate_hz == 3.0
     assert seen["camera"].attained is None  # nothing ended there yet
+    few = [SimpleNamespace(state={"demand": {"chat": {"rate": 0.5, "met": 1, "ended": 3}}})]
+    assert planning.demand(few)["chat"].attained is None  # too few to say
+
+
+def test_a_demanded_service_is_placed_to_be_measured_when_asked() -> None:
+    # A trickle of demand whose estimated gain stays under the bar: by default left
+    # unplaced; a real leader (place_to_measure) gives it its quickest unit anyway, so a
+    # node runs it and measures what the roofline only guessed.
+    slow = replace(CHAT, slo_ms=200.0, gflop=0.9)
+    trickle = {"chat": ServiceDemand(0.002, 1.0)}
+    plain, _ = schedule(Placement(), STATE, trickle, {"chat": slow}, 0.0)
+    assert not plain.units_of("chat")
+    measured, decisions = schedule(Placement(), STATE, trickle, {"chat": slow}, 0.0,
+                                   SchedulerConfig(place_to_measure=True))
+    (unit,) = measured.units_of("chat")
+    assert unit.head == "server"
+    assert "first unit" in decisions[0].reason
+
+
+def test_the_surge_trigger_fires_when_a_burst_rate_doubles() -> None:
+    from epara.node.publisher import SURGE_MIN_HZ, surged
+
+    planned = {"camera": 10.0}
+    assert not surged({"camera": ServiceDemand(15.0, 0.1, peak_hz=18.0)}, planned)
+    assert surged({"camera": ServiceDemand(15.0, 0.1, peak_hz=25.0)}, planned)
+    # A stream that just started: nothing was planned for it.
+    assert surged({"chat": ServiceDemand(SURGE_MIN_HZ, 1.0)}, planned)
+    # A trickle never triggers a decision of its own.
+    assert not surged({"chat": ServiceDemand(SURGE_MIN_HZ / 2, 1.0)}, planned)
+
+
+def test_the_router_sends_requests_only_to_units_ready_on_all_their_nodes() -> None:
+    from epara.node.leader.model import ServicePlan, Stage, Unit
+    from epara.node.router import ready_part
+
+    pipe = Unit("llm", (Stage("a", 0, 2, 1.0), Stage("b", 2, 4, 1.0)))
+    single = Unit("llm", (Stage("c", 0, 4, 2.0),))
+    placement = Placement(3, {"llm": ServicePlan("llm", "latency/multi", "replicas",
+                                                 (pipe, single), "")})
+    half = ready_part(placement, {"a": [pipe.id], "b": [], "c": [single.id]})
+    assert half.units_of("llm") == (single,) and half.version == 3
+    whole = ready_part(placement, {"a": [pipe.id], "b": [pipe.id], "c": []})
+    assert whole.units_of("llm") == (pipe,)

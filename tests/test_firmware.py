@@ -173,6 +173,11 @@ def test_aarch64_bundle_holds_only_wheels_for_the_device(
     (epara_wheel,) = (top / "wheels").glob("epara-*.whl")
     names = set(zipfile.ZipFile(epara_wheel).namelist())
     assert {"epara/firmware/install.py", "epara/firmware/profiles/rpi.toml"} <= names
+    # Lab code no device needs stays out, files and RECORD lines alike.
+    assert not [n for n in names if n.startswith("epara/node/lab/")]
+    record = next(n for n in names if n.endswith(".dist-info/RECORD"))
+    assert b"epara/node/lab/" not in zipfile.ZipFile(epara_wheel).read(record)
+    assert "epara/node/runtime.py" in names
 
 
 def test_a_bundle_refuses_a_model_its_device_cannot_run(work: Path, store: ModelStore) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from epara.node.testbed import EmulatedBed, have_bed, host, quota_scale
+from epara.node.lab.testbed import EmulatedBed, have_bed, host, quota_scale
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(have_bed() is not None, reason=f"{have_bed()}")]

@@ -62,6 +62,11 @@ class SchedulerConfig:
     headroom: int = 4  # spare-memory replicas added at most per service and decision
     headroom_factor: float = 4.0  # ... while its units offer less than this x its bursts
     headroom_min_units: int = 2  # ... or it has fewer units than this
+    # Give a demanded service left without a unit its quickest one anyway, so it runs and
+    # is measured: for a leader whose estimates start uncalibrated (a real cluster's
+    # roofline can be 10x off for an LLM on a CPU); off where the cost model is the
+    # truth, since there a unit the estimates reject only takes memory.
+    place_to_measure: bool = False
 
 
 @dataclass(frozen=True)
@@ -417,6 +422,8 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
     for _ in range(config.sweeps):
         if not _sweep(p, config, decisions):
             break
+    if config.place_to_measure:
+        _first_units(p, decisions)
     if config.headroom:
         _headroom(p, config, decisions)
     # After the headroom: a spare replica that later additions made a burden goes now,
@@ -435,18 +442,47 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
     return _placement(current, p), tuple(net)
 
 
+def _first_units(p: _Planner, decisions: list[Decision]) -> None:
+    """A demanded service the sweeps left without a unit (no candidate's estimated gain
+    cleared the bar) gets the quickest one that fits and meets its deadline alone: its
+    requests would otherwise be
+    refused, or served by a node's cold-start load that the next reconcile unloads, and
+    with nothing running no node would measure it and correct the estimate."""
+    for svc in p.services.values():
+        if svc.units or svc.demand.rate_hz <= 0:
+            continue
+        keys: list[tuple[Any, ...] | None] = [r.profile_key() for r in p.reps
+                                              if r.mem_mb >= svc.spec.memory_mb]
+        if svc.allocation.mode.startswith("pipeline"):
+            keys.append(None)
+        # Only where it can meet the deadline alone: one that cannot would hold memory
+        # for nothing (the estimate may be wrong, but then so may any other).
+        found = [f[0] for key in keys
+                 if (f := p.candidate(svc, key)) is not None and f[0].slack_s > 0]
+        if not found:
+            continue
+        best = min(found, key=lambda u: (u.perf.latency_s, u.unit.id))
+        p.commit(svc, [best])
+        decisions.append(Decision("add", best.unit.id, 0.0,
+                                  "its first unit: nothing else would serve (or measure) "
+                                  "it"))
+
+
 def _standby(p: _Planner, idle: Mapping[str, Unit], decisions: list[Decision]) -> None:
     """One replica of each idle service where memory is left: in its previous place when
     that still has room (no reload), else where its first requests will be served well
     (``cold_start_choice``)."""
     for svc in p.services.values():
-        if svc.units or svc.demand.rate_hz > 0 or \
-                svc.allocation.mode.startswith("pipeline"):
+        if svc.units or svc.demand.rate_hz > 0:
             continue
         before = idle.get(svc.spec.name)
         if before is not None and all(
                 p.free[s.device] >= s.memory_mb for s in before.stages):
+            # Any mode: a unit that stays costs no reload, and a service whose demand
+            # blinks (an LLM's few requests) would otherwise be loaded and unloaded.
             p.commit(svc, [p.live(svc, before)])
+            continue
+        if svc.allocation.mode.startswith("pipeline"):
             continue
         found = [f[0] for rep in p.reps
                  if (f := p.candidate(svc, rep.profile_key())) is not None]

@@ -4,7 +4,7 @@ policy (``epara bench goodput --real``, and the workload part of ``epara demo``)
 For each policy (epara's scheduler, and the simulator's baseline strategies, selected on
 the leader with ``--placement-policy``) it starts a fresh cluster of node processes on
 this machine — loopback processes, or processes inside the namespace hosts of an
-``EmulatedBed`` (``node/testbed.py``) — waits until they form one cluster and the leader
+``EmulatedBed`` (``node/lab/testbed.py``) — waits until they form one cluster and the leader
 has placed every service of the trace, replays the trace (JSONL, docs/trace-format.md)
 open-loop — each request is sent at its time to its origin node, whatever happened to
 earlier ones — and counts the requests answered within their SLO. Routing is epara's on
@@ -37,9 +37,10 @@ from epara.node.httpapi import load_or_create_token
 from epara.node.leader.workloads import Request
 
 if TYPE_CHECKING:
-    from epara.node.testbed import EmulatedBed
+    from epara.node.lab.testbed import EmulatedBed
 
 REAL_POLICIES = ("epara", "one-replica", "replicate-all")
+BENCH_ROUNDS = 3  # policies run interleaved, A B A B ..., this many rounds each
 # The shipped models a built-in trace uses, with the SLO each request carries.
 BUILTIN_SLO_MS = {"selfie-seg": 150.0, "minilm": 400.0, "text-det": 2500.0,
                   "smollm2-135m": 6000.0}
@@ -78,6 +79,67 @@ def builtin_trace(seconds: float, nodes: int, seed: int = 0, load: float = 1.0,
     return sorted(kept, key=lambda r: r.t)
 
 
+@dataclass(frozen=True)
+class Scenario:
+    """A bed, a workload and the baselines epara is compared with."""
+
+    name: str
+    hosts: tuple[tuple[str, int | None], ...]  # (device class, memory budget MB or None)
+    services: tuple[str, ...]
+    baselines: tuple[str, ...]
+    about: str
+
+    def trace(self, seconds: float, load: float, nodes: int | None = None) -> list[Request]:
+        nodes = len(self.hosts) if nodes is None else nodes
+        if self.name == "case-study":
+            return case_study_trace(seconds, nodes, load=load)
+        return builtin_trace(seconds, nodes, load=load, services=self.services)
+
+
+# The paper's case study (EPARA, section on the edge deployment): a server-, a Jetson- and
+# a Pi-class host whose memory budgets hold no whole copy of the LLM (536.7 MB with its KV
+# cache), so it must run as a pipeline; camera streams for segmentation and a small
+# latency-critical model beside it.
+CASE_STUDY_BUDGETS_MB = {"server": 448, "jetson": 384, "pi": 256}
+SCENARIOS: dict[str, Scenario] = {
+    "default": Scenario(
+        "default", (("server", None), ("jetson", None), ("pi", None)),
+        ("smollm2-135m", "selfie-seg"), ("replicate-all",),
+        "camera streams (selfie-seg) and chat turns (smollm2-135m); every model fits "
+        "every host"),
+    "case-study": Scenario(
+        "case-study", tuple((c, b) for c, b in CASE_STUDY_BUDGETS_MB.items()),
+        ("smollm2-135m", "selfie-seg", "minilm"), ("replicate-all", "pipeline-all"),
+        "the paper's case study: memory budgets "
+        + ", ".join(f"{c} {b} MB" for c, b in CASE_STUDY_BUDGETS_MB.items())
+        + " (the LLM fits no single host: a pipeline or nothing); camera streams "
+        "(selfie-seg, 10 fps each), latency-critical embeddings (minilm) and chat turns"),
+}
+
+
+def case_study_trace(seconds: float, nodes: int, seed: int = 0,
+                     load: float = 1.0) -> list[Request]:
+    """The case study's workload: ``3 x load`` camera streams of selfie-seg at a steady
+    10 fps, minilm lookups (Poisson, 4/s x load, a tight 250 ms SLO) and chat turns
+    (Poisson, 1/s x load, 16 tokens, 8 s)."""
+    rng = np.random.default_rng(seed)
+    out: list[Request] = []
+    for stream in range(max(1, round(3 * load))):
+        t = rng.uniform(0, 0.1)
+        while t < seconds:
+            out.append(Request(t, "selfie-seg", BUILTIN_SLO_MS["selfie-seg"],
+                               origin=stream % nodes))
+            t += 0.1
+    for service, rate, slo, tokens in (("minilm", 4.0 * load, 250.0, 0),
+                                       ("smollm2-135m", 1.0 * load, 8000.0, 16)):
+        t = rng.exponential(1 / rate)
+        while t < seconds:
+            out.append(Request(t, service, slo, output_tokens=tokens,
+                               origin=int(rng.integers(nodes))))
+            t += rng.exponential(1 / rate)
+    return sorted(out, key=lambda r: r.t)
+
+
 @dataclass
 class Outcome:
     service: str
@@ -94,6 +156,22 @@ class PolicyResult:
     outcomes: list[Outcome] = field(default_factory=list)
     seconds: float = 0.0
     placement: dict[str, Any] = field(default_factory=dict)
+    # The leader's estimated attainment per service at the end of the run (epara's)
+    estimated: dict[str, float] = field(default_factory=dict)
+    decisions: int = 0  # placement versions the leader published
+    # nodes whose running configuration differed from the final placement (should be none)
+    mismatches: list[str] = field(default_factory=list)
+
+    def measured_attainment(self, last_s: float = 5.0) -> dict[str, float]:
+        """Per service, the share of the requests sent in the last ``last_s`` seconds
+        that met their SLO: what the leader's last estimate is compared with."""
+        since = self.seconds - last_s
+        out: dict[str, float] = {}
+        for s in sorted({o.service for o in self.outcomes}):
+            recent = [o for o in self.outcomes if o.service == s and o.sent_s >= since]
+            if recent:
+                out[s] = sum(o.within_slo for o in recent) / len(recent)
+        return out
 
     def goodput(self) -> float:
         return sum(o.within_slo for o in self.outcomes) / self.seconds
@@ -343,19 +421,34 @@ def wait_cluster(nodes: Sequence[NodeProc], timeout: float,
     raise RuntimeError(f"the cluster did not form in {timeout:.0f} s")
 
 
+# A policy that places some service nowhere (replicate-all with a model that fits no
+# host) is given this long to change its mind; then the run goes ahead without it.
+UNPLACED_GRACE_S = 20.0
+
+
 def _wait_placed(sock: Path, services: set[str], timeout: float,
                  watch: Watch = QUIET) -> dict[str, Any]:
-    end = time.monotonic() + timeout
+    """Until every service has a ready unit; or, after ``UNPLACED_GRACE_S``, every
+    service the leader's placement gives a unit (the others are said to be unplaced)."""
+    start = time.monotonic()
+    end = start + timeout
     while time.monotonic() < end:
         with contextlib.suppress(EparaError, NodeUnreachable, KeyError, TypeError), \
                 Client(sock, timeout=5) as client:
             status = client.status()
             ready = {u.split("@")[0] for m in status["cluster"]["members"]
                      for u in (m.get("state") or {}).get("ready") or ()}
+            placement = status["plan"]["placement"]
+            placed = {p["service"] for p in placement["services"] if p["units"]}
             watch.status(f"placing: ready {', '.join(sorted(services & ready)) or '-'} "
                          f"of {', '.join(sorted(services))}")
             if services <= ready:
-                return status["plan"]["placement"]
+                return placement
+            if time.monotonic() - start > UNPLACED_GRACE_S and placed and \
+                    services & placed <= ready:
+                watch.line(f"placed nowhere by this policy: "
+                           f"{', '.join(sorted(services - placed))}")
+                return placement
         time.sleep(0.3)
     raise RuntimeError(f"services {sorted(services)} were not placed in {timeout:.0f} s")
 
@@ -450,106 +543,221 @@ def run_policy(policy: str, trace: Sequence[Request], store: Path, nodes: int,
             ticker.join()
         # The leader's placement at the end of the run: what the load made of it.
         with Client(_leader_socket(sockets), timeout=10) as client:
-            placement = client.status()["plan"]["placement"]
+            plan = client.status()["plan"]
+        mismatches = running_mismatches(sockets, plan["placement"])
+        for problem in mismatches:
+            watch.line(f"warning: not as planned: {problem}")
         if after is not None:
             after(cluster)
-        return PolicyResult(policy, outcomes, seconds, placement)
+        return PolicyResult(policy, outcomes, seconds, plan["placement"],
+                            dict(plan.get("estimated_attainment") or {}),
+                            int(plan["placement"].get("version", 0)), mismatches)
+
+
+def running_mismatches(sockets: Sequence[Path], placement: dict[str, Any],
+                       timeout: float = 30.0) -> list[str]:
+    """Nodes that do not run exactly what the published placement asks of them
+    (replicas with the plan's batch, pipeline heads, hosted stages), each with what it
+    runs and what it should; waits up to ``timeout`` for one still applying it."""
+    from epara.node.leader.model import Placement
+    from epara.node.reconcile import desired
+
+    wanted = Placement.from_dict(placement)
+    end = time.monotonic() + timeout
+    problems = []
+    for sock in sockets:
+        while True:
+            with Client(sock, timeout=10) as client:
+                status = client.status()
+            plan = status["plan"]
+            # The placement the node holds now (the leader may have published a newer
+            # one than ``placement`` meanwhile): at least that version, and what runs
+            # is exactly what it asks.
+            held = Placement.from_dict(plan["placement"])
+            want = desired(held, status["node_id"]).to_dict()
+            if held.version >= wanted.version and plan["running"] == want:
+                break
+            if time.monotonic() > end:
+                problems.append(f"{status['node_id']} runs {plan['running']} under "
+                                f"placement v{held.version}, which asks for {want}")
+                break
+            time.sleep(0.3)
+    return problems
 
 
 # --- reporting --------------------------------------------------------------------------
 
-def summarize(results: Sequence[PolicyResult]) -> dict[str, Any]:
-    """Per policy: goodput, SLO attainment, per service; epara against the best
-    baseline."""
-    baselines = [r for r in results if r.policy != "epara"]
-    epara = next((r for r in results if r.policy == "epara"), None)
-    best = max(baselines, key=PolicyResult.goodput) if baselines else None
+def verdict(epara: Sequence[float], baseline: Sequence[float]) -> str:
+    """"ahead" or "behind" only when the medians differ by more than the spread (the
+    larger of the two ranges over the rounds); otherwise "level"."""
+    spread = max(max(epara) - min(epara), max(baseline) - min(baseline))
+    gap = statistics.median(epara) - statistics.median(baseline)
+    if gap > spread:
+        return "ahead"
+    if -gap > spread:
+        return "behind"
+    return "level"
+
+
+def summarize(rounds: Sequence[Sequence[PolicyResult]]) -> dict[str, Any]:
+    """Per policy over the rounds (each round runs every policy once, in the same order):
+    median goodput and its range, SLO attainment and per-service counts of all rounds;
+    epara against the baseline with the best median: the median of the per-round
+    ratios, each round's ratio, and the verdict (``verdict``)."""
+    policies = [r.policy for r in rounds[0]]
+    by_policy = {p: [r for rnd in rounds for r in rnd if r.policy == p] for p in policies}
+    goodputs = {p: [r.goodput() for r in runs] for p, runs in by_policy.items()}
     systems = {}
-    for r in results:
+    for policy, runs in by_policy.items():
+        outcomes = [o for r in runs for o in r.outcomes]
         per_service = {}
-        for s in sorted({o.service for o in r.outcomes}):
-            of = [o for o in r.outcomes if o.service == s]
+        for s in sorted({o.service for o in outcomes}):
+            of = [o for o in outcomes if o.service == s]
             answered = [o.latency_ms for o in of if o.ok]
             per_service[s] = {"requests": len(of), "within_slo": sum(o.within_slo for o in of),
                               "p50_ms": round(statistics.median(answered), 1)
                               if answered else None}
-        systems[r.policy] = {
-            "goodput_hz": round(r.goodput(), 3), "slo_attainment": round(r.attainment(), 4),
+        values = goodputs[policy]
+        systems[policy] = {
+            "goodput_hz": round(statistics.median(values), 3),
+            "goodput_range": [round(min(values), 3), round(max(values), 3)],
+            "goodput_per_round": [round(v, 3) for v in values],
+            "slo_attainment": round(sum(o.within_slo for o in outcomes)
+                                    / max(1, len(outcomes)), 4),
             "per_service": per_service,
-            "errors": sorted({o.error for o in r.outcomes if o.error})}
-    return {"systems": systems,
-            "best_baseline": best.policy if best else None,
-            "ratio_vs_best_baseline": round(epara.goodput() / best.goodput(), 3)
-            if epara and best and best.goodput() > 0 else None}
+            "errors": sorted({o.error for o in outcomes if o.error}),
+            # The leader's estimate against what the load generator measured over the
+            # last 5 s of each round (epara's leader publishes estimates)
+            "estimated_vs_measured": [
+                {s: [round(r.estimated[s], 3), round(m, 3)]
+                 for s, m in r.measured_attainment().items() if s in r.estimated}
+                for r in runs],
+            "decisions": [r.decisions for r in runs],
+            "not_as_planned": [m for r in runs for m in r.mismatches]}
+    baselines = [p for p in policies if p != "epara"]
+    best = max(baselines, key=lambda p: statistics.median(goodputs[p])) \
+        if baselines else None
+    ratios: list[float | None] = []
+    if best is not None and "epara" in goodputs:
+        ratios = [round(e / b, 3) if b > 0 else None
+                  for e, b in zip(goodputs["epara"], goodputs[best], strict=True)]
+    known = [r for r in ratios if r is not None]
+    return {"rounds": len(rounds), "systems": systems, "best_baseline": best,
+            "ratio_vs_best_baseline": round(statistics.median(known), 3) if known else None,
+            "ratios": ratios,
+            "ratio_range": [min(known), max(known)] if known else None,
+            "verdict": verdict(goodputs["epara"], goodputs[best])
+            if best is not None and "epara" in goodputs else None}
 
 
-def table_lines(results: Sequence[PolicyResult], summary: dict[str, Any]) -> list[str]:
-    lines = [f"{'policy':<15} {'goodput/s':>10} {'SLO%':>7}  per service (within SLO / sent, "
-             "p50 ms)"]
-    for r in results:
-        per = ", ".join(f"{s} {v['within_slo']}/{v['requests']} ({v['p50_ms']})"
-                        for s, v in summary["systems"][r.policy]["per_service"].items())
-        lines.append(f"{r.policy:<15} {r.goodput():>10.2f} {r.attainment() * 100:>6.1f}%  "
-                     f"{per}")
+def table_lines(summary: dict[str, Any]) -> list[str]:
+    rounds = summary["rounds"]
+    lines = [f"{'policy':<15} {'goodput/s':>10} {'range':>13} {'SLO%':>7}  per service "
+             f"(within SLO / sent, p50 ms){'' if rounds == 1 else f', {rounds} rounds'}"]
+    for policy, v in summary["systems"].items():
+        per = ", ".join(f"{s} {x['within_slo']}/{x['requests']} ({x['p50_ms']})"
+                        for s, x in v["per_service"].items())
+        lo, hi = v["goodput_range"]
+        lines.append(f"{policy:<15} {v['goodput_hz']:>10.2f} {f'{lo:.2f}-{hi:.2f}':>13} "
+                     f"{v['slo_attainment'] * 100:>6.1f}%  {per}")
     ratio = summary["ratio_vs_best_baseline"]
     if summary["best_baseline"] is not None:
+        each = ", ".join("n/a" if r is None else f"{r:.2f}x" for r in summary["ratios"])
         lines.append(f"epara / {summary['best_baseline']} goodput: "
-                     + (f"{ratio:.2f}x" if ratio is not None else "n/a (baseline goodput 0)"))
+                     + (f"{ratio:.2f}x" if ratio is not None else "n/a (baseline goodput 0)")
+                     + (f" (median of {rounds} rounds: {each})" if rounds > 1 else "")
+                     + f"; verdict: {summary['verdict']}"
+                     + (" (medians differ by more than the spread)"
+                        if summary["verdict"] != "level" else
+                        " (the medians differ by no more than the spread)"))
+    est = summary["systems"].get("epara", {}).get("estimated_vs_measured") or []
+    if est and est[-1]:
+        lines.append("epara's leader, estimated vs measured SLO attainment (last 5 s): "
+                     + ", ".join(f"{s} {e * 100:.0f}% vs {m * 100:.0f}%"
+                                 for s, (e, m) in est[-1].items()))
     return lines
 
 
 def run_real_goodput(trace_path: Path | None, seconds: float, nodes: int,
                      store: Path | None, json_out: bool, plot: Path | None,
-                     policies: Sequence[str] = REAL_POLICIES, load: float = 1.0,
-                     bed_classes: Sequence[str] = ()) -> str:
-    """Every policy on the same trace. ``bed_classes`` (device class names of
-    ``node/testbed.py``, one per host; needs root): the nodes run on an emulated bed
-    of namespace hosts, one fresh bed per policy; else loopback processes."""
+                     policies: Sequence[str] | None = None, load: float = 1.0,
+                     bed_classes: Sequence[str] = (), rounds: int = BENCH_ROUNDS,
+                     scenario: str | None = None) -> str:
+    """Every policy on the same trace, interleaved in ``rounds`` rounds (A B A B ...),
+    each run on a fresh cluster. ``bed_classes`` (device class names of
+    ``node/lab/testbed.py``, one per host; needs root): the nodes run on an emulated bed of
+    namespace hosts, a fresh one per run; else loopback processes. ``scenario`` (a name
+    in ``SCENARIOS``): its hosts (an emulated bed), workload and baselines."""
     from epara.models.store import ModelStore
     from epara.models.zoo import prepare, sample_photo
+    from epara.node.lab.testbed import EmulatedBed, have_bed, host
     from epara.node.leader.workloads import read_trace
-    from epara.node.testbed import EmulatedBed, have_bed, host
 
-    if bed_classes:
+    if rounds < 1:
+        raise ValueError("rounds must be at least 1")
+    chosen = SCENARIOS.get(scenario) if scenario is not None else None
+    if scenario is not None and chosen is None:
+        raise ValueError(f"unknown scenario {scenario!r}; one of {', '.join(SCENARIOS)}")
+    hosts = [host(c, budget_mb=b) for c, b in chosen.hosts] if chosen is not None \
+        else [host(c) for c in bed_classes]
+    if policies is None:
+        policies = ("epara", *chosen.baselines) if chosen is not None else REAL_POLICIES
+    if hosts:
         why = have_bed()
         if why is not None:
             raise RuntimeError(f"no emulated bed here: {why}")
-        nodes = len(bed_classes)
+        nodes = len(hosts)
     model_store = ModelStore(store)
-    trace = read_trace(trace_path) if trace_path else builtin_trace(seconds, nodes,
-                                                                    load=load)
+    if trace_path:
+        trace = read_trace(trace_path)
+    elif chosen is not None:
+        trace = chosen.trace(seconds, load, nodes)
+    else:
+        trace = builtin_trace(seconds, nodes, load=load)
     for service in sorted({r.service for r in trace}):
         prepare(service, model_store)
     inputs = _Inputs(sample_photo(model_store).read_bytes())
-    results = []
-    for policy in policies:  # a fresh bed per policy: nothing carries over between them
-        with EmulatedBed([host(c) for c in bed_classes]) if bed_classes \
-                else contextlib.nullcontext() as bed:
-            results.append(run_policy(policy, trace, model_store.root, nodes, inputs, bed))
+    results: list[list[PolicyResult]] = []
+    described: list[str] = []
+    for _ in range(rounds):
+        results.append([])
+        for policy in policies:  # a fresh bed per run: nothing carries over
+            with EmulatedBed(hosts) if hosts else contextlib.nullcontext() as bed:
+                if bed is not None:
+                    described = bed.describe()
+                with bed.load_generator() if bed is not None else contextlib.nullcontext():
+                    results[-1].append(run_policy(policy, trace, model_store.root, nodes,
+                                                  inputs, bed))
     summary = summarize(results)
-    where = (f"EMULATED namespace hosts ({', '.join(bed_classes)}; CPU quotas and link "
-             "rates, no link delay)" if bed_classes else
+    where = (f"EMULATED namespace hosts ({', '.join(h.device.name for h in hosts)}; CPU "
+             "quotas and link rates)" if hosts else
              f"{nodes} node processes on this machine (loopback)")
     report: dict[str, Any] = {
-        "emulated": bool(bed_classes), "where": where, "nodes": nodes,
-        "requests": len(trace),
-        "trace": str(trace_path) if trace_path else f"builtin, load {load:g}",
+        "emulated": bool(hosts), "where": where, "nodes": nodes,
+        "scenario": chosen.name if chosen is not None else None,
+        "bed": described, "requests": len(trace),
+        "trace": str(trace_path) if trace_path else
+        f"{chosen.name if chosen is not None else 'builtin'}, load {load:g}",
         "routing": "epara (least expected completion) for every policy", **summary}
     if plot is not None:
         plot_results(results, plot, f"real cluster: {where}")
         report["plot"] = str(plot)
     if json_out:
         return json.dumps(report, indent=2)
+    label = "EMULATED " if hosts else ""
     lines = [f"real cluster: {where}, {len(trace)} requests ({report['trace']}) over "
-             f"{seconds:.0f} s; routing is epara's for all", *table_lines(results, summary)]
-    for r in results:
-        lines.append(f"  {r.policy} placement:")
+             f"{seconds:.0f} s, {rounds} interleaved round(s); routing is epara's for all",
+             *(f"{label}{line}" for line in described),
+             *(f"{label}{line}" for line in table_lines(summary))]
+    for r in results[-1]:
+        lines.append(f"  {r.policy} placement (last round):")
         lines += [f"    {line}" for line in placement_lines(r.placement)]
     return "\n".join(lines)
 
 
-def plot_results(results: Sequence[PolicyResult], path: Path, title: str) -> None:
-    """Goodput and SLO attainment per policy, and goodput over time (PNG)."""
+def plot_results(rounds: Sequence[Sequence[PolicyResult]], path: Path, title: str) -> None:
+    """Goodput (median over the rounds, the range as an error bar) and SLO attainment
+    per policy, and each policy's goodput over time in its first round (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -557,17 +765,22 @@ def plot_results(results: Sequence[PolicyResult], path: Path, title: str) -> Non
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8),
                              gridspec_kw={"width_ratios": [1, 1, 1.6]})
-    names = [r.policy for r in results]
-    axes[0].bar(names, [r.goodput() for r in results], color="#3b7dd8")
-    axes[0].set_ylabel("goodput (requests within SLO / s)")
-    axes[1].bar(names, [r.attainment() * 100 for r in results], color="#5aa469")
+    names = [r.policy for r in rounds[0]]
+    runs = {n: [r for rnd in rounds for r in rnd if r.policy == n] for n in names}
+    medians = [statistics.median(r.goodput() for r in runs[n]) for n in names]
+    low = [m - min(r.goodput() for r in runs[n]) for m, n in zip(medians, names, strict=True)]
+    high = [max(r.goodput() for r in runs[n]) - m for m, n in zip(medians, names, strict=True)]
+    axes[0].bar(names, medians, yerr=[low, high], capsize=4, color="#3b7dd8")
+    axes[0].set_ylabel(f"goodput (within SLO / s), median of {len(rounds)}")
+    axes[1].bar(names, [statistics.median(r.attainment() for r in runs[n]) * 100
+                        for n in names], color="#5aa469")
     axes[1].set_ylabel("SLO attainment (%)")
     axes[1].set_ylim(0, 100)
     for ax in axes[:2]:
         ax.tick_params(axis="x", rotation=20)
-    for r in results:
-        times, rates = r.goodput_over_time()
-        axes[2].plot(times, rates, marker=".", label=r.policy)
+    for n in names:
+        times, rates = runs[n][0].goodput_over_time()
+        axes[2].plot(times, rates, marker=".", label=n)
     axes[2].set_xlabel("time into the workload (s)")
     axes[2].set_ylabel("goodput (within SLO / s)")
     axes[2].set_ylim(bottom=0)

@@ -1,7 +1,7 @@
 """``epara demo``: a small cluster on this machine serving real models to a workload.
 
 With no configuration it starts a few node processes with fresh cluster credentials —
-as namespace hosts with emulated device classes (``node/testbed.py``: a server-, a
+as namespace hosts with emulated device classes (``node/lab/testbed.py``: a server-, a
 Jetson- and a Pi-class host with CPU quotas and shaped links) when run as root where the
 bed works, else as loopback processes, and it says which and why — lets them discover
 each other and elect a leader, prepares the LLM (smollm2-135m) and person segmentation
@@ -14,7 +14,7 @@ URL is printed while it lasts. ``--stay``: then one more epara cluster with HTTP
 node stays up, with commands to paste (status, plan, doctor, metrics, the OpenAI API,
 the dashboard), until Ctrl-C or SIGTERM.
 
-Cluster start, replay and reporting are ``node/loadgen.py``'s (shared with
+Cluster start, replay and reporting are ``node/lab/loadgen.py``'s (shared with
 ``epara bench goodput --real``).
 """
 
@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, TextIO
 
 from epara.node.client import Client
 from epara.node.httpapi import load_or_create_token
-from epara.node.loadgen import (
-    BUILTIN_SLO_MS,
+from epara.node.lab.loadgen import (
+    SCENARIOS,
     NodeProc,
     PolicyResult,
+    Scenario,
     Watch,
     _check_running,
     _Inputs,
-    builtin_trace,
     interrupts_handled_by,
     plot_results,
     run_policy,
@@ -52,14 +52,12 @@ from epara.node.loadgen import (
 
 if TYPE_CHECKING:
     from epara.models.store import ModelStore
-    from epara.node.testbed import EmulatedBed
+    from epara.node.lab.testbed import EmulatedBed
 
-DEMO_MODELS = ("smollm2-135m", "selfie-seg")
-# The baseline the demo compares against: every service replicated on every node, the
-# strongest of the simulator's strategies on a few nodes (no queue waits behind a single
-# replica; its cost is the memory and CPU contention of running everything everywhere).
-BASELINE = "replicate-all"
-BED_CLASSES = ("server", "jetson", "pi")
+DEMO_MODELS = SCENARIOS["default"].services
+# Rounds of the comparison (epara, then each baseline, on fresh clusters, A B A B): two
+# keep the default demo near two minutes; ``epara bench goodput --real`` runs three.
+DEMO_ROUNDS = 2
 
 
 class Console(Watch):
@@ -96,7 +94,7 @@ def where_to_run(loopback: bool) -> tuple[bool, str]:
     """(use the emulated bed, why), said to the user as is."""
     import os
 
-    from epara.node.testbed import have_bed
+    from epara.node.lab.testbed import have_bed
 
     if loopback:
         return False, "loopback processes (--loopback)"
@@ -117,18 +115,22 @@ def _signals_as_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _maybe_bed(use: bool, nodes: int) -> Iterator[EmulatedBed | None]:
+def _maybe_bed(use: bool, nodes: int, scenario: Scenario) -> Iterator[EmulatedBed | None]:
+    """The scenario's hosts (cycled to ``nodes``) on an emulated bed, with this process
+    (the load generator) in a cgroup of its own; None on loopback."""
     if not use:
         yield None
         return
-    from epara.node.testbed import EmulatedBed, host
+    from epara.node.lab.testbed import EmulatedBed, host
 
-    with EmulatedBed([host(BED_CLASSES[i % len(BED_CLASSES)]) for i in range(nodes)]) as bed:
+    classes = [scenario.hosts[i % len(scenario.hosts)] for i in range(nodes)]
+    hosts = [host(device, budget_mb=budget) for device, budget in classes]
+    with EmulatedBed(hosts) as bed, bed.load_generator():
         yield bed
     # Teardown checked, not assumed: the demo promises to leave nothing behind.
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                             timeout=10).stdout
-    left = [g.name for g in bed.groups if g.exists()] + \
+    left = [g.name for g in (*bed.groups, bed.loadgen_group) if g.exists()] + \
         [ns for ns in (bed.lab.bridge_ns, *bed.lab.hosts) if ns in listed]
     if left:
         print(f"   warning: left behind: {', '.join(left)}", flush=True)
@@ -226,18 +228,23 @@ def stay_hints(points: list[Endpoint], leader: str, credentials: Path) -> list[s
 
 def run_demo(nodes: int = 3, seconds: float = 20.0, out_dir: Path = Path("epara-demo"),
              store: Path | None = None, loopback: bool = False, load: float = 2.0,
-             stay: bool = False) -> int:
+             stay: bool = False, rounds: int = DEMO_ROUNDS,
+             scenario: str = "default") -> int:
     from epara.models.store import ModelStore
 
     began = time.monotonic()
     console = Console()
     use_bed, why = where_to_run(loopback)
     model_store = ModelStore(store)
-    print(f"epara demo: {nodes} nodes as {why}")
+    chosen = SCENARIOS[scenario]
+    print(f"epara demo: {nodes} nodes as {why}; scenario {chosen.name}: {chosen.about}")
+    if chosen.name != "default" and not use_bed:
+        print("   (the scenario's device classes and memory budgets need the emulated bed: "
+              "on loopback only its workload and baselines apply)")
     try:
         with _signals_as_interrupt():
             return _run(nodes, seconds, out_dir, model_store, use_bed, load, console, began,
-                        stay)
+                        stay, rounds, chosen)
     except RuntimeError as exc:
         print(f"\nerror: {exc}\nevery node stopped"
               + (", namespaces and cgroups removed" if use_bed else ""), flush=True)
@@ -249,24 +256,30 @@ def run_demo(nodes: int = 3, seconds: float = 20.0, out_dir: Path = Path("epara-
 
 
 def _run(nodes: int, seconds: float, out_dir: Path, model_store: ModelStore, use_bed: bool,
-         load: float, console: Console, began: float, stay: bool) -> int:
+         load: float, console: Console, began: float, stay: bool, rounds: int,
+         scenario: Scenario) -> int:
     from epara.models.zoo import prepare, sample_photo
 
-    print(f"1. preparing models {', '.join(DEMO_MODELS)} in {model_store.root}", flush=True)
-    for name in DEMO_MODELS:
+    services = scenario.services
+    print(f"1. preparing models {', '.join(services)} in {model_store.root}", flush=True)
+    for name in services:
         started = time.monotonic()
         prepare(name, model_store, stream=sys.stdout)
         console.line(f"{name}: ready ({time.monotonic() - started:.1f} s)")
     photo = sample_photo(model_store).read_bytes()
     inputs = _Inputs(photo)
-    trace = builtin_trace(seconds, nodes, load=load, services=DEMO_MODELS)
-    counts = {s: sum(r.service == s for r in trace) for s in DEMO_MODELS}
+    trace = scenario.trace(seconds, load, nodes)
+    counts = {s: sum(r.service == s for r in trace) for s in services}
+    slos = {r.service: r.slo_ms for r in trace}
     print(f"2. workload: {len(trace)} requests over {seconds:.0f} s, sent open-loop to "
           "every node: " + ", ".join(
-              f"{s} {counts[s]} (SLO {BUILTIN_SLO_MS[s]:.0f} ms)" for s in DEMO_MODELS)
+              f"{s} {counts[s]} (SLO {slos.get(s, 0):.0f} ms)" for s in services)
           + "; camera streams at 10 fps, chat turns of 16 tokens", flush=True)
-    policies = ("epara", BASELINE)
-    results: list[PolicyResult] = []
+    policies = ("epara", *scenario.baselines)
+    print(f"   {rounds} round(s) of {', '.join(policies)}, interleaved on fresh clusters"
+          + (" (fewer than the 3 of `epara bench goodput --real`, to keep the demo short: "
+             "read the verdict with that in mind)" if rounds < 3 else ""), flush=True)
+    results: list[list[PolicyResult]] = []
     written: dict[str, str] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -279,14 +292,18 @@ def _run(nodes: int, seconds: float, out_dir: Path, model_store: ModelStore, use
         (out_dir / "overlay.png").write_bytes(result["overlay_png"])
         written["mask"] = f"{result['coverage'] * 100:.0f}% of the photo is the person"
 
-    with _maybe_bed(use_bed, nodes) as bed:
+    runs = [(r, policy) for r in range(rounds) for policy in policies]
+    with _maybe_bed(use_bed, nodes, scenario) as bed:
         label = "EMULATED " if bed is not None else ""
         if bed is not None:
             for line in bed.describe():
                 console.line(f"{label}{line}")
-        for step, policy in enumerate(policies, start=3):
+        for number, (round_index, policy) in enumerate(runs, start=1):
             role = "epara's placement" if policy == "epara" else f"baseline {policy}"
-            print(f"{step}. {role}: a fresh cluster of {nodes} nodes", flush=True)
+            if number == 1 or round_index != runs[number - 2][0]:
+                results.append([])
+            print(f"3.{number} round {round_index + 1}/{rounds}, {role}: a fresh cluster "
+                  f"of {nodes} nodes", flush=True)
             started = time.monotonic()
             forwards = len(bed.forwards) if bed is not None else 0
 
@@ -296,9 +313,10 @@ def _run(nodes: int, seconds: float, out_dir: Path, model_store: ModelStore, use
                              + (f" (forwarded to {point.served} in namespace "
                                 f"{point.namespace})" if point.namespace else ""))
 
-            results.append(run_policy(policy, trace, model_store.root, nodes, inputs, bed,
-                                      console, keep_mask if policy == "epara" else None,
-                                      show_dashboard, http=True))
+            first_epara = policy == "epara" and round_index == 0
+            results[-1].append(run_policy(policy, trace, model_store.root, nodes, inputs,
+                                          bed, console, keep_mask if first_epara else None,
+                                          show_dashboard, http=True))
             if bed is not None:  # this run's forwards end with its nodes
                 for forward in bed.forwards[forwards:]:
                     forward.close()
@@ -306,23 +324,27 @@ def _run(nodes: int, seconds: float, out_dir: Path, model_store: ModelStore, use
             console.line(f"done in {time.monotonic() - started:.0f} s; nodes stopped")
         summary = summarize(results)
         where = "namespace hosts, EMULATED device classes" if use_bed else "loopback processes"
-        print(f"5. results ({nodes} nodes, {where}; same trace, epara's routing for both):",
-              flush=True)
-        for line in table_lines(results, summary):
-            console.line(line)
+        print(f"5. results ({nodes} nodes, {where}; same trace, epara's routing for all; "
+              f"goodput is the median of {rounds} round(s), with its range):", flush=True)
+        for line in table_lines(summary):
+            console.line(f"{label}{line}")
+        for problem in (p for v in summary["systems"].values() for p in v["not_as_planned"]):
+            console.line(f"warning: a node did not run its placement: {problem}")
         plot = out_dir / "goodput.png"
         try:
             plot_results(results, plot, f"epara demo: {nodes} nodes ({where})")
         except ImportError:
             console.line("no plot: matplotlib is not installed (pip install 'epara[bench]')")
         (out_dir / "report.json").write_text(json.dumps(
-            {"nodes": nodes, "emulated": use_bed, "seconds": seconds, "requests": len(trace),
-             **summary, "placement": {r.policy: r.placement for r in results}}, indent=2))
+            {"nodes": nodes, "emulated": use_bed, "scenario": scenario.name,
+             "bed": bed.describe() if bed is not None else [], "seconds": seconds,
+             "requests": len(trace), **summary,
+             "placement": {r.policy: r.placement for r in results[-1]}}, indent=2))
         print(f"6. wrote {plot if plot.exists() else 'no plot'}, {out_dir / 'report.json'}, "
               f"{out_dir / 'mask.png'} and {out_dir / 'overlay.png'} "
               f"({written.get('mask', 'no mask')})", flush=True)
         if stay:
-            _stay(nodes, model_store, inputs, bed, console)
+            _stay(nodes, model_store, inputs, bed, console, services)
     print(f"{8 if stay else 7}. stopped every node"
           f"{', removed namespaces and cgroups' if use_bed else ''}; nothing left running "
           f"(demo took {time.monotonic() - began:.0f} s)", flush=True)
@@ -330,11 +352,11 @@ def _run(nodes: int, seconds: float, out_dir: Path, model_store: ModelStore, use
 
 
 def _stay(nodes: int, model_store: ModelStore, inputs: _Inputs, bed: EmulatedBed | None,
-          console: Console) -> None:
+          console: Console, services: tuple[str, ...]) -> None:
     """A fresh epara cluster with HTTP on every node, up until Ctrl-C or SIGTERM."""
     print(f"7. --stay: a fresh cluster of {nodes} nodes under epara's placement, HTTP on "
           "every node", flush=True)
-    with running_cluster("epara", model_store.root, nodes, DEMO_MODELS, inputs, bed, console,
+    with running_cluster("epara", model_store.root, nodes, services, inputs, bed, console,
                          http=True, prefix="epara-demo-") as cluster:
         points = endpoints(cluster, bed)
         with Client(cluster[0].socket, timeout=10) as client:
