@@ -10,7 +10,9 @@ Usage (the CLI's ``epara models import FILE [--name N] [--input name:dtype:shape
                  inputs=["input_ids:int64:?x?", "attention_mask:int64:?x?"])  # the inputs
 
 Supported files, chosen by extension: ``.onnx`` (onnxruntime), ``.tflite`` (LiteRT),
-``.pt``/``.ts``/``.torchscript`` (TorchScript), ``.pt2`` (``torch.export`` program).
+``.pt``/``.ts``/``.torchscript`` (TorchScript), ``.pt2`` (``torch.export`` program),
+``.gguf`` (an LLM: Llama, Qwen2, Gemma, Gemma 2 or Phi-3, prepared by
+``llm_prepare.import_gguf`` into a text-generation model, see docs/llm.md).
 The file is loaded with its runtime to read input/output names, dtypes and shapes
 (TorchScript records only argument names: without ``inputs`` the PrepareError lists them
 and shows the ``name:dtype:shape`` form to use; its outputs are found by running it).
@@ -78,7 +80,7 @@ def parse_tensor_spec(text: str) -> TensorSpec:
     return TensorSpec(name, dtype, tuple(dims))
 
 
-def _default_name(path: Path) -> str:
+def default_name(path: Path) -> str:
     name = re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).strip("-.")
     return name or "model"
 
@@ -130,19 +132,27 @@ def import_model(path: Path, store: ModelStore, name: str | None = None, *,
     if not path.is_file():
         raise PrepareError(f"{path} does not exist or is not a file")
     suffix = path.suffix.lower()
+    if suffix == ".gguf":
+        if inputs is not None or hints is not None or task not in ("generic",
+                                                                   "text-generation"):
+            raise PrepareError(f"{path.name} is an LLM: it takes no input specs, hints "
+                               "or task")
+        from epara.models.llm_prepare import import_gguf
+
+        return import_gguf(path, store, name, force=force, stream=stream)
     if suffix not in KINDS:
         hint = (" (.pth is usually a state dict, which needs its Python code: save the "
                 "model with torch.jit.script(...).save() or torch.export.save())"
                 if suffix == ".pth" else "")
         raise PrepareError(f"cannot import {path.name}: unknown extension {suffix!r}; "
-                           f"epara imports {', '.join(KINDS)}{hint}")
+                           f"epara imports {', '.join(KINDS)}, .gguf{hint}")
     backend, kind = KINDS[suffix]
     specs = None if inputs is None else tuple(
         s if isinstance(s, TensorSpec) else parse_tensor_spec(s) for s in inputs)
     if specs is not None and kind != "torchscript":
         raise PrepareError(f"{path.name} declares its own inputs; input specs are only "
                            "for TorchScript files")
-    name = name or _default_name(path)
+    name = name or default_name(path)
     externals = _onnx_external_files(path) if kind == "onnx" else []
     recipe: dict[str, Any] = {
         "kind": "import", "recipe": IMPORT_RECIPE,

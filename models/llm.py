@@ -425,8 +425,14 @@ class LlmEngine:
             raise ValueError(f"stages cover layers {covered}, need 0..{self.config.layers - 1}"
                              " in order")
         self.tokenizer = Tokenizer.from_file(str(model_dir / manifest.files["tokenizer"]))
-        self._template = (model_dir / manifest.files["chat_template"]).read_text()
+        template = manifest.files.get("chat_template")
+        self._template = None if template is None else (model_dir / template).read_text()
         self.stop_ids = frozenset(int(t) for t in manifest.extra.get("stop_token_ids", ()))
+        # Raw prompts of Llama- and Gemma-family models start with BOS (chat templates
+        # write it themselves, from bos_token).
+        bos = manifest.extra.get("bos_token_id")
+        self._bos = [int(bos)] if bos is not None and manifest.extra.get("add_bos_token") \
+            else []
         self._sequences: dict[str, _Sequence] = {}
         self._cancelled: list[str] = []
         self._reserved = 0
@@ -449,16 +455,30 @@ class LlmEngine:
         if (prompt is None) == (messages is None):
             raise ValueError("give exactly one of prompt and messages")
         if messages is not None:
-            prompt = self.render_chat(messages)
-        return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            return self.tokenizer.encode(self.render_chat(messages),
+                                         add_special_tokens=False).ids
+        return self._bos + self.tokenizer.encode(prompt, add_special_tokens=False).ids
 
     def render_chat(self, messages: list[dict]) -> str:
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        # Sandboxed, with the settings transformers uses for chat templates.
+        if self._template is None:
+            raise ValueError(f"{self.manifest.name} has no chat template: send a prompt")
+
+        def raise_exception(message: str) -> None:
+            raise ValueError(f"the chat template refuses the messages: {message}")
+
+        # Sandboxed, with the settings and names transformers gives chat templates.
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self._template).render(messages=messages,
-                                                      add_generation_prompt=True)
+        env.globals["raise_exception"] = raise_exception
+        extra = self.manifest.extra
+        try:
+            return env.from_string(self._template).render(
+                messages=messages, add_generation_prompt=True,
+                bos_token=extra.get("bos_token") or "", eos_token=extra.get("eos_token") or "")
+        except TemplateError as exc:  # a user's GGUF may carry any template
+            raise ValueError(f"the chat template failed: {exc}") from exc
 
     def add(self, seq_id: str, prompt: str | None = None, messages: list[dict] | None = None,
             params: GenerationParams = GenerationParams(),

@@ -1,4 +1,5 @@
-"""Llama decoder graphs built directly with ``onnx.helper`` from a shared weight blob.
+"""Decoder graphs (Llama, Qwen2, Gemma, Gemma 2, Phi-3) built directly with ``onnx.helper``
+from a shared weight blob.
 
 Preparation (``llm_prepare``) writes every weight once into ``weights.bin`` (page-aligned
 entries, indexed by ``weights.json``) in the layout ONNX Runtime consumes. A graph for any
@@ -6,15 +7,12 @@ consecutive layer range (a *stage*) is then a few hundred nodes whose initialize
 into that blob as ONNX external data: building a stage is instant and every stage reads
 the very same bytes, so chained stages compute what the whole model computes.
 
-Weights stay in the GGUF's own quantisation, computed exactly rather than re-quantised:
-
-* Q4_1 blocks (``w = d*q + m``, 32 weights per block) run as ``MatMulNBits`` with scale
-  ``d`` and zero point 0, plus a correction ``sum_block(x) @ m`` for the block minimum,
-  because ``MatMulNBits``' float zero points fall back to a slow de-quantising path.
-* The Q8_0 token embedding (``w = d*q``) is tied to the LM head. The head splits
-  ``q = 16*hi + lo`` into two exact 4-bit ``MatMulNBits`` (8-bit ``MatMulNBits`` takes a
-  slow de-quantising path on CPU); stage 0 gathers rows of those same two nibble tables
-  and rebuilds ``q`` from them, so the embedding is stored once.
+Weights stay in the GGUF's own quantisation, computed exactly rather than re-quantised
+(``gguf_quant``): every matrix is a sum of exact 4-bit ``MatMulNBits`` terms plus, for
+types with a block minimum (Q4_1, Q5_1, Q4_K, Q5_K), a correction ``sum_block(x) @ m``;
+float matrices are plain ``MatMul``. ``config.linears`` describes each matrix's layout.
+The token embedding gathers rows of the same tables (for a tied head, the head's own
+tables: the embedding is stored once) and rebuilds the weights from them.
 
 Stage interface (``B`` sequences, ``S`` new tokens each, a KV pool of ``C`` positions
 per sequence slot):
@@ -38,7 +36,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,7 @@ import numpy as np
 WEIGHTS_BIN = "weights.bin"
 WEIGHTS_INDEX = "weights.json"
 CONFIG_NAME = "config.json"
-BLOCK = 32  # GGUF Q4_1 and Q8_0 block size
+BLOCK = 32  # GGUF block size of the legacy quantisations and of K-quant sub-blocks
 ALIGN = 4096  # page-aligned weights let ONNX Runtime map them instead of copying
 OPSET = 21
 
@@ -63,17 +61,32 @@ class LlamaConfig:
     rope_base: float
     rms_eps: float
     context: int
+    arch: str = "llama"  # the GGUF's general.architecture
+    key_length: int = 0  # head dimension; 0: hidden // heads
+    activation: str = "silu"  # of the gated FFN: "silu" or "gelu_tanh" (Gemma)
+    embed_scale: float = 1.0  # Gemma multiplies embeddings by sqrt(hidden)
+    attn_softcap: float = 0.0  # Gemma 2: scores = cap * tanh(scores / cap); 0: none
+    final_softcap: float = 0.0  # Gemma 2, on the logits
+    sandwich_norms: bool = False  # Gemma 2: norms after attention and after the FFN too
+    sliding_window: int = 0  # keys visible while query - key < window; 0: all
+    attn_scale: float = 0.0  # scores' scale; 0: 1 / sqrt(head size)
+    sliding_every: int = 1  # layers l with l % sliding_every == 0 slide (Gemma 2: 2)
+    # Matrix key (e.g. "blk.0.qkv", "head") -> its layout: N, K, qtype, block,
+    # zero_points (one per 4-bit term), offset (block minimum), dense (float matrix).
+    linears: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
+    embedding: str = "head"  # the matrix whose rows the token embedding gathers
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.key_length or self.hidden // self.heads
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> LlamaConfig:
-        return LlamaConfig(**{k: data[k] for k in LlamaConfig.__dataclass_fields__})
+        return LlamaConfig(**{k: data[k] for k in LlamaConfig.__dataclass_fields__
+                              if k in data})
 
 
 def load_config(model_dir: Path) -> LlamaConfig:
@@ -87,11 +100,13 @@ def stage_file_name(lo: int, hi: int, int8_activations: bool = False) -> str:
 class _Builder:
     """Accumulates nodes, initializers (external data) and unique tensor names."""
 
-    def __init__(self, index: dict[str, dict[str, Any]], accuracy_level: int) -> None:
+    def __init__(self, index: dict[str, dict[str, Any]], linears: dict[str, dict[str, Any]],
+                 accuracy_level: int) -> None:
         from onnx import helper
 
         self.helper = helper
         self.index = index
+        self.linears = linears
         self.accuracy_level = accuracy_level
         self.nodes: list[Any] = []
         self.inits: dict[str, Any] = {}
@@ -141,20 +156,92 @@ class _Builder:
 
 
 def _rms_norm(b: _Builder, x: str, weight_key: str, eps: float) -> str:
-    # transformers' LlamaRMSNorm (x * rsqrt(mean(x^2) + eps) * w, float32) as one fused op.
+    # RMSNorm (x * rsqrt(mean(x^2) + eps) * w, float32) as one fused op. Gemma's "1 + w"
+    # is already folded into the GGUF's norm weights by llama.cpp's converter.
     return b.op("SimplifiedLayerNormalization", [x, b.weight(weight_key)], axis=-1,
                 epsilon=eps, stash_type=1)
 
 
-def _q4_matmul(b: _Builder, x: str, key: str, k_dim: int, n_dim: int) -> str:
-    """x[..., K] @ W^T with W in Q4_1 blocks: MatMulNBits(d, zp 0) + block sums @ m."""
-    y = b.op("MatMulNBits", [x, b.weight(f"{key}.q"), b.weight(f"{key}.d"),
-                             b.weight(f"zp4.{n_dim}.{k_dim}")],
-             domain="com.microsoft", K=k_dim, N=n_dim, bits=4, block_size=BLOCK,
-             accuracy_level=b.accuracy_level)
-    blocks = b.op("Reshape", [x, b.const(np.array([0, 0, k_dim // BLOCK, BLOCK], np.int64))])
-    sums = b.op("ReduceSum", [blocks, b.const(np.array([-1], np.int64))], keepdims=0)
-    return b.op("Add", [y, b.op("MatMul", [sums, b.weight(f"{key}.m")])])
+def zero_point_key(zero_point: int, n_dim: int, n_blocks: int) -> str:
+    return f"zp4.{zero_point}.{n_dim}.{n_blocks}"
+
+
+def _linear(b: _Builder, x: str, key: str) -> str:
+    """x[..., K] @ W^T for matrix ``key``: a sum of exact 4-bit MatMulNBits terms plus
+    ``blocksum(x) @ offset`` where the type has a block minimum; float matrices MatMul."""
+    spec = b.linears[key]
+    k_dim, n_dim, block = spec["K"], spec["N"], spec["block"]
+    if spec["dense"]:
+        y = b.op("MatMul", [x, b.weight(f"{key}.w")])
+    else:
+        y = None
+        for i, zero_point in enumerate(spec["zero_points"]):
+            term = b.op("MatMulNBits", [x, b.weight(f"{key}.t{i}.q"), b.weight(f"{key}.t{i}.s"),
+                                        b.weight(zero_point_key(zero_point, n_dim,
+                                                                k_dim // block))],
+                        domain="com.microsoft", K=k_dim, N=n_dim, bits=4, block_size=block,
+                        accuracy_level=b.accuracy_level)
+            y = term if y is None else b.op("Add", [y, term])
+        if spec["offset"]:
+            blocks = b.op("Reshape", [x, b.const(np.array([0, 0, k_dim // block, block],
+                                                          np.int64))])
+            sums = b.op("ReduceSum", [blocks, b.const(np.array([-1], np.int64))], keepdims=0)
+            y = b.op("Add", [y, b.op("MatMul", [sums, b.weight(f"{key}.m")])])
+    bias = f"{key}.bias"
+    return b.op("Add", [y, b.weight(bias)]) if bias in b.index else y
+
+
+def _embed(b: _Builder, cfg: LlamaConfig, ids: str) -> str:
+    """Rows of the embedding matrix for token ids [B,S] -> [B,S,D], rebuilt exactly from
+    the stored tables (for a tied head: the head's own tables, stored once)."""
+    from onnx import TensorProto
+
+    key = cfg.embedding
+    spec = cfg.linears[key]
+    k_dim, block = spec["K"], spec["block"]
+    if spec["dense"]:  # stored [K, V] for the head's MatMul: gather columns
+        rows = b.op("Transpose", [b.op("Gather", [b.weight(f"{key}.w"), ids], axis=1)],
+                    perm=[1, 2, 0])
+    else:
+        rows = None
+        last = b.const(np.array([-1], np.int64))
+        for i, zero_point in enumerate(spec["zero_points"]):
+            packed = b.op("Gather", [b.weight(f"{key}.t{i}.q"), ids])  # [B,S,nb,block/2]
+            low = b.op("BitwiseAnd", [packed, b.const(np.uint8(0x0F))])
+            high = b.op("BitShift", [packed, b.const(np.uint8(4))], direction="RIGHT")
+            pairs = b.op("Concat", [b.op("Unsqueeze", [t, last]) for t in (low, high)],
+                         axis=-1)  # element 2i, 2i+1
+            codes = b.op("Cast", [b.op("Reshape", [pairs, b.const(
+                np.array([0, 0, 0, block], np.int64))])], to=TensorProto.FLOAT)
+            if zero_point:
+                codes = b.op("Sub", [codes, b.const(np.float32(zero_point))])
+            scale = b.op("Unsqueeze", [b.op("Gather", [b.weight(f"{key}.t{i}.rows"), ids]),
+                                       last])
+            term = b.op("Mul", [codes, scale])
+            rows = term if rows is None else b.op("Add", [rows, term])
+        if spec["offset"]:  # stored [nb, V] for the block-sum MatMul: gather columns
+            offset = b.op("Transpose", [b.op("Gather", [b.weight(f"{key}.m"), ids], axis=1)],
+                          perm=[1, 2, 0])
+            rows = b.op("Add", [rows, b.op("Unsqueeze", [offset, last])])
+        rows = b.op("Reshape", [rows, b.const(np.array([0, 0, k_dim], np.int64))])
+    if cfg.embed_scale != 1.0:
+        rows = b.op("Mul", [rows, b.const(np.float32(cfg.embed_scale))])
+    return rows
+
+
+def _projections(b: _Builder, x: str, p: str, fused: str, parts: Sequence[str],
+                 sizes: Sequence[int]) -> list[str]:
+    """The outputs of matrices stored fused (one matmul, then Split) or one by one."""
+    if f"{p}.{fused}" in b.linears:
+        return b.op("Split", [_linear(b, x, f"{p}.{fused}"),
+                              b.const(np.array(sizes, np.int64))],
+                    outputs=len(sizes), axis=-1)
+    return [_linear(b, x, f"{p}.{part}") for part in parts]
+
+
+def _softcap(b: _Builder, x: str, cap: float) -> str:
+    return b.op("Mul", [b.op("Tanh", [b.op("Div", [x, b.const(np.float32(cap))])]),
+                        b.const(np.float32(cap))])
 
 
 def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str) -> str:
@@ -163,12 +250,10 @@ def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str) -> str:
     Every layer has the same node pattern (norm first, residual add last), so a stage
     boundary between layers changes no fusion and chained stages stay bit-identical.
     """
-    d, hd, nh, nkv = cfg.hidden, cfg.head_dim, cfg.heads, cfg.kv_heads
+    hd, nh, nkv = cfg.head_dim, cfg.heads, cfg.kv_heads
     p = f"blk.{layer}"
     x = _rms_norm(b, h, f"{p}.attn_norm", cfg.rms_eps)
-    qkv = _q4_matmul(b, x, f"{p}.qkv", d, (nh + 2 * nkv) * hd)
-    q, k, v = b.op("Split", [qkv, b.const(np.array([nh * hd, nkv * hd, nkv * hd], np.int64))],
-                   outputs=3, axis=-1)
+    q, k, v = _projections(b, x, p, "qkv", ("q", "k", "v"), (nh * hd, nkv * hd, nkv * hd))
     # Rotary in transformers' rotate-half convention (interleaved=0) from cached tables.
     q, k = (b.op("RotaryEmbedding", [t, "positions", b.weight("rope.cos"), b.weight("rope.sin")],
                  domain="com.microsoft", interleaved=0, num_heads=heads)
@@ -178,22 +263,38 @@ def _layer(b: _Builder, cfg: LlamaConfig, layer: int, h: str) -> str:
     # GroupQueryAttention writes the new keys and values at each row's own length
     # (``seqlens_k``) and reads only that row's positions: no cache is copied, rows of
     # different lengths batch without padding, and a chunk of a long prompt attends to
-    # the chunks before it.
+    # the chunks before it. Gemma 2's score soft-capping and sliding windows are the
+    # op's own ``softcap`` and ``local_window_size`` (ONNX Runtime's window W shows keys
+    # with query - key < W: transformers' ``sliding_window``, measured against the
+    # reference in tests/test_llm_gguf.py).
+    attrs: dict[str, Any] = {}
+    if cfg.attn_scale:
+        attrs["scale"] = float(cfg.attn_scale)
+    if cfg.attn_softcap:
+        attrs["softcap"] = float(cfg.attn_softcap)
+    if cfg.sliding_window and layer % cfg.sliding_every == 0:
+        attrs["local_window_size"] = cfg.sliding_window
     ctx = b.op("GroupQueryAttention",
                [q, k, v, f"past_k.{layer}", f"past_v.{layer}", "seqlens_k", "total_length"],
                outputs=[b.name("attn"), f"present_k.{layer}", f"present_v.{layer}"],
-               domain="com.microsoft", num_heads=nh, kv_num_heads=nkv)[0]
+               domain="com.microsoft", num_heads=nh, kv_num_heads=nkv, **attrs)[0]
+    attn = _linear(b, ctx, f"{p}.o")
+    if cfg.sandwich_norms:
+        attn = _rms_norm(b, attn, f"{p}.post_attention_norm", cfg.rms_eps)
     # Residual add and the FFN norm in one op; its fourth output is the residual sum.
     x, residual = b.name("ffn_in"), b.name("residual")
-    b.op("SkipSimplifiedLayerNormalization",
-         [_q4_matmul(b, ctx, f"{p}.o", d, d), h, b.weight(f"{p}.ffn_norm")],
+    b.op("SkipSimplifiedLayerNormalization", [attn, h, b.weight(f"{p}.ffn_norm")],
          outputs=[x, "", "", residual], domain="com.microsoft", epsilon=cfg.rms_eps)
     h = residual
-    gate, up = b.op("Split", [_q4_matmul(b, x, f"{p}.gateup", d, 2 * cfg.ffn),
-                              b.const(np.array([cfg.ffn, cfg.ffn], np.int64))],
-                    outputs=2, axis=-1)
-    act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
-    return b.op("Add", [h, _q4_matmul(b, act, f"{p}.down", cfg.ffn, d)])
+    gate, up = _projections(b, x, p, "gateup", ("gate", "up"), (cfg.ffn, cfg.ffn))
+    if cfg.activation == "gelu_tanh":
+        gate = b.op("Gelu", [gate], approximate="tanh")
+    else:
+        gate = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
+    out = _linear(b, b.op("Mul", [gate, up]), f"{p}.down")
+    if cfg.sandwich_norms:
+        out = _rms_norm(b, out, f"{p}.post_ffw_norm", cfg.rms_eps)
+    return b.op("Add", [h, out])
 
 
 def build_stage_model(model_dir: Path, lo: int, hi: int, int8_activations: bool = False,
@@ -211,32 +312,14 @@ def build_stage_model(model_dir: Path, lo: int, hi: int, int8_activations: bool 
     if not 0 <= lo < hi <= cfg.layers:
         raise ValueError(f"bad layer range {lo}..{hi} for {cfg.layers} layers")
     index = json.loads((Path(model_dir) / WEIGHTS_INDEX).read_text())
-    b = _Builder(index, accuracy_level=4 if int8_activations else 1)
+    b = _Builder(index, cfg.linears, accuracy_level=4 if int8_activations else 1)
     first, last = lo == 0, hi == cfg.layers
     hd, nkv = cfg.head_dim, cfg.kv_heads
     inputs = []
     if first:
         inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64,
                                                     ["batch", "seq"]))
-        # Q8_0 rows, exactly the GGUF's values, from the LM head's two 4-bit halves (the
-        # embedding is tied to the head, so its bytes are stored once):
-        # q = 16 * (hi - 8) + lo, row = q * d.
-        def nibbles(half: str) -> str:
-            packed = b.op("Gather", [b.weight(f"head.{half}.q"), "input_ids"])  # [B,S,nb,16]
-            low = b.op("BitwiseAnd", [packed, b.const(np.uint8(0x0F))])
-            high = b.op("BitShift", [packed, b.const(np.uint8(4))], direction="RIGHT")
-            pairs = b.op("Concat", [b.op("Unsqueeze", [t, b.const(np.array([-1], np.int64))])
-                                    for t in (low, high)], axis=-1)  # element 2i, 2i+1
-            flat = b.op("Reshape", [pairs, b.const(np.array([0, 0, 0, BLOCK], np.int64))])
-            return b.op("Cast", [flat], to=TensorProto.FLOAT)
-
-        upper = b.op("Mul", [b.op("Sub", [nibbles("hi"), b.const(np.float32(8.0))]),
-                             b.const(np.float32(16.0))])
-        rows = b.op("Add", [upper, nibbles("lo")])
-        scale = b.op("Unsqueeze", [b.op("Gather", [b.weight("tok.d"), "input_ids"]),
-                                   b.const(np.array([-1], np.int64))])
-        h = b.op("Reshape", [b.op("Mul", [rows, scale]),
-                             b.const(np.array([0, 0, cfg.hidden], np.int64))])
+        h = _embed(b, cfg, "input_ids")
     else:
         inputs.append(helper.make_tensor_value_info("hidden_in", TensorProto.FLOAT,
                                                     ["batch", "seq", cfg.hidden]))
@@ -262,20 +345,17 @@ def build_stage_model(model_dir: Path, lo: int, hi: int, int8_activations: bool 
                               b.const(np.array([1], np.int64))])
         tail = b.op("Squeeze", [_rms_norm(b, tail, "output_norm", cfg.rms_eps),
                                 b.const(np.array([1], np.int64))])
-        # Tied Q8_0 head as two exact 4-bit halves (see llm_prepare.convert_weights).
-        halves = [b.op("MatMulNBits", [tail, b.weight(f"head.{half}.q"),
-                                       b.weight(f"head.{half}.d"), b.weight(f"head.zp{zp}")],
-                       domain="com.microsoft", K=cfg.hidden, N=cfg.vocab, bits=4,
-                       block_size=BLOCK, accuracy_level=b.accuracy_level)
-                  for half, zp in (("hi", 8), ("lo", 0))]
-        b.op("Add", halves, outputs=["logits"])
+        logits = _linear(b, tail, "head")
+        if cfg.final_softcap:
+            logits = _softcap(b, logits, cfg.final_softcap)
+        b.op("Identity", [logits], outputs=["logits"])
         outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT,
                                                         ["batch", cfg.vocab]))
     else:
         b.op("Identity", [h], outputs=["hidden_out"])
         outputs.insert(0, helper.make_tensor_value_info("hidden_out", TensorProto.FLOAT,
                                                         ["batch", "seq", cfg.hidden]))
-    graph = helper.make_graph(b.nodes, f"llama_{lo}_{hi}", inputs, outputs,
+    graph = helper.make_graph(b.nodes, f"{cfg.arch}_{lo}_{hi}", inputs, outputs,
                               list(b.inits.values()))
     return helper.make_model(graph, producer_name="epara",
                              opset_imports=[helper.make_opsetid("", OPSET),

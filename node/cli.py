@@ -142,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--at", type=int, nargs="+", metavar="POS", help="cut positions")
     split.add_argument("--store", type=Path)
     split.set_defaults(run=_cmd_models_split)
-    imp = msub.add_parser("import", help="import your own .onnx, .tflite or torch file")
+    imp = msub.add_parser("import",
+                          help="import your own .onnx, .tflite, torch or .gguf (LLM) file")
     imp.add_argument("file", type=Path)
     imp.add_argument("--name", help="model name (default: the file's stem)")
     imp.add_argument("--store", type=Path)
