@@ -105,7 +105,7 @@ def _head(args: argparse.Namespace) -> None:
             refs.append(StageRef(ip, (ip, PORT), key))
         first = int(refs[0].key.split(":")[0])
         last = int(refs[-1].key.split(":")[1])
-        stages.append(RemoteLlmChain(client, refs, range(first, last), loop, lambda: 60.0,
+        stages.append(RemoteLlmChain(client, refs, range(first, last), loop, lambda _ids: 60.0,
                                      args.compress))
     engine = LlmEngine(model, load_manifest(model), args.threads, stages)
     results = []

@@ -15,11 +15,28 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from epara.node.service import LatencyTracker, ServiceError
+
+# A pass down a remote pipeline waits at most until its sequences' latest deadline, and
+# never longer than HOP_LIMIT_S (a sequence without a deadline); MIN_HOP_S lets a pass
+# whose deadline has just passed fail by timeout rather than not start.
+HOP_LIMIT_S = 30.0
+MIN_HOP_S = 0.05
+
+
+def pass_timeout(deadlines: Sequence[float | None], now: float,
+                 limit_s: float = HOP_LIMIT_S) -> float:
+    """A batched pass serves all its sequences, so it may wait until the latest of their
+    deadlines (monotonic seconds), never past ``limit_s``; a sequence without a deadline
+    gets the whole limit."""
+    if not deadlines or any(d is None for d in deadlines):
+        return limit_s
+    latest = max(d for d in deadlines if d is not None)
+    return min(limit_s, max(MIN_HOP_S, latest - now))
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +109,14 @@ class GenerationService:
         self._thread = threading.Thread(target=self._run, name=f"gen-{manifest.name}",
                                         daemon=True)
         self._thread.start()
+
+    def hop_timeout(self, seq_ids: Sequence[str]) -> float:
+        """How long a pass of these sequences down a remote stage chain may wait (see
+        ``pass_timeout``). Called from the engine's worker thread, which owns
+        ``_running``; a sequence not running (yet) counts as one without a deadline."""
+        seqs = [self._running.get(seq_id) for seq_id in seq_ids]
+        return pass_timeout([None if s is None else s.deadline for s in seqs],
+                            time.monotonic())
 
     @property
     def queue_depth(self) -> int:

@@ -297,7 +297,8 @@ class RemoteLlmChain:
     node's event loop, so each call hops onto the loop and waits for the result."""
 
     def __init__(self, client: PipelineClient, route: Sequence[StageRef], layers: range,
-                 loop: asyncio.AbstractEventLoop, timeout: Callable[[], float],
+                 loop: asyncio.AbstractEventLoop,
+                 timeout: Callable[[Sequence[str]], float],
                  compress: str = "none") -> None:
         self.client = client
         self.route = tuple(route)
@@ -309,12 +310,13 @@ class RemoteLlmChain:
 
     def forward(self, seq_ids: Sequence[str], inputs: np.ndarray,
                 positions: np.ndarray) -> np.ndarray:
-        return self.submit(seq_ids, inputs, positions).result(self._timeout() + 5)
+        return self.submit(seq_ids, inputs, positions).result(self._timeout(seq_ids) + 5)
 
     def submit(self, seq_ids: Sequence[str], inputs: np.ndarray,
                positions: np.ndarray) -> concurrent.futures.Future[np.ndarray]:
-        """Start a pass down the route; the future holds the last stage's output."""
-        timeout = self._timeout()
+        """Start a pass down the route; the future holds the last stage's output. The
+        pass waits no longer than ``timeout(seq_ids)``: the sequences' own deadlines."""
+        timeout = self._timeout(seq_ids)
 
         async def run() -> np.ndarray:
             result = await self.client.run(self.route, {"x": inputs, "positions": positions},

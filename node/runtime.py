@@ -21,7 +21,7 @@ import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ from epara.models.manifest import Manifest
 from epara.node import planning, reconcile
 from epara.node.dataplane import DataPlane, Endpoint
 from epara.node.forwarder import Forwarder
-from epara.node.generation import GenerationService
+from epara.node.generation import HOP_LIMIT_S, GenerationService
 from epara.node.leader.demand import WINDOW_S, observe
 from epara.node.leader.model import Placement, Unit
 from epara.node.leader.policies import make_policy
@@ -340,14 +340,22 @@ class ClusterRuntime:
                              stage_key(unit.service, s.first, s.end)) for s in unit.stages[1:]]
             lo, _ = self._positions(unit.service, unit.stages[1].first, unit.stages[1].end)
             _, hi = self._positions(unit.service, unit.stages[-1].first, unit.stages[-1].end)
+            # Each pass waits until its sequences' deadlines (the service, made below
+            # around the engine, knows them), never past HOP_LIMIT_S.
+            services: list[GenerationService] = []
+
+            def hop_timeout(seq_ids: Sequence[str]) -> float:
+                return services[0].hop_timeout(seq_ids) if services else HOP_LIMIT_S
+
             chain = RemoteLlmChain(self.pipeline, rest, range(lo, hi),
-                                   asyncio.get_running_loop(), lambda: 30.0)
+                                   asyncio.get_running_loop(), hop_timeout)
             engine = await asyncio.to_thread(LlmEngine, directory, manifest,
                                              self.node.config.threads, [local, chain])
         except Exception as exc:
             log.warning("cannot set up the pipeline head of %s: %s", unit.id, exc)
             return
         service = GenerationService(manifest, engine, target=f"pipeline:{unit.id}")
+        services.append(service)
         service.unit_id = unit.id  # type: ignore[attr-defined]
         self.node.services[unit.service] = service
         log.info("pipeline head %s ready", unit.id)

@@ -317,3 +317,15 @@ def test_a_node_forwards_to_its_peer_and_a_frozen_peer_costs_only_the_deadline(
     finally:
         for process in processes.values():
             stop_node(process)
+
+
+def test_a_remote_llm_pass_waits_only_until_its_sequences_deadlines() -> None:
+    """Stage hops of an LLM pipeline are bounded by the requests' own deadlines (the
+    latest in the batch), not a fixed 30 s; without a deadline, the fixed limit."""
+    from epara.node.generation import HOP_LIMIT_S, MIN_HOP_S, pass_timeout
+
+    assert pass_timeout([100.5, 101.0], now=100.0) == pytest.approx(1.0)
+    assert pass_timeout([100.5, None], now=100.0) == HOP_LIMIT_S
+    assert pass_timeout([], now=100.0) == HOP_LIMIT_S
+    assert pass_timeout([99.0], now=100.0) == MIN_HOP_S  # already late: fail fast
+    assert pass_timeout([1000.0], now=100.0) == HOP_LIMIT_S
