@@ -85,22 +85,25 @@ def _by_popularity(specs: Mapping[str, ServiceSpec],
     return sorted(specs, key=lambda n: (-popularity.get(n, 0.0), n))
 
 
-class _Periodic:
-    last: float
-    devices: frozenset[str]
-    informed: bool
+class ReplacementClock:
+    """When a periodic baseline re-places: every ``period_s``, when the live devices
+    change, and as soon as the first demand has been observed (a placement made before
+    any is a guess)."""
 
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self.last = -math.inf
+        self.devices: frozenset[str] = frozenset()
+        self.informed = False
 
-def _due(policy: _Periodic, now: float, period_s: float, ids: frozenset[str],
-         demand: Mapping[str, ServiceDemand]) -> bool:
-    """Re-place every ``period_s``, when the live devices change, and as soon as the
-    first demand has been observed (a placement made before any is a guess)."""
-    first = bool(demand) and not policy.informed
-    if now - policy.last < period_s and ids == policy.devices and not first:
-        return False
-    policy.last, policy.devices = now, ids
-    policy.informed = policy.informed or bool(demand)
-    return True
+    def due(self, now: float, ids: frozenset[str],
+            demand: Mapping[str, ServiceDemand]) -> bool:
+        first = bool(demand) and not self.informed
+        if now - self.last < self.period_s and ids == self.devices and not first:
+            return False
+        self.last, self.devices = now, ids
+        self.informed = self.informed or bool(demand)
+        return True
 
 
 # --- Kubernetes / KServe ---------------------------------------------------------------
@@ -227,9 +230,7 @@ class TritonPolicy:
     def __init__(self, name: str = "triton", router: str = "least-outstanding") -> None:
         self.name, self.router = name, router
         self.popularity = LearnedPopularity()
-        self.last = -math.inf
-        self.devices: frozenset[str] = frozenset()
-        self.informed = False
+        self.clock = ReplacementClock(TRITON_REPLACE_S)
 
     def place(self, current: Placement, state: ClusterState,
               demand: Mapping[str, ServiceDemand], specs: Mapping[str, ServiceSpec],
@@ -237,7 +238,7 @@ class TritonPolicy:
         popularity = self.popularity.update(demand, specs)
         devices = state.alive()
         ids = frozenset(d.id for d in devices)
-        if not _due(self, now, TRITON_REPLACE_S, ids, demand):
+        if not self.clock.due(now, ids, demand):
             return current, ()
         units = replicate_where_it_fits(specs, devices, popularity, TRITON_BATCH)
         return _placement(current, units, self.mode, f"baseline {self.name}"), ()
@@ -399,9 +400,7 @@ class AlpaServePolicy:
     def __init__(self, name: str = "alpaserve", router: str = "least-connections") -> None:
         self.name, self.router = name, router
         self.popularity = LearnedPopularity()
-        self.last = -math.inf
-        self.devices: frozenset[str] = frozenset()
-        self.informed = False
+        self.clock = ReplacementClock(ALPA_REPLACE_S)
 
     def place(self, current: Placement, state: ClusterState,
               demand: Mapping[str, ServiceDemand], specs: Mapping[str, ServiceSpec],
@@ -409,7 +408,7 @@ class AlpaServePolicy:
         learned = self.popularity.update(demand, specs)
         devices = state.alive()
         ids = frozenset(d.id for d in devices)
-        if not _due(self, now, ALPA_REPLACE_S, ids, demand):
+        if not self.clock.due(now, ids, demand):
             return current, ()
         rates = {n: learned.get(n) or ALPA_PRIOR_HZ for n in specs}
         cv = {n: d.cv for n, d in demand.items()}
@@ -580,9 +579,7 @@ class PetalsPolicy:
     def __init__(self, name: str = "petals", router: str = "fastest-chain") -> None:
         self.name, self.router = name, router
         self.popularity = LearnedPopularity()
-        self.last = -math.inf
-        self.devices: frozenset[str] = frozenset()
-        self.informed = False
+        self.clock = ReplacementClock(TRITON_REPLACE_S)
 
     def place(self, current: Placement, state: ClusterState,
               demand: Mapping[str, ServiceDemand], specs: Mapping[str, ServiceSpec],
@@ -590,7 +587,7 @@ class PetalsPolicy:
         popularity = self.popularity.update(demand, specs)
         devices = state.alive()
         ids = frozenset(d.id for d in devices)
-        if not _due(self, now, TRITON_REPLACE_S, ids, demand):
+        if not self.clock.due(now, ids, demand):
             return current, ()
         servers = petals_servers(specs, devices, popularity)
         units = {n: petals_chains(specs[n], servers[n]) for n in specs}
