@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -128,3 +129,20 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> No
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def still_serving(sock: Path) -> None:
+    """The node at ``sock`` still answers a plain request (the ``add`` model)."""
+    from epara.node.client import Client
+
+    with Client(sock, timeout=30) as client:
+        out = client.infer("add", {"x": np.ones((1, 4), np.float32)})
+    np.testing.assert_array_equal(out["y"], np.full((1, 4), 2, np.float32))
+
+
+def raw_connect(sock: Path) -> socket.socket:
+    """A bare Unix-socket connection, for speaking the wire format by hand."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(str(sock))
+    return s

@@ -28,7 +28,7 @@ import pytest
 from epara.node.client import Client
 from epara.peer import wire
 
-from .helpers import make_add_model, running_node, wait_until
+from .helpers import make_add_model, raw_connect, running_node, still_serving, wait_until
 
 MiB = 1024 * 1024
 
@@ -43,19 +43,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, int]]
     with running_node(store, sock, "--max-frame-mb", "32", "--max-inflight", "4",
                       "--frame-timeout", "1", "--max-buffered-mb", "24") as process:
         yield sock, process.pid
-
-
-def still_serving(sock: Path) -> None:
-    with Client(sock, timeout=30) as client:
-        out = client.infer("add", {"x": np.ones((1, 4), np.float32)})
-    np.testing.assert_array_equal(out["y"], np.full((1, 4), 2, np.float32))
-
-
-def raw_connect(sock: Path) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(30)
-    s.connect(str(sock))
-    return s
 
 
 def send(s: socket.socket, message: dict, fds: list[int] | None = None) -> None:

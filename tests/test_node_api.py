@@ -21,7 +21,7 @@ import pytest
 from epara.node.client import Client, EparaError
 from epara.peer import wire
 
-from .helpers import make_add_model, running_node
+from .helpers import make_add_model, raw_connect, running_node, still_serving
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +38,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     sock = root / "run" / "node.sock"
     with running_node(store, sock, "--max-frame-mb", "1"):
         yield sock
-
-
-def still_serving(sock: Path) -> None:
-    with Client(sock, timeout=30) as client:
-        out = client.infer("add", {"x": np.ones((1, 4), np.float32)})
-    np.testing.assert_array_equal(out["y"], np.full((1, 4), 2, np.float32))
-
-
-def raw_connect(sock: Path) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(30)
-    s.connect(str(sock))
-    return s
 
 
 def read_reply(s: socket.socket) -> dict:
