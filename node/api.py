@@ -381,14 +381,21 @@ class LocalApi:
             threshold = float(manifest.extra.get("threshold", 0.5))
         want_overlay = request.message.get("overlay") is True
         spec = manifest.inputs[0]
+        started = time.monotonic()
         try:
             # Decoding and resizing take milliseconds: keep them off the event loop.
             rgb = await asyncio.to_thread(imaging.decode_image, image)
             tensor = await asyncio.to_thread(imaging.preprocess, rgb, manifest.extra, spec.dtype)
         except imaging.ImageError as exc:
             raise ServiceError("bad_input", str(exc)) from None
-        result = await _await_result(request,
-                                     service.submit({spec.name: tensor}, request.deadline()))
+        before = time.monotonic() - started
+        # Admission keeps room for the mask still to be made after the run.
+        deadline = request.deadline()
+        after_s = service.node_work.after_s
+        if deadline is not None and after_s is not None:
+            deadline -= after_s
+        result = await _await_result(request, service.submit({spec.name: tensor}, deadline))
+        ran = time.monotonic()
         probabilities = imaging.probability_map(result.outputs[manifest.outputs[0].name],
                                                 manifest.extra)
         mask = await asyncio.to_thread(imaging.mask_for_image, probabilities, rgb.shape[:2],
@@ -401,6 +408,7 @@ class LocalApi:
         if want_overlay:
             answer["overlay_png"] = await asyncio.to_thread(
                 lambda: imaging.encode_png(imaging.overlay(rgb, mask)))
+        service.node_work.record(before, time.monotonic() - ran)
         await reply(answer)
 
     async def _op_generate(self, request: Request, reply: Reply) -> None:
