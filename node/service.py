@@ -101,7 +101,7 @@ class LatencyTracker:
 
 class NodeWork:
     """A request's work on the node around its model run (decoding and resizing an image
-    before, making its mask after), exponentially averaged.
+    before, making its mask after), in CPU seconds, exponentially averaged.
 
     It runs on this device's cores beside the model, never batches, and on a small device
     can take longer than the model itself (a 512x600 JPEG: ~13 ms around a ~7 ms
