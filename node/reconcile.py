@@ -23,12 +23,18 @@ def stage_key(service: str, first: int, end: int) -> str:
     return f"{service}#{first}-{end}"
 
 
+def head_key(unit: Unit) -> str:
+    """What a pipeline head runs: its unit and every stage's range. The same devices cut
+    at other ranges are another pipeline (the head's own stage and its route change)."""
+    return f"{unit.id}#{','.join(f'{s.first}-{s.end}' for s in unit.stages)}"
+
+
 @dataclass(frozen=True)
 class Running:
     """A node's serving configuration: what runs, or what should."""
 
     replicas: Mapping[str, int] = field(default_factory=dict)  # service -> max batch
-    heads: Mapping[str, str] = field(default_factory=dict)  # service -> pipeline unit id
+    heads: Mapping[str, str] = field(default_factory=dict)  # service -> head_key(unit)
     stages: frozenset[str] = frozenset()  # stage keys hosted for pipelines
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,7 +88,7 @@ def desired(placement: Placement, me: str) -> Running:
     for unit in placement.units():
         if unit.head == me:
             if unit.is_pipeline:
-                heads[unit.service] = unit.id
+                heads[unit.service] = head_key(unit)
             else:
                 replicas[unit.service] = max(1, unit.max_batch)
         if unit.is_pipeline:
@@ -94,7 +100,7 @@ def desired(placement: Placement, me: str) -> Running:
 def plan(placement: Placement, me: str, running: Running) -> list[Action]:
     """The actions that make ``running`` what ``placement`` asks of node ``me``."""
     want = desired(placement, me)
-    units = {u.id: u for u in placement.units()}
+    units = {head_key(u): u for u in placement.units() if u.is_pipeline}
     actions: list[Action] = []
     # A service slot holds either a replica or a pipeline head: one that changes kind
     # or unit is unloaded first.
@@ -113,8 +119,8 @@ def plan(placement: Placement, me: str, running: Running) -> list[Action]:
         service, span = key.rsplit("#", 1)
         first, end = (int(x) for x in span.split("-"))
         actions.append(OpenStage(key, service, first, end))
-    actions += [OpenHead(units[unit_id]) for name, unit_id in sorted(want.heads.items())
-                if running.heads.get(name) != unit_id]
+    actions += [OpenHead(units[key]) for name, key in sorted(want.heads.items())
+                if running.heads.get(name) != key]
     return actions
 
 
@@ -135,5 +141,5 @@ def apply(running: Running, action: Action) -> Running:
         case OpenStage(key, _, _, _):
             stages.add(key)
         case OpenHead(unit):
-            heads[unit.service] = unit.id
+            heads[unit.service] = head_key(unit)
     return Running(replicas, heads, frozenset(stages))
