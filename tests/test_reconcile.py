@@ -62,3 +62,17 @@ def test_a_replica_that_becomes_a_pipeline_head_is_unloaded_first() -> None:
     actions = reconcile.plan(_placement(2, LLM_PIPELINE), "a", Running({"llm": 4}))
     assert actions == [reconcile.Unload("llm"), reconcile.OpenHead(LLM_PIPELINE)]
     assert reconcile.desired(_placement(2, LLM_PIPELINE), "b").stages == {"llm#2-4"}
+
+
+def test_a_pipeline_recut_on_the_same_devices_reopens_its_head_and_stages() -> None:
+    """Same devices, other stage ranges: the head's own stage and its route change, so
+    the head is opened again (the unit id alone would keep the old cut running)."""
+    recut = Unit("llm", (Stage("a", 0, 3, 400.0), Stage("b", 3, 4, 200.0)), 4)
+    assert recut.id == LLM_PIPELINE.id
+    head = _run(_placement(1, LLM_PIPELINE), "a", Running())
+    assert head.heads == {"llm": "llm@a+b#0-2,2-4"}
+    assert reconcile.plan(_placement(2, recut), "a", head) == [
+        reconcile.Unload("llm"), reconcile.OpenHead(recut)]
+    stage = _run(_placement(1, LLM_PIPELINE), "b", Running())
+    assert reconcile.plan(_placement(2, recut), "b", stage) == [
+        reconcile.CloseStage("llm#2-4"), reconcile.OpenStage("llm#3-4", "llm", 3, 4)]
