@@ -6,7 +6,7 @@ it hosts for other nodes' pipelines), ``plan(desired, running)`` the actions tha
 what runs into it, ordered so memory is freed before it is taken: unload, close stages,
 set batches, load replicas, open stages, open heads. The runtime's executor carries
 them out one by one and reads back what runs (``ClusterRuntime.running``), so a failed
-action is simply planned again on the next placement.
+action is simply planned again: on the next placement, or after ``retry_after``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from epara.node.leader.model import Placement, Unit
+
+RETRY_FIRST_S = 2.0  # a placement not fully applied is tried again after this long,
+RETRY_LONGEST_S = 60.0  # doubling up to this (a model that cannot load here logs rarely)
+
+
+def retry_after(previous_s: float | None, fresh: bool, converged: bool) -> float | None:
+    """Seconds until the executor tries a placement again (None: only on a new one).
+
+    A failed action (a stage whose node is not in the view yet, a load that failed) is
+    planned again, first soon, then less and less often while the same placement keeps
+    failing; a new placement starts the schedule afresh."""
+    if converged:
+        return None
+    if fresh or previous_s is None:
+        return RETRY_FIRST_S
+    return min(previous_s * 2, RETRY_LONGEST_S)
 
 
 def stage_key(service: str, first: int, end: int) -> str:

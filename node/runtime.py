@@ -227,16 +227,24 @@ class ClusterRuntime:
             self._placement_dirty.set()
 
     async def _reconcile_loop(self) -> None:
+        retry_s: float | None = None  # when actions failed: wait this long, then again
         while True:
-            await self._placement_dirty.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._placement_dirty.wait(), retry_s)
+            fresh = self._placement_dirty.is_set()
             self._placement_dirty.clear()
+            placement = self.placement
             try:
-                placement = self.placement
                 await self._reconcile(placement)
                 self._applied = True
                 self._applied_version = placement.version
             except Exception:  # keep reconciling later placements
-                log.exception("reconciling placement v%d failed", self.placement.version)
+                log.exception("reconciling placement v%d failed", placement.version)
+            left = reconcile.plan(placement, self.node.node_id, self.running())
+            retry_s = reconcile.retry_after(retry_s, fresh, converged=not left)
+            if left:
+                log.info("placement v%d: %d actions not done, retrying in %.0f s",
+                         placement.version, len(left), retry_s)
 
     def running(self) -> Running:
         """What this node runs now, read back from its services and stages."""

@@ -76,3 +76,15 @@ def test_a_pipeline_recut_on_the_same_devices_reopens_its_head_and_stages() -> N
     stage = _run(_placement(1, LLM_PIPELINE), "b", Running())
     assert reconcile.plan(_placement(2, recut), "b", stage) == [
         reconcile.CloseStage("llm#2-4"), reconcile.OpenStage("llm#3-4", "llm", 3, 4)]
+
+
+def test_a_placement_not_fully_applied_is_retried_less_and_less_often() -> None:
+    waits = [reconcile.retry_after(None, True, False)]
+    for _ in range(8):
+        waits.append(reconcile.retry_after(waits[-1], False, False))
+    assert waits[0] == reconcile.RETRY_FIRST_S
+    assert waits == sorted(waits) and waits[-1] == reconcile.RETRY_LONGEST_S
+    # A new placement starts afresh; a converged one waits for the next placement.
+    assert reconcile.retry_after(reconcile.RETRY_LONGEST_S, True, False) == \
+        reconcile.RETRY_FIRST_S
+    assert reconcile.retry_after(8.0, False, True) is None
