@@ -142,11 +142,14 @@ class PipelineSession(Session):
     def run_by(self, inputs: Mapping[str, np.ndarray],
                deadline: float | None) -> dict[str, np.ndarray]:
         tensors = self.first.run({}, inputs)
+        timeout = pass_timeout([deadline], time.monotonic())
+
+        async def remote() -> dict[str, np.ndarray]:
+            # On the loop, which owns the cluster view the route is resolved from.
+            return await self.client.run(self.route(), tensors, timeout)
+
         try:
-            route = self.route()
-            timeout = pass_timeout([deadline], time.monotonic())
-            future = asyncio.run_coroutine_threadsafe(
-                self.client.run(route, tensors, timeout), self._loop)
+            future = asyncio.run_coroutine_threadsafe(remote(), self._loop)
             try:
                 # The client's own timeout ends the wait; this one only guards a loop
                 # that has stopped.
