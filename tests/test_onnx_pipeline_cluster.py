@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from epara.models import imaging
 from epara.models.backends import get_backend
 from epara.models.manifest import load_manifest, save_manifest
 from epara.models.split import onnx_stage_analysis
@@ -76,6 +77,18 @@ def _page() -> np.ndarray:
     return np.random.default_rng(7).random((1, 3, 160, 256), dtype=np.float32)
 
 
+def _document() -> np.ndarray:
+    """A small page with two lines of text, RGB uint8."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    page = Image.new("RGB", (320, 160), "white")
+    draw = ImageDraw.Draw(page)
+    font = ImageFont.load_default(size=28)
+    draw.text((10, 20), "EPARA 2026", fill="black", font=font)
+    draw.text((10, 90), "edge pipeline", fill="black", font=font)
+    return np.asarray(page)
+
+
 def _pipeline(sock: Path) -> tuple[dict[str, Any], list[list[Any]]]:
     """The placement the node holds and text-det's units in it (device, first, end)."""
     with Client(sock) as client:
@@ -97,6 +110,22 @@ def test_a_planned_onnx_pipeline_runs_as_planned_and_answers_as_the_whole_model(
             got = client.infer(MODEL, {"x": page}, deadline_ms=30000)["sigmoid_0.tmp_0"]
         assert got.shape == expected.shape
         assert float(np.abs(got - expected).max()) <= TOLERANCE, name
+
+    # The segment op: the same image pre/post-processing around the pipeline as around a
+    # replica, so the same mask as the whole model's.
+    image = _document()
+    with Client(cluster["n0"][1], timeout=60) as client:
+        answer = client.segment(MODEL, image, deadline_ms=30000)
+    rgb = imaging.decode_image(image)
+    tensor = imaging.preprocess(rgb, manifest.extra, manifest.inputs[0].dtype)
+    probabilities = imaging.probability_map(whole.run({"x": tensor})["sigmoid_0.tmp_0"],
+                                            manifest.extra)
+    expected_mask = imaging.mask_for_image(probabilities, rgb.shape[:2],
+                                           float(manifest.extra.get("threshold", 0.5)))
+    assert answer["mask"].shape == expected_mask.shape
+    assert np.count_nonzero(expected_mask) > 0.01 * expected_mask.size  # text was found
+    # A pixel may flip where the probability sits on the threshold (~1e-6 apart).
+    assert np.mean(answer["mask"] == expected_mask) >= 0.999
 
     placement, units = _pipeline(cluster["n0"][1])
     assert len(units) == 1 and len(units[0]) == 2, units
