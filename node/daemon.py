@@ -67,7 +67,9 @@ def load_service(directory: Path, manifest: Manifest,
     if manifest.task == "text-generation":
         from epara.models.llm import LlmEngine  # the LLM extra may be absent
 
-        return GenerationService(manifest, LlmEngine(directory, manifest, threads=threads))
+        engine = LlmEngine(directory, manifest, threads=threads)
+        engine.warm_up()
+        return GenerationService(manifest, engine)
     session = get_backend(manifest.backend).load(directory, manifest, threads=threads)
     return ModelService(manifest, session)
 
