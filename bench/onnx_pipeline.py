@@ -77,9 +77,9 @@ async def measure(store: ModelStore, rounds: int, requests: int, size: tuple[int
     (cut,) = balanced_cuts(analysis, 2)
     head_dir = stage_of(store, MODEL, 0, cut, stream=io.StringIO())
     tail_dir = stage_of(store, MODEL, cut, analysis.node_count, stream=io.StringIO())
-    credentials = Path(tempfile.mkdtemp(prefix="epara-bench-cluster-"))
-    create_cluster_credentials(credentials / "cluster")
-    planes = [DataPlane(credentials / "cluster", "127.0.0.1") for _ in range(2)]
+    with tempfile.TemporaryDirectory(prefix="epara-bench-cluster-") as credentials:
+        create_cluster_credentials(Path(credentials) / "cluster")
+        planes = [DataPlane(Path(credentials) / "cluster", "127.0.0.1") for _ in range(2)]
     for plane in planes:
         await plane.start()
     host = StageHost(planes[0], "stage")
