@@ -52,10 +52,12 @@ class Running:
     replicas: Mapping[str, int] = field(default_factory=dict)  # service -> max batch
     heads: Mapping[str, str] = field(default_factory=dict)  # service -> head_key(unit)
     stages: frozenset[str] = frozenset()  # stage keys hosted for pipelines
+    head_batches: Mapping[str, int] = field(default_factory=dict)  # service -> max batch
 
     def to_dict(self) -> dict[str, Any]:
         return {"replicas": dict(sorted(self.replicas.items())),
-                "heads": dict(sorted(self.heads.items())), "stages": sorted(self.stages)}
+                "heads": dict(sorted(self.heads.items())), "stages": sorted(self.stages),
+                "head_batches": dict(sorted(self.head_batches.items()))}
 
 
 @dataclass(frozen=True)
@@ -100,17 +102,19 @@ def desired(placement: Placement, me: str) -> Running:
     """What ``placement`` asks node ``me`` to run."""
     replicas: dict[str, int] = {}
     heads: dict[str, str] = {}
+    head_batches: dict[str, int] = {}
     stages: set[str] = set()
     for unit in placement.units():
         if unit.head == me:
             if unit.is_pipeline:
                 heads[unit.service] = head_key(unit)
+                head_batches[unit.service] = max(1, unit.max_batch)
             else:
                 replicas[unit.service] = max(1, unit.max_batch)
         if unit.is_pipeline:
             stages |= {stage_key(unit.service, s.first, s.end)
                        for s in unit.stages[1:] if s.device == me}
-    return Running(replicas, heads, frozenset(stages))
+    return Running(replicas, heads, frozenset(stages), head_batches)
 
 
 def plan(placement: Placement, me: str, running: Running) -> list[Action]:
@@ -129,6 +133,10 @@ def plan(placement: Placement, me: str, running: Running) -> list[Action]:
     for name, batch in sorted(want.replicas.items()):
         if name in running.replicas and running.replicas[name] != batch:
             actions.append(SetBatch(name, batch))
+    for name, batch in sorted(want.head_batches.items()):  # a kept head's new batch
+        if running.heads.get(name) == want.heads[name] and \
+                running.head_batches.get(name) != batch:
+            actions.append(SetBatch(name, batch))
     actions += [Load(name, batch) for name, batch in sorted(want.replicas.items())
                 if name not in running.replicas]
     for key in sorted(want.stages - running.stages):
@@ -145,17 +153,22 @@ def apply(running: Running, action: Action) -> Running:
     back): the fold a test checks ``plan`` with."""
     replicas = dict(running.replicas)
     heads = dict(running.heads)
+    head_batches = dict(running.head_batches)
     stages = set(running.stages)
     match action:
         case Unload(service):
             replicas.pop(service, None)
             heads.pop(service, None)
+            head_batches.pop(service, None)
         case CloseStage(key):
             stages.discard(key)
+        case SetBatch(service, batch) if service in heads:
+            head_batches[service] = batch
         case SetBatch(service, batch) | Load(service, batch):
             replicas[service] = batch
         case OpenStage(key, _, _, _):
             stages.add(key)
         case OpenHead(unit):
             heads[unit.service] = head_key(unit)
-    return Running(replicas, heads, frozenset(stages))
+            head_batches[unit.service] = max(1, unit.max_batch)
+    return Running(replicas, heads, frozenset(stages), head_batches)

@@ -250,12 +250,15 @@ class ClusterRuntime:
         """What this node runs now, read back from its services and stages."""
         replicas: dict[str, int] = {}
         heads: dict[str, str] = {}
+        head_batches: dict[str, int] = {}
         for name, service in self.node.services.items():
+            batch = int(service.stats()["max_batch"])
             if service.head_key is not None:
                 heads[name] = service.head_key
+                head_batches[name] = batch
             else:
-                replicas[name] = int(service.stats()["max_batch"])
-        return Running(replicas, heads, frozenset(self.stages.stages))
+                replicas[name] = batch
+        return Running(replicas, heads, frozenset(self.stages.stages), head_batches)
 
     async def _reconcile(self, placement: Placement) -> None:
         """Carry out the pure reconcile step's actions (node/reconcile.py), in order."""
@@ -381,6 +384,7 @@ class ClusterRuntime:
             log.warning("cannot set up the pipeline head of %s: %s", unit.id, exc)
             return
         service.head_key = reconcile.head_key(unit)
+        service.set_max_batch(unit.max_batch)  # the plan's batch for this unit
         self.node.services[unit.service] = service
         self.node.unavailable.pop(unit.service, None)
         log.info("pipeline head %s ready", unit.id)
@@ -402,9 +406,7 @@ class ClusterRuntime:
             SessionStage(local, [s.name for s in stage_manifest.inputs]), self.pipeline,
             lambda: self._route(unit), [s.name for s in manifest.outputs],
             asyncio.get_running_loop(), f"pipeline:{unit.id}")
-        service = ModelService(manifest, session)
-        service.set_max_batch(unit.max_batch)
-        return service
+        return ModelService(manifest, session)
 
     async def _llm_head(self, unit: Unit) -> GenerationService:
         from epara.models.llm import LlmEngine

@@ -26,7 +26,7 @@ from epara.node.lab.loadgen import running_mismatches
 from epara.node.leader.model import Placement
 from epara.peer.security import create_cluster_credentials
 
-from .helpers import start_node, stop_node, wait_for_socket
+from .helpers import start_node, stop_node, wait_for_cluster, wait_for_socket
 
 MODEL = "text-det"
 # text-det needs ~157 MB at its reference page size: it fits neither node whole, and
@@ -67,6 +67,7 @@ def cluster(tmp_path: Path, det_store: Path) -> Iterator[dict[str, Any]]:
     try:
         for process, sock, _ in nodes.values():
             wait_for_socket(sock, process)
+        wait_for_cluster([sock for _, sock, _ in nodes.values()], set(nodes))
         yield nodes
     finally:
         for process, _, _ in nodes.values():

@@ -88,3 +88,13 @@ def test_a_placement_not_fully_applied_is_retried_less_and_less_often() -> None:
     assert reconcile.retry_after(reconcile.RETRY_LONGEST_S, True, False) == \
         reconcile.RETRY_FIRST_S
     assert reconcile.retry_after(8.0, False, True) is None
+
+
+def test_a_heads_new_batch_is_applied_without_reopening_it() -> None:
+    head = _run(_placement(1, LLM_PIPELINE), "a", Running())
+    assert head.head_batches == {"llm": 4}
+    smaller = Unit("llm", LLM_PIPELINE.stages, 2)
+    assert reconcile.plan(_placement(2, smaller), "a", head) == [
+        reconcile.SetBatch("llm", 2)]
+    assert _run(_placement(2, smaller), "a", head) == \
+        reconcile.desired(_placement(2, smaller), "a")
