@@ -261,3 +261,16 @@ def test_the_planner_uses_the_deadlines_requests_carry() -> None:
     scaled = with_observed_slo(chat, ServiceDemand(1.0, slo_ms=2 * chat.deadline_ms()))
     assert scaled.slo_ms == pytest.approx(2 * chat.slo_ms)
     assert scaled.slo_ms_per_token == pytest.approx(2 * chat.slo_ms_per_token)
+
+
+def test_a_replica_is_removed_only_beyond_the_dead_band() -> None:
+    """Seen on the bed: replicas of a 40 req/s stream removed for +0.02, +0.11 and
+    +0.08 req/s by the estimates, and added back by the next decisions (churn)."""
+    from epara.node.leader.scheduler import worth_removing
+
+    config = SchedulerConfig()
+    for gain in (0.02, 0.11, 0.08, 1.9):
+        assert not worth_removing(gain, 40.8, config)
+    assert worth_removing(2.1, 40.8, config)
+    assert worth_removing(0.02, 0.0, config)  # nothing else there: noise is the bar
+    assert not worth_removing(0.005, 0.0, config)

@@ -52,6 +52,11 @@ class SchedulerConfig:
     load_mb_per_s: float = 200.0  # reading weights from local storage into memory
     load_fixed_s: float = 0.5  # runtime start, session creation
     min_gain_hz: float = 0.01  # below this a change is noise, not worth a version
+    # A replica removed to relieve a shared device must gain at least this share of the
+    # demand of the services it touches: estimates move a little with every measurement,
+    # and a removal on a hair's gain is added back by the next decision (churn, each
+    # time paying a load and the requests caught in it).
+    remove_min_share: float = 0.05
     categorise: bool = True  # False: one mode for every service (the ablation)
     max_units_per_service: int = 256
     pipeline_pool: int = 8  # devices offered to the partitioner per candidate
@@ -629,6 +634,13 @@ def _headroom(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -
                                       "spare memory: headroom for bursts"))
 
 
+def worth_removing(gain_hz: float, touched_hz: float, config: SchedulerConfig) -> bool:
+    """Whether removing a replica that gains ``gain_hz`` (requests within SLO a second,
+    over the services on its devices, whose demand adds up to ``touched_hz``) is worth a
+    new placement: beyond noise, and beyond the dead band ``remove_min_share``."""
+    return gain_hz > max(config.min_gain_hz, config.remove_min_share * touched_hz)
+
+
 def _prune(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -> None:
     """Remove replicas whose removal raises goodput (they crowd a shared device more
     than they serve), keeping at least one unit per service."""
@@ -642,11 +654,13 @@ def _prune(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -> N
             # Its load moves to the service's other units: count every device it moves to.
             moved = set(contrib) | set(svc.contrib)
             shift = {d: contrib.get(d, 0.0) - svc.contrib.get(d, 0.0) for d in moved}
+            touched = svc.demand.rate_hz
             for name in sorted({n for d in moved for n in p.hosted[d]}):
                 if name != svc.spec.name:
                     other = p.services[name]
                     gain += p.evaluate(other, other.units, shift)[0] - other.goodput
-            if gain > config.min_gain_hz:
+                    touched += other.demand.rate_hz
+            if worth_removing(gain, touched, config):
                 p.commit(svc, rest)
                 decisions.append(Decision("remove", live.unit.id, gain,
                                           f"+{gain:.2f} req/s within SLO elsewhere: it "
