@@ -93,8 +93,11 @@ class MemberConfig:
     heartbeat_interval: float = 0.2
     # Heartbeats a node sends per second at most (to all peers together): beyond
     # max_heartbeats_per_s * heartbeat_interval peers the interval grows, and so do
-    # the silence bounds below (they count heartbeats, see membership.expire).
-    max_heartbeats_per_s: float = 64.0
+    # the silence bounds below (they count heartbeats, see membership.expire). Each
+    # heartbeat costs ~340 wire bytes with its TCP/IP, CURVE framing and the
+    # receiver's ACK; 48 a second keep a node of a 32-host cluster under 20 KB/s
+    # (bench/control_plane.py) and remove a silent member after ~4.8 s there.
+    max_heartbeats_per_s: float = 48.0
     suspect_after: float = 0.75
     remove_after: float = 1.5
     timing: election.Timing = field(default_factory=election.Timing)
