@@ -200,8 +200,9 @@ class ClusterMember:
         if self._credentials.per_device:
             # Answer certificate queries on the control port number (UDP), and learn
             # the seeds' certificates the same way before dialling them.
+            assert cert is not None
             loop = asyncio.get_running_loop()
-            answer = CERT_ANSWER + cert.encode().encode("ascii")  # type: ignore[union-attr]
+            answer = CERT_ANSWER + cert.encode().encode("ascii")
             for bind_host in bind_hosts:
                 try:
                     server, _ = await loop.create_datagram_endpoint(
@@ -363,7 +364,7 @@ class ClusterMember:
                     continue
                 key = trust.certificate_key(cert)
                 if key is None:
-                    log.warning("seed %s:%d answered without a valid certificate", host, port)
+                    log.debug("seed %s:%d answered without a valid certificate", host, port)
                     continue
                 self._ensure_link(host, port, source="seed", now=time.monotonic(), key=key)
             await asyncio.sleep(_SEED_QUERY_EVERY)
@@ -405,10 +406,9 @@ class ClusterMember:
             log.debug("dropping a message from a connection without a valid certificate")
             return
         ident, payload = frames[0].bytes, frames[1].bytes
-        sender_key = None
-        if sender:  # the connection's certified key: what to pin when dialling it back
-            sender_key = frames[1].get("User-Id").encode()
-            self._certs[sender] = frames[1].get(CERT_METADATA)
+        # Per-device: the connection's certified key (what to pin when dialling the
+        # sender back) and its certificate (what to gossip with its endpoint).
+        sender_key = frames[1].get("User-Id").encode() if sender else None
         try:
             msg = wire.decode(payload)
         except wire.WireError as exc:
@@ -425,6 +425,8 @@ class ClusterMember:
             return
         if kind == "hb":
             self._on_heartbeat(msg, sender_key)
+            if sender and sender in self._members:
+                self._certs[sender] = frames[1].get(CERT_METADATA)
         elif kind == "st":
             self._on_state(msg)
         elif kind == "sget":

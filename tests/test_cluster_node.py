@@ -136,3 +136,25 @@ def test_nodes_on_namespace_hosts_form_one_cluster_with_only_credentials(
         for process in processes:
             stop_node(process)
         lab.close()
+
+
+def test_nodes_with_device_identities_form_one_cluster(
+        tmp_path: Path, store: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """Per-device credentials only (no cluster.key on any device): each node serves with
+    its own key, dialers pin it from certificates, and the daemons still form one
+    cluster and agree on a leader."""
+    pytest.importorskip("nacl")
+    from epara.peer.security import admit_device, create_authority
+
+    create_authority(tmp_path / "auth")
+    socks = [tmp_path / f"d{i}" / "node.sock" for i in range(2)]
+    for i, sock in enumerate(socks):
+        device = tmp_path / "devices" / f"dev{i}"
+        admit_device(tmp_path / "auth", f"dev{i}", device)
+        assert not (device / "cluster.key").exists()
+        processes.append(start_node(store, sock, "--cluster", str(device),
+                                    "--interface", "127.0.0.1", "--port", "0"))
+    for process, sock in zip(processes, socks, strict=True):
+        wait_for_socket(sock, process)
+    wait_until(lambda: agreement(socks, {"dev0", "dev1"}) is not None, 30,
+               "one cluster of 2 devices")
