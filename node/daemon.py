@@ -67,7 +67,9 @@ def load_service(directory: Path, manifest: Manifest,
     if manifest.task == "text-generation":
         from epara.models.llm import LlmEngine  # the LLM extra may be absent
 
-        return GenerationService(manifest, LlmEngine(directory, manifest, threads=threads))
+        engine = LlmEngine(directory, manifest, threads=threads)
+        engine.warm_up()
+        return GenerationService(manifest, engine)
     session = get_backend(manifest.backend).load(directory, manifest, threads=threads)
     return ModelService(manifest, session)
 
@@ -138,6 +140,8 @@ class Node:
                 # device is doing; not the batches load brings): the leader's
                 # capacity estimates start from it.
                 "run_ms": stats.get("run_ms_ewma"),
+                # and its work around the run (decoding, masks), which does not batch
+                "work_ms": stats.get("node_work_ms_ewma"),
             }
         load1, _, _ = os.getloadavg()
         record = {"services": services, "mem_free_mb": _mem_available_mb(),
