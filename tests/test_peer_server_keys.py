@@ -193,3 +193,26 @@ def test_a_per_device_cluster_forms_from_seeds_with_pinned_keys(
     assert asyncio.run(fetch_certificate(host, int(port))) == _cert(devices["a"])
     view = fetch_status(devices["b"], endpoint)
     assert set(view.member_ids) == ids and view.leader_id in ids
+
+
+def test_the_advert_carries_a_certificate_that_fits_and_round_trips(tmp_path: Path) -> None:
+    from epara.peer.discovery import parse_advert, txt_properties
+
+    create_authority(tmp_path / "auth")
+    node_id = "n" * 64  # the longest id admit allows
+    admit_device(tmp_path / "auth", node_id, tmp_path / "dev")
+    creds = load_cluster_credentials(tmp_path / "dev")
+    headline = {"cls": "microcomputer", "cpu": 4, "mem": 7800, "gf": 12.5, "acc": "npu"}
+    props = txt_properties(node_id, creds.cluster_id, 7370, headline, creds.certificate)
+    assert all(len(k) + len(v) + 1 <= 255 for k, v in props.items())  # one TXT string each
+    advert = parse_advert(f"{node_id}._epara._tcp.local.",
+                          {k.encode(): v.encode() for k, v in props.items()},
+                          ["10.0.0.2"], 7370, creds.cluster_id)
+    assert advert is not None and advert.certificate == creds.certificate.encode()
+    assert creds.trust.certificate_key(advert.certificate, node_id) == creds.node_public
+    assert set(advert.headline) == set(headline)
+    # An advert naming another node id than its certificate's gives no key to pin.
+    forged = parse_advert("x._epara._tcp.local.",
+                          {**{k.encode(): v.encode() for k, v in props.items()}, b"id": b"x"},
+                          ["10.0.0.2"], 7370, creds.cluster_id)
+    assert forged is not None and creds.trust.certificate_key(forged.certificate, "x") is None
