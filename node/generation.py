@@ -105,6 +105,8 @@ class GenerationService:
         self.manifest = manifest
         self.engine = engine
         self.target = target
+        # The pipeline this service heads (node/reconcile.py's head_key); None: a replica
+        self.head_key: str | None = None
         self.max_active = max(1, manifest.hints.max_batch)
         self.max_queue = manifest.hints.max_queue
         self.ttft = LatencyTracker()
