@@ -130,9 +130,9 @@ def build_bundle(profile: Profile, store: ModelStore, out: Path | None = None,
         for model in chosen:
             shutil.copytree(model.directory, root / "models" / model.manifest.name)
         if cluster is not None:
-            key = cluster / "cluster.key"
-            if not key.is_file():
-                raise BundleError(f"no cluster credentials in {cluster} (epara cluster init)")
+            if not ((cluster / "cluster.key").is_file() or (cluster / "node.cert").is_file()):
+                raise BundleError(f"no cluster credentials in {cluster} (epara cluster init, "
+                                  "or a device directory from epara cluster admit)")
             if (cluster / AUTHORITY_KEY_FILE).exists():
                 raise BundleError(f"{cluster} is the cluster's authority, which never goes "
                                   "onto a device: bundle a device directory made by `epara "

@@ -330,7 +330,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
     cluster_dir = args.cluster or default_cluster_dir()
     if args.standalone:
         pass
-    elif (cluster_dir / "cluster.key").exists():
+    elif (cluster_dir / "cluster.key").exists() or (cluster_dir / "node.cert").exists():
+        # The shared key, or a device's own identity (which needs no cluster key).
         config.cluster_dir = cluster_dir
         config.member = MemberConfig(
             interfaces=tuple(args.interface) or None, control_port=args.port,

@@ -119,7 +119,8 @@ class ClusterRuntime:
         self.node = node
         self.member = member
         self.budget_mb = budget_mb
-        self.dataplane = DataPlane(credentials_dir, member.host)
+        self.dataplane = DataPlane(credentials_dir, member.host,
+                                   server_key_for=self._data_server_key)
         self.stages = StageHost(self.dataplane, node.node_id)
         self.pipeline = PipelineClient(self.dataplane, node.node_id)
         self.placement = Placement()
@@ -431,6 +432,18 @@ class ClusterRuntime:
         service = GenerationService(manifest, engine, target=f"pipeline:{unit.id}")
         services.append(service)
         return service
+
+    def _data_server_key(self, endpoint: Endpoint) -> bytes | None:
+        """Per-device identity: the key to pin when dialling a data endpoint, the one
+        the control plane pinned for the node whose state record names that endpoint
+        (this node's own for its own endpoint)."""
+        if endpoint == self.dataplane.endpoint:
+            return self.member.server_key(self.member.node_id)
+        for member in self.member.view().members:
+            if member.host == endpoint[0] and (member.state or {}).get("data_port") == \
+                    endpoint[1]:
+                return self.member.server_key(member.node_id)
+        return None
 
     def _endpoint(self, node_id: str) -> Endpoint:
         member = self.member.view().member(node_id)

@@ -503,3 +503,31 @@ def test_flash_over_ssh_installs_once_and_uninstalls(
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert not (device_root / "opt/epara").exists()
     assert (device_root / "etc/epara/identity.env").exists()  # kept without --purge
+
+
+def test_a_device_identity_without_cluster_key_installs_once(tmp_path: Path) -> None:
+    """A per-device directory (no cluster.key since per-device server keys) is installed
+    as the device's credentials, and an upgrade bundle never swaps it."""
+    pytest.importorskip("nacl")
+    from epara.peer.security import admit_device, create_authority
+
+    create_authority(tmp_path / "auth")
+
+    def bundle(node_id: str) -> Path:
+        b = tmp_path / f"bundle-{node_id}"
+        (b / "systemd").mkdir(parents=True)
+        for name in (install.UNIT, "sysusers.conf", "tmpfiles.conf"):
+            (b / "systemd" / name).write_text("")
+        (b / install.BUNDLE_JSON).write_text("{}")
+        admit_device(tmp_path / "auth", node_id, b / "cluster")
+        return b
+
+    root = tmp_path / "root"
+    install.Installer(bundle("pi-1"), root, log=False).write_config(None)
+    etc = root / "etc/epara/cluster"
+    assert sorted(p.name for p in etc.iterdir()) == [
+        "authority.pub", "node.cert", "node.key", "revocations.cbor"]
+    assert (etc / "node.key").stat().st_mode & 0o777 == 0o600
+    first = (etc / "node.cert").read_bytes()
+    install.Installer(bundle("pi-2"), root, log=False).write_config(None)
+    assert (etc / "node.cert").read_bytes() == first
