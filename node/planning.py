@@ -163,17 +163,8 @@ def cluster_state(members: Iterable[Any], now: float) -> ClusterState:
             queues={name: int(s.get("queue") or 0) for name, s in services.items()},
             latency_ms={name: float(s["p50_ms"]) for name, s in services.items()
                         if s.get("p50_ms") is not None},
-            busy=_share(state.get("cpu_busy")),
         )
     return ClusterState(devices, now)
-
-
-def _share(value: Any) -> float | None:
-    """A published share in [0, 1], or None for anything else."""
-    if isinstance(value, int | float) and not isinstance(value, bool) \
-            and math.isfinite(value) and 0 <= value <= 1:
-        return float(value)
-    return None
 
 
 def measured_ms(members: Iterable[Any]) -> dict[str, dict[str, float]]:

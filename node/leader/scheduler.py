@@ -72,11 +72,6 @@ class SchedulerConfig:
     # roofline can be 10x off for an LLM on a CPU); off where the cost model is the
     # truth, since there a unit the estimates reject only takes memory.
     place_to_measure: bool = False
-    # A device measured busier than the estimates explain (by more than this share) has
-    # the rest taken as background load: work nobody planned (relays, the API itself,
-    # other applications on its cores), at most ``max_background`` of it.
-    background_dead_band: float = 0.1
-    max_background: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -119,17 +114,15 @@ class _Planner:
     """The working state of one ``schedule`` call (never escapes it)."""
 
     def __init__(self, state: ClusterState, demand: Demand,
-                 services: Mapping[str, ServiceSpec], config: SchedulerConfig,
-                 background: Mapping[str, float] | None = None) -> None:
+                 services: Mapping[str, ServiceSpec], config: SchedulerConfig) -> None:
         self.config = config
         self.devices: dict[str, DeviceProfile] = {p.id: p for p in state.alive()}
-        self.background = {d: (background or {}).get(d, 0.0) for d in self.devices}
         self.groups: dict[tuple[Any, ...], list[str]] = {}
         for d in self.devices.values():
             self.groups.setdefault(d.profile_key(), []).append(d.id)
         self.reps = [self.devices[ids[0]] for ids in self.groups.values()]
         self.free = {d.id: d.mem_mb for d in self.devices.values()}
-        self.util = dict(self.background)
+        self.util = dict.fromkeys(self.devices, 0.0)
         self.hosted: dict[str, set[str]] = {d: set() for d in self.devices}
         # device -> service -> the longest step that service's units run there
         self.steps: dict[str, dict[str, float]] = {d: {} for d in self.devices}
@@ -407,8 +400,7 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
              ) -> tuple[Placement, tuple[Decision, ...]]:
     """The next desired placement and the decisions that lead from ``current`` to it."""
     config = config or SchedulerConfig()
-    p = _Planner(state, demand, services, config,
-                 background_load(current, state, demand, services, config))
+    p = _Planner(state, demand, services, config)
     decisions: list[Decision] = []
     # Keep what still stands; what touched a lost device (or a retired service) goes.
     # A standby (a unit of a service with no demand) is set aside, not kept: it must not
@@ -464,33 +456,6 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
     undone = added & {d.unit for d in decisions if d.action == "remove"}
     net = [d for d in decisions if d.unit not in undone or d.action == "drop"]
     return _placement(current, p), tuple(net)
-
-
-def background_load(current: Placement, state: ClusterState, demand: Demand,
-                    services: Mapping[str, ServiceSpec],
-                    config: SchedulerConfig) -> dict[str, float]:
-    """Per device, the busy share it measured beyond what the estimates explain for the
-    placement in force (pure): what ``_Planner`` starts each device's utilisation at.
-
-    Estimated against the estimates alone, never against themselves plus a background
-    found before, so a correction cannot feed itself; beyond a dead band (noise), and
-    capped (a device is never given up as full of work nobody can see)."""
-    measured = {d: s.busy for d, s in state.devices.items() if s.alive and s.busy is not None}
-    if not measured:
-        return {}
-    p = _Planner(state, demand, services, config)
-    for unit in current.units():
-        svc = p.services.get(unit.service)
-        if svc is None or any(d not in p.devices for d in unit.devices) \
-                or svc.demand.rate_hz <= 0:
-            continue
-        p.commit(svc, [*svc.units, p.live(svc, unit)])
-    out = {}
-    for device, busy in measured.items():
-        excess = busy - p.util.get(device, 0.0)
-        if excess > config.background_dead_band:
-            out[device] = min(config.max_background, excess)
-    return out
 
 
 def _first_units(p: _Planner, decisions: list[Decision]) -> None:
@@ -570,11 +535,8 @@ def estimated_attainment(placement: Placement, state: ClusterState, demand: Dema
                          config: SchedulerConfig | None = None) -> dict[str, float]:
     """Per demanded service, the share of its requests the estimates expect ``placement``
     to serve within their deadline (goodput over rate): what observed attainment is
-    compared with (policies.py). With the background load the placement's devices
-    measured, as the scheduler estimates with it."""
-    config = config or SchedulerConfig()
-    p = _Planner(state, demand, services, config,
-                 background_load(placement, state, demand, services, config))
+    compared with (policies.py)."""
+    p = _Planner(state, demand, services, config or SchedulerConfig())
     for name, svc in p.services.items():
         units = [u for u in placement.units_of(name) if all(d in p.devices for d in u.devices)]
         if units:
