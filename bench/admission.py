@@ -157,12 +157,26 @@ async def measure(store: ModelStore, rounds: int, seconds: float) -> dict[str, A
         result[f"{key}_missed_pct"] = _pct(total["missed"], total["accepted"])
         result[f"{key}_missed_pct_range"] = [min(misses), max(misses)]
         result[f"{key}_accepted"] = total["accepted"]
+        result[f"{key}_missed"] = total["missed"]
+        result[f"{key}_refused"] = total["refused"]
+        result[f"{key}_missed_pct_upper95"] = _wilson_upper(total["missed"], total["accepted"])
         result[f"{key}_goodput_per_s"] = round(total["ok_in_time"] / (rounds * seconds), 2)
     return result
 
 
 def _pct(part: int, whole: int) -> float:
     return round(100 * part / whole, 2) if whole else 0.0
+
+
+def _wilson_upper(part: int, whole: int, z: float = 1.96) -> float:
+    """Upper end of the 95% Wilson interval of the miss rate, in percent: what the count
+    rules out (0 misses of 25 still allows ~13%; 0 of 400 allows under 1%)."""
+    if not whole:
+        return 100.0
+    p = part / whole
+    centre = p + z * z / (2 * whole)
+    spread = z * ((p * (1 - p) + z * z / (4 * whole)) / whole) ** 0.5
+    return round(100 * (centre + spread) / (1 + z * z / whole), 2)
 
 
 def main() -> None:
@@ -185,8 +199,11 @@ def main() -> None:
               f"missed {r['missed']:>3} ({r['missed_pct']:.1f}%)  ms by size "
               f"{r['ms_by_size']}")
     for key in ("by_size", "size_blind"):
-        print(f"{key}: missed {result[f'{key}_missed_pct']:.2f}% of accepted "
-              f"(rounds {result[f'{key}_missed_pct_range']}), goodput "
+        print(f"{key}: missed {result[f'{key}_missed']} of {result[f'{key}_accepted']} "
+              f"accepted = {result[f'{key}_missed_pct']:.2f}% (95% upper bound "
+              f"{result[f'{key}_missed_pct_upper95']:.2f}%; rounds "
+              f"{result[f'{key}_missed_pct_range']}), refused {result[f'{key}_refused']}, "
+              f"goodput "
               f"{result[f'{key}_goodput_per_s']}/s")
 
 
