@@ -11,6 +11,7 @@ Layout on the target (``--root`` prefixes every path; ``/`` on the device itself
     /opt/epara/firstboot/                a staged bundle, installed at first boot
     /opt/epara/releases/<id>/node.env    node flags from the bundle's profile
     /etc/epara/identity.env              EPARA_NODE_ID: written once, kept by upgrades
+                                         (a device certificate's node id, when it has one)
     /etc/epara/cluster/cluster.key       credentials: written once, kept by upgrades
                       (node.key, node.cert,  (and a device's own identity, when it has one:
                        authority.pub, ...)    DEVICE_FILES; never the authority's key)
@@ -168,6 +169,11 @@ class Installer:
             return
         if why_not is not None:
             raise InstallError(f"cannot build the venv here: {why_not}")
+        certified = self.manifest.get("node_id")
+        if node_id and certified and node_id != certified:
+            raise InstallError(f"--node-id {node_id}: this bundle carries the certificate of "
+                               f"node {certified}, and a device with its own certificate is "
+                               "the node it names")
         release = self.manifest["release"]
         self.build_release(release)
         self.write_config(node_id)
@@ -237,18 +243,36 @@ class Installer:
             self.put_tree(b / "models", f"{STATE}/models")
         key = b / "cluster" / "cluster.key"
         installed = self.at(f"{ETC}/cluster/cluster.key")
+        bundled_cert = b / "cluster" / "node.cert"
+        installed_cert = self.at(f"{ETC}/cluster/node.cert")
         if key.exists():
-            # Credentials are the cluster membership: an upgrade never swaps them.
-            if not installed.exists():
+            # Credentials are the cluster membership: an upgrade never swaps them. One
+            # exception adds rather than swaps: a device of a shared-key cluster whose
+            # authority kept that key (`cluster init --authority`) gets its own identity.
+            joins_identity = installed.exists() and bundled_cert.exists() and \
+                not installed_cert.exists() and installed.read_bytes() == key.read_bytes()
+            if not installed.exists() or joins_identity:
                 self.at(f"{ETC}/cluster").mkdir(parents=True, exist_ok=True, mode=0o700)
                 for name, mode in DEVICE_FILES.items():  # a device's own identity too
                     if (b / "cluster" / name).exists():
                         self.put_file(b / "cluster" / name, f"{ETC}/cluster/{name}", mode)
-            elif installed.read_bytes() != key.read_bytes():
+            elif installed.read_bytes() != key.read_bytes() or (
+                    bundled_cert.exists() and installed_cert.exists()
+                    and installed_cert.read_bytes() != bundled_cert.read_bytes()):
                 self.say("keeping the cluster credentials already installed (the bundle's "
                          "differ; `epara firmware uninstall --purge` first to replace them)")
         identity = self.at(f"{ETC}/identity.env")
-        if node_id and identity.exists() and \
+        certified = self.manifest.get("node_id")
+        if certified and installed_cert.exists() and bundled_cert.exists() and \
+                installed_cert.read_bytes() == bundled_cert.read_bytes():
+            # The certificate is the identity: a pinned id that differs would stop the
+            # node (its certificate names another), so the pin follows the certificate.
+            pinned = f"EPARA_NODE_ID={certified}"
+            if identity.exists() and identity.read_text().strip() != pinned:
+                self.say(f"the node id is now {certified}, the one its certificate names "
+                         f"(was {identity.read_text().strip().partition('=')[2]})")
+            self.put_bytes(f"{ETC}/identity.env", f"{pinned}\n".encode())
+        elif node_id and identity.exists() and \
                 identity.read_text().strip() != f"EPARA_NODE_ID={node_id}":
             self.say(f"keeping the node id in {ETC}/identity.env; --node-id {node_id} is "
                      "ignored (a node's identity outlives reinstalls)")
