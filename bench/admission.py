@@ -99,17 +99,19 @@ async def _round(api: LocalApi, images: dict[tuple[int, int], np.ndarray],
     low, high = 1.5 * times[SIDES[0]] * 1000, 1.5 * times[SIDES[-1]] * 1000
     tasks: list[asyncio.Task[tuple[str, float]]] = []
     budgets: list[float] = []
+    sides: list[tuple[int, int]] = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         side = rng.choice(SIDES)
         budget = rng.uniform(low, high)
         budgets.append(budget)
+        sides.append(side)
         tasks.append(asyncio.create_task(_infer(api, images[side], budget)))
         await asyncio.sleep(rng.expovariate(rate_hz))
     outcomes = await asyncio.gather(*tasks)
-    counts = {"sent": len(outcomes), "accepted": 0, "missed": 0, "ok_in_time": 0,
-              "refused": 0}
-    for (code, elapsed), budget in zip(outcomes, budgets, strict=True):
+    counts: dict[str, Any] = {"sent": len(outcomes), "accepted": 0, "missed": 0,
+                              "ok_in_time": 0, "refused": 0, "misses": []}
+    for (code, elapsed), budget, side in zip(outcomes, budgets, sides, strict=True):
         if code in ("deadline_unmeetable", "overloaded"):
             counts["refused"] += 1
             continue
@@ -117,6 +119,10 @@ async def _round(api: LocalApi, images: dict[tuple[int, int], np.ndarray],
         late = code == "deadline_exceeded" or elapsed * 1000 > budget
         if late:
             counts["missed"] += 1
+            # How a miss missed: which size, by how much, with what budget.
+            counts["misses"].append({"size": side[0], "code": code,
+                                     "late_ms": round(elapsed * 1000 - budget, 1),
+                                     "budget_ms": round(budget, 1)})
         elif code == "ok":
             counts["ok_in_time"] += 1
     return counts
@@ -142,7 +148,8 @@ async def measure(store: ModelStore, rounds: int, seconds: float) -> dict[str, A
             rate = 0.6 / statistics.fmean(times.values())
             counts = await _round(api, images, times, seconds, rate, rng)
             for key, value in counts.items():
-                totals[name][key] += value
+                if key != "misses":
+                    totals[name][key] += value
             per_round.append({"policy": name, **counts,
                               "missed_pct": _pct(counts["missed"], counts["accepted"]),
                               "ms_by_size": {f"{h}x{w}": round(t * 1000, 1)
@@ -198,6 +205,8 @@ def main() -> None:
         print(f"  {r['policy']:>10}: sent {r['sent']:>4} accepted {r['accepted']:>4} "
               f"missed {r['missed']:>3} ({r['missed_pct']:.1f}%)  ms by size "
               f"{r['ms_by_size']}")
+        for miss in r["misses"]:
+            print(f"{'':14}miss: {miss}")
     for key in ("by_size", "size_blind"):
         print(f"{key}: missed {result[f'{key}_missed']} of {result[f'{key}_accepted']} "
               f"accepted = {result[f'{key}_missed_pct']:.2f}% (95% upper bound "

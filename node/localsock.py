@@ -7,7 +7,10 @@ One design bounds every byte a client can make the node hold (docs/local-api.md,
 - Reading: a frame is read into a buffer that grows with the bytes that actually arrive
   (doubling, so copies stay linear), never to its announced length up front. A frame
   must arrive whole within ``frame_timeout_s`` of its first byte. Its CBOR may hold at
-  most ``max_items`` data items, counted before anything is decoded.
+  most ``max_items`` data items, counted before anything is decoded. Counting and
+  decoding cost time per item: a frame of more than ``INLINE_ITEMS`` items is counted
+  and decoded in a worker thread while its connection stops reading (its frames keep
+  their order), so one client's frame of many tiny items cannot stall the others.
 - Work: at most ``max_inflight`` requests run per connection; more get ``overloaded``.
 - Writing: replies queue for a slow reader up to ``max_write_bytes`` or
   ``max_write_frames``; past that the node stops reading that client's requests (its own
@@ -43,6 +46,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +70,10 @@ SHARED_MIN_BYTES = 64 * 1024  # smaller output tensors stay inline (a copy is ch
 MAX_FDS_PER_READ = 4
 MAX_PENDING_FDS = 4  # passed descriptors not yet claimed by an shm_attach frame
 CONNECTION_OPS = ("shm_attach", "shm_detach")
+# Frames of up to this many CBOR items are decoded on the event loop (counting them costs
+# ~1 ms at worst); larger ones go to the decode thread. Ordinary requests (tensors as
+# typed arrays, a chat's messages) hold far fewer.
+INLINE_ITEMS = 1024
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,9 @@ class LocalSocketServer:
         self.connections: set[Connection] = set()
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # One thread for frames of many items: one such frame at a time, node-wide; each
+        # waiting one holds only its own (paused) connection.
+        self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epara-decode")
 
     def listen(self, path: Path) -> None:
         loop = asyncio.get_running_loop()
@@ -193,6 +204,7 @@ class LocalSocketServer:
             self._sock = None
         for connection in list(self.connections):
             connection.close()
+        self.decoder.shutdown(wait=False, cancel_futures=True)
 
     def over_budget(self) -> bool:
         return self.buffered > self.limits.max_buffered_bytes
@@ -299,6 +311,7 @@ class Connection:
         self._out_bytes = 0
         self._counted = 0  # what this connection has added to server.buffered
         self._reading = False
+        self._decoding = False  # a frame of many items is in the decode thread
         self._write_blocked = False  # the client reads too slowly: its requests wait
         self._writer_armed = False
         self._closing = False  # close once the queued replies are written
@@ -320,8 +333,8 @@ class Connection:
         self.peak_buffered = max(self.peak_buffered, held)
 
     def _set_reading(self, on: bool) -> None:
-        if self.closed or on == self._reading:
-            return
+        if self.closed or on == self._reading or (on and self._decoding):
+            return  # while a frame decodes aside, its successors wait (and its buffer)
         self._reading = on
         if on:
             self.loop.add_reader(self.fd, self._on_readable)
@@ -446,11 +459,19 @@ class Connection:
             end = self._start + 4 + self._frame_length
             if end > self._end:
                 break
-            with memoryview(self._rx) as whole, whole[self._start + 4:end] as payload:
-                self._dispatch(payload)
+            whole = memoryview(self._rx)
+            payload = whole[self._start + 4:end]
             self._start = end
             self._frame_length = None
             completed = True
+            if wire.count_items(payload, INLINE_ITEMS) > INLINE_ITEMS:
+                self._decode_aside(whole, payload)
+                break
+            try:
+                self._dispatch(payload)
+            finally:
+                payload.release()
+                whole.release()
         if self._start == self._end:
             self._start = self._end = 0
             if len(self._rx) > READ_CHUNK:
@@ -482,17 +503,52 @@ class Connection:
                            f"({received} bytes received)"))
         self._close_after_flush()
 
+    def _decode_aside(self, whole: memoryview, payload: memoryview) -> None:
+        """Count and decode a frame of many items in the decode thread. The connection
+        stops reading until it is done: its next frames keep their order, and the buffer
+        the thread reads is not touched meanwhile."""
+        self._decoding = True
+        self._set_reading(False)
+        decoding = self.loop.run_in_executor(self.server.decoder, _decode_or_error, payload,
+                                             self.limits.max_items, self._resolve)
+
+        def decoded(future: asyncio.Future[tuple[dict[str, Any] | None, WireError | None,
+                                                  Any]]) -> None:
+            self._decoding = False
+            try:
+                message, error, request_id = future.result()
+            except (asyncio.CancelledError, RuntimeError):  # the server closed meanwhile
+                message, error, request_id = None, None, None
+            finally:
+                payload.release()
+                whole.release()
+            if self.closed:
+                return
+            try:
+                if error is not None:
+                    self._write(_error(request_id, error.code, str(error)))
+                elif message is not None:
+                    self._handle(message)
+            except Exception:  # as in _parse_safely: a bug costs this connection only
+                log.exception("local connection failed; closing it")
+                self.close()
+                return
+            if not self._write_blocked and not self._closing:
+                self._set_reading(True)
+            self._parse_safely()  # frames already here, or the buffer's reset
+
+        decoding.add_done_callback(decoded)
+
     def _dispatch(self, payload: memoryview) -> None:
-        try:
-            message = wire.decode(payload, self.limits.max_items, self._resolve)
-        except WireError as exc:
-            # The traceback's frames may hold views of a shared region; in a reference
-            # cycle (the decoder re-raises causes) they would keep it mapped until a GC pass.
-            exc.__traceback__ = None
-            # Past the item limit the id is not looked for: that would decode the frame.
-            request_id = None if exc.too_many_items else wire.peek_id(payload)
-            self._write(_error(request_id, exc.code, str(exc)))
+        message, error, request_id = _decode_or_error(payload, self.limits.max_items,
+                                                      self._resolve)
+        if error is not None:
+            self._write(_error(request_id, error.code, str(error)))
             return
+        assert message is not None
+        self._handle(message)
+
+    def _handle(self, message: dict[str, Any]) -> None:
         raw_id = message.get("id")
         request_id = raw_id if wire.valid_id(raw_id) else None
         op = message.get("op")
@@ -725,6 +781,20 @@ class Connection:
         self.server.connections.discard(self)
         if self.peak_buffered >= TRIM_AFTER_BYTES:
             _ALLOCATOR.trim_soon(self.loop)
+
+
+def _decode_or_error(payload: memoryview, max_items: int,
+                     resolve: Callable[[Any], np.ndarray],
+                     ) -> tuple[dict[str, Any] | None, WireError | None, Any]:
+    """(message, None, None), or (None, the error, the request id to answer it with)."""
+    try:
+        return wire.decode(payload, max_items, resolve), None, None
+    except WireError as exc:
+        # The traceback's frames may hold views of a shared region; in a reference cycle
+        # (the decoder re-raises causes) they would keep it mapped until a GC pass.
+        exc.__traceback__ = None
+        # Past the item limit the id is not looked for: that would decode the frame.
+        return None, exc, None if exc.too_many_items else wire.peek_id(payload)
 
 
 def _error(request_id: Any, code: str, message: str) -> dict[str, Any]:

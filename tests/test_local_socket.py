@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from epara.node.client import Client
+from epara.node.localsock import INLINE_ITEMS
 from epara.peer import wire
 
 from .helpers import make_add_model, raw_connect, running_node, still_serving, wait_until
@@ -334,6 +335,26 @@ def test_cbor_item_count_is_limited(node: tuple[Path, int]) -> None:
         assert "items" in reply["error"]["message"]
         send(s, {"id": 4, "op": "ping"})
         assert read_reply(s)["ok"] is True
+    still_serving(sock)
+
+
+def test_frames_of_many_items_are_decoded_aside_in_order(node: tuple[Path, int]) -> None:
+    """Past INLINE_ITEMS a frame is counted and decoded in the decode thread; the frames
+    behind it on its connection wait for it, so replies keep the order of the requests."""
+    sock, _ = node
+    varied = [1, 100, 1000, 100_000, 10**10] * 400  # 2000 items, no run of one kind
+    assert len(varied) > INLINE_ITEMS
+    too_many = [7, 300, 70_000] * (wire.DEFAULT_MAX_ITEMS // 3 + 10)
+    frames = [wire.frame(cbor2.dumps(m)) for m in (
+        {"id": 10, "op": "ping", "junk": varied}, {"id": 11, "op": "ping"},
+        {"id": 12, "op": "ping", "junk": too_many}, {"id": 13, "op": "ping"})]
+    with raw_connect(sock) as s:
+        s.sendall(b"".join(frames))  # all at once: the parser meets them back to back
+        replies = [read_reply(s) for _ in range(4)]
+    assert [r["id"] for r in replies] == [10, 11, None, 13], replies
+    assert replies[2]["error"]["code"] == "bad_frame" and "items" in \
+        replies[2]["error"]["message"]
+    assert all(r["ok"] for i, r in enumerate(replies) if i != 2)
     still_serving(sock)
 
 
