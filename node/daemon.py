@@ -140,6 +140,8 @@ class Node:
                 # device is doing; not the batches load brings): the leader's
                 # capacity estimates start from it.
                 "run_ms": stats.get("run_ms_ewma"),
+                # and its work around the run (decoding, masks), which does not batch
+                "work_ms": stats.get("node_work_ms_ewma"),
             }
         load1, _, _ = os.getloadavg()
         record = {"services": services, "mem_free_mb": _mem_available_mb(),

@@ -9,6 +9,7 @@ back to the model's real cut positions.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -76,8 +77,10 @@ def cut_map(entry: Mapping[str, Any]) -> CutMap | None:
 
 
 def service_spec(name: str, entry: Mapping[str, Any],
-                 measured_ms: Mapping[str, float] | None = None) -> ServiceSpec:
-    """A ServiceSpec from a catalogue entry (see ``catalogue_entry``)."""
+                 measured_ms: Mapping[str, float] | None = None,
+                 work_ms: Mapping[str, float] | None = None) -> ServiceSpec:
+    """A ServiceSpec from a catalogue entry (see ``catalogue_entry``), calibrated by the
+    run times (``measured_ms``) and node work (``measured_work_ms``) nodes measured."""
     is_llm = entry.get("task") == "text-generation"
     flops = float(entry.get("flops", 0.0))
     layers: tuple[Layer, ...] = ()
@@ -106,6 +109,7 @@ def service_spec(name: str, entry: Mapping[str, Any],
         weight_mb=float(entry["wbytes"]) / MB if entry.get("wbytes") else None,
         layers=layers,
         measured_ms=dict(measured_ms or {}),
+        work_ms=dict(work_ms or {}),
     )
 
 
@@ -150,17 +154,34 @@ def measured_ms(members: Iterable[Any]) -> dict[str, dict[str, float]]:
     """Per service: each serving node's measured run time (key "@" + node id), and per
     device class the slowest among the nodes of that class that serve it (for nodes
     that have not run it yet: the estimate must hold on every such device)."""
+    return _measured(members, "run_ms")
+
+
+def measured_work_ms(members: Iterable[Any]) -> dict[str, dict[str, float]]:
+    """Per service: each serving node's work per request around the model run (key "@"
+    + node id; per device class the slowest), and under "*" the largest of those times
+    the node's speed (ms x GFLOP/s), from which a device that has not served the service
+    yet is estimated (``estimate.node_work_s``)."""
+    return _measured(members, "work_ms", normalised="*")
+
+
+def _measured(members: Iterable[Any], key: str,
+              normalised: str | None = None) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for member in members:
         state = member.state or {}
-        device_class = device_profile(member.node_id, member.capabilities, member.headline,
-                                      state).device_class
+        profile = device_profile(member.node_id, member.capabilities, member.headline, state)
         for name, record in (state.get("services") or {}).items():
-            value = record.get("run_ms")
-            if value:
-                measured = out.setdefault(name, {})
-                measured[f"@{member.node_id}"] = float(value)
-                measured[device_class] = max(measured.get(device_class, 0.0), float(value))
+            value = record.get(key)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                continue
+            measured = out.setdefault(name, {})
+            measured[f"@{member.node_id}"] = float(value)
+            measured[profile.device_class] = max(measured.get(profile.device_class, 0.0),
+                                                 float(value))
+            if normalised is not None:
+                measured[normalised] = max(measured.get(normalised, 0.0),
+                                           float(value) * profile.gflops)
     return out
 
 

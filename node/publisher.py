@@ -93,10 +93,12 @@ class PlacementPublisher:
         members = [m for m in view.members if m.status != "suspect"]
         models = planning.catalogue(members)
         measured = planning.measured_ms(members)
+        work = planning.measured_work_ms(members)
         demand = planning.demand(members)
         self._planned_load = {name: d.load_hz for name, d in demand.items()}
         specs = {name: planning.with_observed_slo(
-                     planning.service_spec(name, known["entry"], measured.get(name)),
+                     planning.service_spec(name, known["entry"], measured.get(name),
+                                           work.get(name)),
                      demand.get(name))
                  for name, known in models.items()}
         state = planning.cluster_state(members, time.time())

@@ -4,7 +4,8 @@
 local replica, a peer (the node forwards), or none yet (``NotPlaced``: the runtime's cold
 start serves it from this device's store or waits for the leader). Its estimates start
 from the same figures the scheduler plans with: the run times nodes measure as they run
-now (``planning.measured_ms``), not the uncalibrated roofline. Not the leader's time
+now (``planning.measured_ms``, and their work around the model:
+``planning.measured_work_ms``), not the uncalibrated roofline. Not the leader's time
 correction (policies.CorrectionLaw): a refusal it caused would be observed as a miss and
 raise it further. The view is rebuilt at most every ``ROUTING_VIEW_S``: state records
 change a few times a second, so rebuilding them for every request would only cost time
@@ -46,10 +47,13 @@ class RoutingView:
     placement: Placement  # its ready part
     state: ClusterState
     measured: Mapping[str, Mapping[str, float]]  # service -> planning.measured_ms
+    work: Mapping[str, Mapping[str, float]]  # service -> planning.measured_work_ms
 
     def spec(self, name: str, entry: Mapping[str, Any]) -> ServiceSpec:
-        """The service as the scheduler sees it: calibrated by measured run times."""
-        return planning.service_spec(name, entry, self.measured.get(name))
+        """The service as the scheduler sees it: calibrated by measured run times and
+        node work."""
+        return planning.service_spec(name, entry, self.measured.get(name),
+                                     self.work.get(name))
 
     def entry(self, name: str, local: Mapping[str, Any]) -> Mapping[str, Any] | None:
         """The model's catalogue entry, from this node's catalogue or a member's."""
@@ -81,7 +85,8 @@ class Router:
         ready_on[self.me] = self.ready_here()
         view = RoutingView(members, ready_part(self.placement(), ready_on),
                            planning.cluster_state(members, time.time()),
-                           planning.measured_ms(members))
+                           planning.measured_ms(members),
+                           planning.measured_work_ms(members))
         self._cache = (version, now, view)
         return view
 

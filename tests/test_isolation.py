@@ -228,8 +228,12 @@ def test_segment_refuses_bad_thresholds_and_empty_images(
         for empty in (b"", np.zeros((0, 0, 3), np.uint8), np.zeros((4, 0, 3), np.uint8)):
             answer = asyncio.run(call(image=empty))
             assert answer["error"]["code"] == "bad_input", answer
+        assert service.stats()["node_work_ms_ewma"] is None  # refusals are not work
         answer = asyncio.run(call(image=image, threshold=0.5))
         assert answer["ok"] and answer["mask"].shape == (32, 48)
+        # The node timed its decoding and masking, which the leader plans with.
+        assert service.stats()["node_work_ms_ewma"] > 0
+        assert service.node_work.after_s is not None and service.node_work.after_s > 0
     finally:
         service.stop()
 

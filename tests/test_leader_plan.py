@@ -179,3 +179,42 @@ def test_proportional_split_follows_memory() -> None:
     stages = proportional_split(spec, devices, {"d0": 3000, "d1": 1000})
     assert stages is not None
     assert [(s.device, s.first, s.end) for s in stages] == [("d0", 0, 8), ("d1", 8, 10)]
+
+
+def test_node_work_adds_to_latency_and_caps_capacity_on_the_head() -> None:
+    """A request's work around the model (decoding, masks) is on the head device: in
+    its latency, and busy time no batch shares, so capacity is at most 1 / (run + work)."""
+    spec = TEMPLATES["detect"]
+    unit = Unit(spec.name, (Stage(PI.id, 0, 0, spec.memory_mb),), max_batch=8)
+    bare = unit_perf(spec, unit, {PI.id: PI})
+    busy = ServiceSpec(**{**spec.__dict__, "work_ms": {f"@{PI.id}": 40.0}})
+    worked = unit_perf(busy, unit, {PI.id: PI})
+    assert abs(worked.latency_s - (bare.latency_s + 0.040)) < 1e-12
+    assert abs(1 / worked.capacity_hz - (1 / bare.capacity_hz + 0.040)) < 1e-12
+    assert worked.use(unit)[PI.id] == bare.use(unit)[PI.id] + 0.040
+
+
+def test_node_work_on_a_device_that_never_served_scales_with_its_speed() -> None:
+    from epara.node.leader.estimate import node_work_s
+
+    spec = ServiceSpec(**{**TEMPLATES["detect"].__dict__,
+                          "work_ms": {"@other": 10.0, "*": 10.0 * SERVER.gflops}})
+    assert abs(node_work_s(spec, PI) - 0.010 * SERVER.gflops / PI.gflops) < 1e-12
+    assert node_work_s(TEMPLATES["detect"], PI) == 0.0  # nothing measured: nothing added
+
+
+def test_measured_work_is_keyed_by_node_class_and_speed() -> None:
+    from types import SimpleNamespace
+
+    from epara.node import planning
+
+    def member(node_id: str, cls: str, gflops: float, work: object) -> SimpleNamespace:
+        return SimpleNamespace(node_id=node_id, capabilities={"device_class": cls,
+                                                              "gflops": gflops},
+                               headline={}, state={"services": {"seg": {"work_ms": work}}})
+
+    got = planning.measured_work_ms([member("a", "pi", 2.0, 30.0),
+                                     member("b", "pi", 4.0, 20.0),
+                                     member("c", "server", 50.0, float("nan")),
+                                     member("d", "server", 50.0, None)])
+    assert got == {"seg": {"@a": 30.0, "@b": 20.0, "pi": 30.0, "*": 80.0}}

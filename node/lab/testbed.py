@@ -7,7 +7,10 @@ top of that:
 - **CPU**: one cgroup v1 ``cpu`` group per host with a CFS quota
   (``cpu.cfs_quota_us / cpu.cfs_period_us`` = the class's CPUs of *this* machine). Every
   process started through ``prefix(i)`` joins the group before it execs, so all its
-  threads and children are capped from their first instruction.
+  threads and children are capped from their first instruction. The groups carry a
+  large ``cpu.shares`` (``BED_SHARES``), so the quota is also what a host gets when other
+  work on this machine keeps every core busy: a shared VM's background load does not
+  make an emulated device slower than its class.
 - **Links**: ``tc tbf`` rate limits on both ends of the host's veth pair (egress of the
   host's ``eth0`` and of the bridge side ``v<i>``, i.e. both directions). One-way delay
   needs ``sch_netem``; where the kernel lacks it (Firecracker guests), delay is *not*
@@ -62,6 +65,9 @@ CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 PERIOD_US = 100_000
 # CPUs kept for the load generator (the demo's or bench's driver process) beside the hosts
 LOADGEN_CPUS = 0.4
+# cgroup v1 cpu.shares of the bed's groups: 64x a default process's (1024), so the hosts
+# and the load generator get their quotas ahead of anything else on the machine.
+BED_SHARES = 65536
 
 
 @dataclass(frozen=True)
@@ -217,6 +223,11 @@ def _quota_group(group: Path, cpus: float) -> None:
     (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
     # The kernel refuses quotas under 1 ms.
     (group / "cpu.cfs_quota_us").write_text(str(max(1000, round(cpus * PERIOD_US))))
+    # The quota is a ceiling; the weight makes it a floor too. Other work on this
+    # machine (a build, a test run, a CPU hog) would otherwise take the cores the quotas
+    # add up to, and a host would be slower than its class claims. Work that should load
+    # an emulated device runs inside its cgroup (``prefix(i)``, ``EmulatedBed.hog``).
+    (group / "cpu.shares").write_text(str(BED_SHARES))
 
 
 def _own_cpu_group() -> str:

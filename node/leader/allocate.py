@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from epara.node.leader.estimate import UnitPerf, latency_at_batch, stage_cost
+from epara.node.leader.estimate import UnitPerf, latency_at_batch, node_work_s, stage_cost
 from epara.node.leader.model import (
     DeviceProfile,
     Mode,
@@ -108,7 +108,8 @@ def categorise(spec: ServiceSpec, devices: Sequence[DeviceProfile],
                         f"{deadline * 1000:.0f} ms SLO")
     if request == "frequency" and spec.target_rate_hz:
         cost = stage_cost(spec, device)
-        rate = spec.max_batch / cost.time(spec.max_batch * spec.gflop)
+        rate = spec.max_batch / (cost.time(spec.max_batch * spec.gflop)
+                                 + spec.max_batch * node_work_s(spec, device))
         if rate < spec.target_rate_hz:
             return Category(request, "multi", f"{why}; multi-device: one {device.id} "
                             f"sustains {rate:.1f} Hz, under the {spec.target_rate_hz:g} Hz "

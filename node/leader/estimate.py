@@ -67,6 +67,17 @@ def stage_cost(spec: ServiceSpec, device: DeviceProfile, first: int = 0,
                      k * f * unit_gflop * per_gflop)
 
 
+def node_work_s(spec: ServiceSpec, device: DeviceProfile) -> float:
+    """A request's work around its passes on ``device`` (``ServiceSpec.work_ms``): this
+    device's measurement, else its class's, else the fastest-scaled figure of another
+    device at this one's speed; 0 before any node measured it."""
+    work = spec.work_ms
+    measured = work.get(f"@{device.id}", work.get(device.device_class))
+    if measured is None and "*" in work and device.gflops > 0:
+        measured = work["*"] / device.gflops
+    return (measured or 0.0) / 1000
+
+
 @dataclass(frozen=True)
 class UnitPerf:
     """What a unit offers: a lone request's time, throughput at full batches, device use."""
@@ -134,21 +145,26 @@ def unit_perf(spec: ServiceSpec, unit: Unit, devices: Mapping[str, DeviceProfile
     extra = [max(0.0, c.time(spec.gflop) - c.time(0)) for c in costs] if decode else \
         [0.0 for _ in costs]
     passes = decode if decode else 1.0
-    per_request = cycle * passes / batch + max(extra)
-    use = tuple(c.time(batch * gpt) * passes / batch + e
-                for c, e in zip(costs, extra, strict=True))
+    # The head device's work around the passes: in every request's latency, and busy
+    # time of the head's cores that no batch shares.
+    work = node_work_s(spec, devices[unit.stages[0].device])
+    use = tuple(c.time(batch * gpt) * passes / batch + e + (work if i == 0 else 0.0)
+                for i, (c, e) in enumerate(zip(costs, extra, strict=True)))
+    per_request = max(cycle * passes / batch + max(extra), use[0])
     steps = tuple(c.time(spec.gflop + (batch - 1) * gpt) if decode else c.time(batch * gpt)
                   for c in costs)
-    return UnitPerf(latency, first, per, 1.0 / per_request, full, use, steps)
+    return UnitPerf(latency + work, first + work, per, 1.0 / per_request, full + work, use,
+                    steps)
 
 
 def latency_at_batch(spec: ServiceSpec, device: DeviceProfile, batch: int) -> float:
     """A request's time on one device when every step runs ``batch`` requests."""
     cost = stage_cost(spec, device)
+    work = node_work_s(spec, device)
     if spec.is_llm:
-        return cost.time(spec.gflop + (batch - 1) * spec.gflop_per_token) + \
+        return work + cost.time(spec.gflop + (batch - 1) * spec.gflop_per_token) + \
             spec.mean_output_tokens * cost.time(batch * spec.gflop_per_token)
-    return cost.time(batch * spec.gflop)
+    return work + cost.time(batch * spec.gflop)
 
 
 @lru_cache(maxsize=4096)

@@ -83,6 +83,10 @@ class ServiceSpec:
     layers: tuple[Layer, ...] = ()  # empty: the model cannot be split into stages
     # batch-1 pass measured per device class, or per device under "@" + its id
     measured_ms: Mapping[str, float] = field(default_factory=dict)
+    # a request's work on its unit's head device around the passes (decoding an image,
+    # making its mask): measured per device ("@" + id), per class, and under "*" as
+    # ms x GFLOP/s for devices that have not served it yet. It does not batch.
+    work_ms: Mapping[str, float] = field(default_factory=dict)
     # Every step takes this many times the cost model's (and the measurement's) time: the
     # leader's correction from observed SLO attainment (policies.py, docs/epara-core.md)
     time_scale: float = 1.0
