@@ -7,6 +7,7 @@ speed until reboot."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import replace
@@ -23,6 +24,7 @@ from epara.peer.capabilities import (
     record_outdated,
     speed_probe_due,
 )
+from epara.peer.member import ClusterMember, MemberConfig
 
 T0 = 1_800_000_000.0
 LOADED = SpeedSample(gflops=2.1, mem_bandwidth_gbs=1.0, load_per_core=17.5, measured_at=T0)
@@ -139,3 +141,35 @@ def test_the_real_measurement_records_the_load_it_ran_under() -> None:
     sample = caps.measure_speed()
     assert sample.gflops > 0 and sample.mem_bandwidth_gbs > 0
     assert sample.load_per_core >= 0 and abs(sample.measured_at - time.time()) < 60
+
+
+def test_a_running_member_remeasures_and_publishes_the_better_speed(
+        tmp_path: Path, machine: dict[str, object]) -> None:
+    """The member's heartbeat check: a speed probed under load is measured again in a
+    thread once the machine is quieter, and the next state record's headline carries it
+    (peers refetch the record when their copy no longer matches: record_outdated)."""
+    now = time.time()
+    machine.update(load=17.5, next=replace(LOADED, measured_at=now))
+    member = ClusterMember(MemberConfig(node_id="m", cache_dir=tmp_path,
+                                        device_class="embedded"), tmp_path, lambda: {})
+    member.capabilities = caps.probe(tmp_path)
+    assert member.capabilities.headline()["gf"] == 2.1
+
+    async def heartbeats() -> None:
+        member._refresh_speed()  # loaded as when measured, and too soon: nothing to do
+        await asyncio.sleep(0.05)
+        assert machine["measured"] == 1
+        age_cache(tmp_path, REPROBE_AFTER_S)
+        member.capabilities = caps.probe(tmp_path)  # a cache as old as the member's
+        machine.update(load=0.1, next=replace(QUIET, measured_at=now))
+        member._refresh_speed()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not member._remeasuring:
+                break
+
+    asyncio.run(heartbeats())
+    assert machine["measured"] == 2
+    headline = member.capabilities.headline()
+    assert headline["gf"] == 141.0 and headline["cls"] == "embedded"  # override kept
+    assert record_outdated({"gflops": 2.1}, headline)
