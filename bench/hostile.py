@@ -172,6 +172,32 @@ def stall_round(sock: Path, abusive: bytes | None, seconds: float) -> float:
     return max(waits) * 1000
 
 
+def thread_cpu_ns(pid: int, tid: int) -> int:
+    """CPU time a thread of ``pid`` has run (schedstat: nanoseconds, exact, unlike the
+    10 ms ticks of stat)."""
+    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+
+
+def loop_cpu_round(sock: Path, pid: int, abusive: bytes) -> tuple[float, float]:
+    """(ms of CPU the node's event-loop thread spent, ms its other threads spent) from
+    sending the frame to its answer, no prober running. CPU time is not stretched by
+    other work on the machine as wall time is: on a busy machine this is the steadier
+    measure of how long the loop itself was held."""
+    def others() -> int:
+        return sum(thread_cpu_ns(pid, int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()
+                   if int(t.name) != pid)
+
+    with connect(sock) as s:
+        ping(s)
+        loop_before, others_before = thread_cpu_ns(pid, pid), others()
+        s.sendall(abusive)
+        reply = read_reply(s)
+        assert reply.get("ok") is False, reply
+        time.sleep(0.05)  # the reply was written before the loop's last bookkeeping
+        loop_after, others_after = thread_cpu_ns(pid, pid), others()
+    return (loop_after - loop_before) / 1e6, (others_after - others_before) / 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,12 +268,17 @@ def compare_stalls(args: argparse.Namespace) -> None:
     frames = pathological_frames()
     kinds = ["baseline", *frames]
     stalls = {(who, kind): [] for who in ("new", "other") for kind in kinds}
+    cpu: dict[tuple[str, str, str], list[float]] = {
+        (who, kind, thread): [] for who in ("new", "other") for kind in frames
+        for thread in ("loop", "others")}
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         make_add_model(store, "add", batch=None)
         socks = {"new": Path(tmp) / "new" / "node.sock", "other": Path(tmp) / "other" / "node.sock"}
         env = {"PYTHONPATH": str(args.compare_pythonpath.resolve())}
-        with running_node(store, socks["new"]), running_node(store, socks["other"], env=env):
+        with running_node(store, socks["new"]) as new, \
+                running_node(store, socks["other"], env=env) as other:
+            pids = {"new": new.pid, "other": other.pid}
             for sock in socks.values():
                 with connect(sock) as s:
                     for _ in range(100):
@@ -257,11 +288,19 @@ def compare_stalls(args: argparse.Namespace) -> None:
                     for kind in kinds:
                         stalls[(who, kind)].append(
                             stall_round(sock, frames.get(kind), 1.0))
+                    for kind, frame in frames.items():
+                        loop_ms, others_ms = loop_cpu_round(sock, pids[who], frame)
+                        cpu[(who, kind, "loop")].append(loop_ms)
+                        cpu[(who, kind, "others")].append(others_ms)
     result = {}
     for (who, kind), values in stalls.items():
         result[f"{who}_{kind}_ms"] = round(statistics.median(values), 1)
         result[f"{who}_{kind}_range"] = [round(min(values), 1), round(max(values), 1)]
         result[f"{who}_{kind}_rounds"] = [round(v, 1) for v in values]
+    for (who, kind, thread), values in cpu.items():
+        result[f"{who}_{kind}_{thread}_cpu_ms"] = round(statistics.median(values), 1)
+        result[f"{who}_{kind}_{thread}_cpu_range"] = [round(min(values), 1),
+                                                     round(max(values), 1)]
     if args.json:
         print(json.dumps(result))
         return

@@ -65,6 +65,10 @@ Serve = Callable[[dict[str, Any], Reply, dict[Any, Any]], Awaitable[None]]
 
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 READ_CHUNK = 64 * 1024  # an idle connection's read buffer; small frames share one read
+# One read takes at most this much (fresh pages fault in as it lands, ~1.6 ms per MiB on
+# a 2-core VM): a large frame arrives over several loop turns, others served between.
+READ_CAP = 1024 * 1024
+LARGE_BUFFER = 1024 * 1024  # above this, a frame's buffer is an anonymous map (_grow)
 SHARED_ALIGN = 64  # offsets into shared regions are multiples of this (any dtype, a line)
 SHARED_MIN_BYTES = 64 * 1024  # smaller output tensors stay inline (a copy is cheaper)
 MAX_FDS_PER_READ = 4
@@ -300,7 +304,7 @@ class Connection:
         self.regions: dict[int, SharedRegion] = {}
         self.closed = False
         self.peak_buffered = 0
-        self._rx = bytearray(READ_CHUNK)
+        self._rx: bytearray | mmap.mmap = bytearray(READ_CHUNK)
         self._start = 0  # first unparsed byte of _rx
         self._end = 0  # end of received bytes in _rx
         self._frame_length: int | None = None  # the frame being read, once its header is
@@ -350,11 +354,12 @@ class Connection:
     # --- reading -------------------------------------------------------------------
 
     def _read_view(self) -> memoryview:
-        """The free tail of the read buffer, grown or compacted as the frame needs."""
+        """The free tail of the read buffer (at most READ_CAP of it), grown or compacted
+        as the frame needs."""
         if self._discard:
-            return memoryview(self._rx)[:min(len(self._rx), self._discard)]
+            return memoryview(self._rx)[:min(len(self._rx), self._discard, READ_CAP)]
         if self._end < len(self._rx):
-            return memoryview(self._rx)[self._end:]
+            return memoryview(self._rx)[self._end:self._end + READ_CAP]
         pending = self._end - self._start
         wanted = READ_CHUNK if self._frame_length is None else 4 + self._frame_length
         if self._start > 0 and wanted <= len(self._rx):
@@ -364,15 +369,39 @@ class Connection:
             # past the frame: memory follows the bytes, not the announced length.
             size = max(READ_CHUNK, min(wanted, max(2 * len(self._rx),
                                                    pending + self._bytes_waiting())))
-            if self.server.buffered + size - len(self._rx) > self.limits.max_buffered_bytes:
+            if self.server.buffered + size - len(self._rx) > self.limits.max_buffered_bytes \
+                    or not self._grow(size, pending):
                 self._refuse_frame()
-                return memoryview(self._rx)[:min(len(self._rx), self._discard)]
+                return memoryview(self._rx)[:min(len(self._rx), self._discard, READ_CAP)]
+        self._start, self._end = 0, pending
+        self._account()
+        return memoryview(self._rx)[self._end:self._end + READ_CAP]
+
+    def _grow(self, size: int, pending: int) -> bool:
+        """Make the buffer ``size`` bytes, its ``pending`` unparsed bytes first. A large
+        one is an anonymous map that grows in place (mremap): no zero-filling pass and no
+        copy of what arrived, and its pages fault in as bytes land, at most READ_CAP per
+        read, so one frame's growth never holds the loop for long. False: no memory."""
+        if size <= LARGE_BUFFER:
             grown = bytearray(size)
             grown[:pending] = self._rx[self._start:self._end]
             self._rx = grown
-        self._start, self._end = 0, pending
-        self._account()
-        return memoryview(self._rx)[self._end:]
+            return True
+        try:
+            if isinstance(self._rx, mmap.mmap):
+                if self._start:
+                    self._rx[:pending] = self._rx[self._start:self._end]
+                self._rx.resize(size)
+            else:
+                # Private: a shared anonymous map is a fixed-size shmem object that
+                # mremap cannot grow (bytes landing past its first size fault).
+                mapped = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                mapped[:pending] = self._rx[self._start:self._end]
+                self._rx = mapped
+        except (OSError, BufferError, ValueError) as exc:
+            log.warning("cannot grow a connection's read buffer to %d bytes: %s", size, exc)
+            return False
+        return True
 
     def _bytes_waiting(self) -> int:
         try:

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from epara.node.client import Client
-from epara.node.localsock import INLINE_ITEMS
+from epara.node.localsock import INLINE_ITEMS, LARGE_BUFFER, READ_CAP
 from epara.peer import wire
 
 from .helpers import make_add_model, raw_connect, running_node, still_serving, wait_until
@@ -335,6 +335,29 @@ def test_cbor_item_count_is_limited(node: tuple[Path, int]) -> None:
         assert "items" in reply["error"]["message"]
         send(s, {"id": 4, "op": "ping"})
         assert read_reply(s)["ok"] is True
+    still_serving(sock)
+
+
+def test_large_inline_frames_arrive_whole_back_to_back(node: tuple[Path, int]) -> None:
+    """Past LARGE_BUFFER a frame's buffer is an anonymous map grown in place (mremap) and
+    read at most READ_CAP at a time: two 3 MiB tensors sent back to back (the second
+    starts mid-buffer) come back exact. (Small enough that both, and both replies, stay
+    far under the node's 24 MiB buffer budget whatever the timing.)"""
+    sock, _ = node
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((3 * MiB // 16, 4), dtype=np.float32) for _ in range(2)]
+    assert xs[0].nbytes > max(LARGE_BUFFER, READ_CAP)
+    frames = [wire.frame(cbor2.dumps({"id": i, "op": "infer", "model": "add", "inputs": {
+        "x": cbor2.CBORTag(40, [list(x.shape), cbor2.CBORTag(85, x.tobytes())])}}))
+        for i, x in enumerate(xs)]
+    with raw_connect(sock) as s:
+        s.sendall(b"".join(frames))
+        for _ in xs:
+            reply = read_reply(s)
+            assert reply["ok"], reply
+            shape, data = reply["outputs"]["y"].value
+            y = np.frombuffer(data.value, np.float32).reshape(shape)
+            np.testing.assert_array_equal(y, xs[reply["id"]] + 1)
     still_serving(sock)
 
 
