@@ -5,7 +5,9 @@ One design bounds every byte a client can make the node hold (docs/local-api.md,
 "Limits"):
 
 - Reading: a frame is read into a buffer that grows with the bytes that actually arrive
-  (doubling, so copies stay linear), never to its announced length up front. A frame
+  (doubling, so copies stay linear), never to its announced length up front; past
+  ``LARGE_BUFFER`` it is an anonymous map grown in place, and each read takes at most
+  ``READ_CAP``, so a large frame's page faults are spread over loop turns. A frame
   must arrive whole within ``frame_timeout_s`` of its first byte. Its CBOR may hold at
   most ``max_items`` data items, counted before anything is decoded. Counting and
   decoding cost time per item: a frame of more than ``INLINE_ITEMS`` items is counted
