@@ -262,9 +262,8 @@ class Installer:
                 self.say("keeping the cluster credentials already installed (the bundle's "
                          "differ; `epara firmware uninstall --purge` first to replace them)")
         identity = self.at(f"{ETC}/identity.env")
-        certified = self.manifest.get("node_id")
-        if certified and installed_cert.exists() and bundled_cert.exists() and \
-                installed_cert.read_bytes() == bundled_cert.read_bytes():
+        certified = self.certified_node_id()
+        if certified:
             # The certificate is the identity: a pinned id that differs would stop the
             # node (its certificate names another), so the pin follows the certificate.
             pinned = f"EPARA_NODE_ID={certified}"
@@ -285,6 +284,17 @@ class Installer:
             self.put_bytes(f"{ETC}/identity.env",
                            f"EPARA_NODE_ID={_default_node_id()}\n".encode())
         self.put_link("/usr/local/bin/epara", f"{PREFIX}/current/venv/bin/epara")
+
+    def certified_node_id(self) -> str | None:
+        """The node id this bundle's certificate names, when that certificate is the one
+        installed (the device is then that node, whatever was pinned before)."""
+        certified = self.manifest.get("node_id")
+        bundled = self.bundle / "cluster" / "node.cert"
+        installed = self.at(f"{ETC}/cluster/node.cert")
+        if certified and bundled.is_file() and installed.is_file() and \
+                installed.read_bytes() == bundled.read_bytes():
+            return str(certified)
+        return None
 
     def activate(self, release: str) -> None:
         current = self.at(f"{PREFIX}/current")
@@ -364,7 +374,9 @@ def upgrade(installer: Installer, restart: list[str], timeout: float,
     installer.activate(installer.manifest["release"])
     installer.say(f"switched to {release}; restarting")
     subprocess.run(restart, check=True)
-    expected_id = before["node_id"] if before else None
+    # Credentials are never swapped, but a shared-key device may have gained its own
+    # certificate: then it rejoins as the node that certificate names.
+    expected_id = installer.certified_node_id() or (before["node_id"] if before else None)
     if wait_healthy(root, socket, timeout, expected_id):
         installer.say(f"upgrade healthy: {release}")
         return True
