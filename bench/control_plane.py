@@ -11,6 +11,10 @@ record; then, over ``--window`` seconds, it reads
   on the network (heartbeats, state deltas, TCP/IP and CURVE overhead, libzmq pings,
   mDNS);
 * **payload bytes**: the CBOR bytes the member handed to ZeroMQ (its own counter);
+* **where they go** (host 0): packets per second on its interface, and per TCP
+  connection kind from ``ss -tin`` (``dialled``: its DEALERs, carrying its heartbeats;
+  ``accepted``: its control ROUTER's connections, carrying the ACKs of what it
+  receives), as data segments and pure ACKs; what is left is UDP (mDNS);
 
 then SIGKILLs the leader and times until the rest agree on a new one (state sync and
 election holding at that size).
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -53,6 +58,50 @@ def tx_bytes(lab: NamespaceLab, i: int) -> int:
     out = subprocess.run([*lab.prefix(i), "cat", "/sys/class/net/eth0/statistics/tx_bytes"],
                          check=True, capture_output=True, text=True, timeout=20).stdout
     return int(out)
+
+
+def interface_counters(lab: NamespaceLab, i: int) -> dict[str, int]:
+    out = subprocess.run([*lab.prefix(i), "cat", "/sys/class/net/eth0/statistics/tx_bytes",
+                          "/sys/class/net/eth0/statistics/tx_packets"], check=True,
+                         capture_output=True, text=True, timeout=20).stdout.split()
+    return {"bytes": int(out[0]), "packets": int(out[1])}
+
+
+def tcp_segments(lab: NamespaceLab, i: int, control_port: int) -> dict[str, dict[str, int]]:
+    """Segments and data segments sent, summed per connection kind (``ss -tin``)."""
+    out = subprocess.run([*lab.prefix(i), "ss", "-tinH", "state", "established"],
+                         check=True, capture_output=True, text=True, timeout=20).stdout
+    totals = {kind: {"segs": 0, "data_segs": 0} for kind in ("dialled", "accepted")}
+    kind = None
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and not line[0].isspace():  # Recv-Q Send-Q Local Peer
+            kind = "accepted" if fields[2].endswith(f":{control_port}") else "dialled"
+        elif kind is not None:
+            for key, name in (("segs", "segs_out"), ("data_segs", "data_segs_out")):
+                match = re.search(rf"\b{name}:(\d+)", line)
+                if match:
+                    totals[kind][key] += int(match.group(1))
+    return totals
+
+
+def breakdown(before: tuple[dict[str, int], dict[str, dict[str, int]]],
+              after: tuple[dict[str, int], dict[str, dict[str, int]]],
+              elapsed: float) -> dict[str, float]:
+    """Per second: packets, and per connection kind data segments and pure ACKs.
+    Connections opened or closed inside the window blur it (they are rare once synced)."""
+    (if0, tcp0), (if1, tcp1) = before, after
+    rates = {"packets": (if1["packets"] - if0["packets"]) / elapsed}
+    tcp_packets = 0.0
+    for kind in ("dialled", "accepted"):
+        segs = (tcp1[kind]["segs"] - tcp0[kind]["segs"]) / elapsed
+        data = (tcp1[kind]["data_segs"] - tcp0[kind]["data_segs"]) / elapsed
+        rates[f"{kind}_data_segments"] = round(data, 1)
+        rates[f"{kind}_pure_acks"] = round(segs - data, 1)
+        tcp_packets += segs
+    rates["other_packets"] = round(rates["packets"] - tcp_packets, 1)
+    rates["packets"] = round(rates["packets"], 1)
+    return rates
 
 
 def synced(procs: list[MemberProcess], ids: set[str]) -> bool:
@@ -90,6 +139,9 @@ def run_once(root: Path, n: int, window: float, pythonpath: Path | None,
         except AssertionError:  # measured anyway: the bytes, and that it did not hold
             converged = None
         time.sleep(3.0)  # let start-up traffic (first full records, mDNS) pass
+        endpoint = views(procs).get(procs[0].node_id, {}).get("endpoint", ":0")
+        control_port = int(endpoint.rsplit(":", 1)[1])
+        host0 = (interface_counters(lab, 0), tcp_segments(lab, 0, control_port))
         wire0 = [tx_bytes(lab, i) for i in range(n)]
         app0 = [views(procs).get(p.node_id, {}).get("control_tx_bytes") for p in procs]
         t0 = time.monotonic()
@@ -97,6 +149,8 @@ def run_once(root: Path, n: int, window: float, pythonpath: Path | None,
         wire1 = [tx_bytes(lab, i) for i in range(n)]
         app1 = [views(procs).get(p.node_id, {}).get("control_tx_bytes") for p in procs]
         elapsed = time.monotonic() - t0
+        where = breakdown(host0, (interface_counters(lab, 0),
+                                  tcp_segments(lab, 0, control_port)), elapsed)
         wire = [(b - a) / elapsed for a, b in zip(wire0, wire1, strict=True)]
         app = [(b - a) / elapsed for a, b in zip(app0, app1, strict=True)
                if a is not None and b is not None]
@@ -116,7 +170,8 @@ def run_once(root: Path, n: int, window: float, pythonpath: Path | None,
                 failover = None
         return {"nodes": n, "converged_s": None if converged is None else round(converged, 2),
                 "synced_after_window": still, "wire_bytes_per_s": wire,
-                "payload_bytes_per_s": app, "failover_s": failover}
+                "payload_bytes_per_s": app, "failover_s": failover,
+                "host0_per_s": where}
     finally:
         for proc in procs:
             proc.kill()
@@ -139,7 +194,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "payload_bytes_per_s_per_node": stats("payload_bytes_per_s"),
             "converged_s": [r["converged_s"] for r in runs],
             "failover_s": [r["failover_s"] for r in runs],
-            "always_synced": all(r["synced_after_window"] for r in runs)}
+            "always_synced": all(r["synced_after_window"] for r in runs),
+            "host0_per_s": [r["host0_per_s"] for r in runs]}
 
 
 

@@ -173,8 +173,9 @@ def _certified_node_id(cluster: Path) -> str | None:
     """Check a credentials directory before anything is downloaded: a device directory
     (``epara cluster admit``: its own key and certificate, which must load and verify) or
     a shared-key one, never the authority. The node id its certificate names, if any."""
-    if not (cluster / "cluster.key").is_file():
-        raise BundleError(f"no cluster credentials in {cluster} (epara cluster init)")
+    if not ((cluster / "cluster.key").is_file() or (cluster / "node.cert").is_file()):
+        raise BundleError(f"no cluster credentials in {cluster} (epara cluster init, "
+                          "or a device directory from epara cluster admit)")
     if (cluster / AUTHORITY_KEY_FILE).exists():
         raise BundleError(f"{cluster} is the cluster's authority, which never goes onto a "
                           "device: bundle a device directory made by `epara cluster admit ID "

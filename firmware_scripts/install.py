@@ -13,8 +13,8 @@ Layout on the target (``--root`` prefixes every path; ``/`` on the device itself
     /etc/epara/identity.env              EPARA_NODE_ID: written once, kept by upgrades
                                          (a device certificate's node id, when it has one)
     /etc/epara/cluster/cluster.key       credentials: written once, kept by upgrades
-                      (node.key, node.cert,  (and a device's own identity, when it has one:
-                       authority.pub, ...)    DEVICE_FILES; never the authority's key)
+                      (or node.key, node.cert, (a device's own identity instead, when it has
+                       authority.pub, ...)    one: DEVICE_FILES; never the authority's key)
     /var/lib/epara/models/<name>/        the bundled models (the node's store)
     /etc/systemd/system/epara.service    + multi-user.target.wants/ symlink
 
@@ -47,6 +47,9 @@ from pathlib import Path
 PREFIX = "/opt/epara"
 # A device's credentials (epara.peer.security.DEVICE_FILES, repeated here: this file
 # imports nothing of epara): the shared cluster key, or its own key and certificate.
+# Which of the two a directory holds: a certificate means the per-device layout (which
+# needs no cluster key).
+CREDENTIAL_MARKERS = ("node.cert", "cluster.key")
 DEVICE_FILES = {"cluster.key": 0o600, "node.key": 0o600, "node.cert": 0o644,
                 "authority.pub": 0o644, "revocations.cbor": 0o644}
 ETC = "/etc/epara"
@@ -241,24 +244,18 @@ class Installer:
         self.put_file(b / "systemd" / "tmpfiles.conf", "/etc/tmpfiles.d/epara.conf", 0o644)
         if (b / "models").is_dir():
             self.put_tree(b / "models", f"{STATE}/models")
-        key = b / "cluster" / "cluster.key"
-        installed = self.at(f"{ETC}/cluster/cluster.key")
-        bundled_cert = b / "cluster" / "node.cert"
-        installed_cert = self.at(f"{ETC}/cluster/node.cert")
-        if key.exists():
-            # Credentials are the cluster membership: an upgrade never swaps them. One
-            # exception adds rather than swaps: a device of a shared-key cluster whose
-            # authority kept that key (`cluster init --authority`) gets its own identity.
-            joins_identity = installed.exists() and bundled_cert.exists() and \
-                not installed_cert.exists() and installed.read_bytes() == key.read_bytes()
-            if not installed.exists() or joins_identity:
+        marker = next((n for n in CREDENTIAL_MARKERS if (b / "cluster" / n).exists()), None)
+        key = b / "cluster" / (marker or "cluster.key")
+        installed = self.at(f"{ETC}/cluster/{marker or 'cluster.key'}")
+        present = any(self.at(f"{ETC}/cluster/{n}").exists() for n in CREDENTIAL_MARKERS)
+        if marker is not None:
+            # Credentials are the cluster membership: an upgrade never swaps them.
+            if not present:
                 self.at(f"{ETC}/cluster").mkdir(parents=True, exist_ok=True, mode=0o700)
                 for name, mode in DEVICE_FILES.items():  # a device's own identity too
                     if (b / "cluster" / name).exists():
                         self.put_file(b / "cluster" / name, f"{ETC}/cluster/{name}", mode)
-            elif installed.read_bytes() != key.read_bytes() or (
-                    bundled_cert.exists() and installed_cert.exists()
-                    and installed_cert.read_bytes() != bundled_cert.read_bytes()):
+            elif not installed.exists() or installed.read_bytes() != key.read_bytes():
                 self.say("keeping the cluster credentials already installed (the bundle's "
                          "differ; `epara firmware uninstall --purge` first to replace them)")
         identity = self.at(f"{ETC}/identity.env")
@@ -408,7 +405,8 @@ def node_status(root: Path, socket: str | None, timeout: float) -> dict | None:
 
 def wait_healthy(root: Path, socket: str | None, timeout: float,
                  node_id: str | None) -> bool:
-    clustered = (root / ETC.lstrip("/") / "cluster" / "cluster.key").exists()
+    clustered = any((root / ETC.lstrip("/") / "cluster" / n).exists()
+                    for n in CREDENTIAL_MARKERS)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         status = node_status(root, socket, timeout=max(1.0, end - time.monotonic()))

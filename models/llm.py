@@ -447,6 +447,21 @@ class LlmEngine:
     def active(self) -> int:
         return len(self._sequences)
 
+    def warm_up(self, prompt: str = "Hello! What can you do?", tokens: int = 2) -> None:
+        """Run one short generation and forget it, before serving: a runtime's first
+        passes (allocations, kernel selection) take several times a warm one's, which
+        the first user would wait for and the planner would take for the model's speed.
+        Only for an engine whose stages are all local (a pipeline's would cross the
+        network before its peers are ready)."""
+        seq_id = "_warm_up"
+        self.add(seq_id, prompt=prompt, params=GenerationParams(max_tokens=tokens, seed=0))
+        for _ in range(tokens + len(self.encode(prompt)) + 2):  # bounded, whatever happens
+            if any(event.seq_id == seq_id and event.finish_reason is not None
+                   for event in self.step()):
+                return
+        self.cancel(seq_id)
+        self.step()
+
     @property
     def kv_reserved_tokens(self) -> int:
         return self._reserved

@@ -66,7 +66,12 @@ from typing import Any, TextIO
 import numpy as np
 
 from epara.models.manifest import Hints, Manifest, TensorSpec, load_manifest, save_manifest
-from epara.models.preparing import estimate_memory_mb, file_sha256, install_model
+from epara.models.preparing import (
+    check_intact,
+    estimate_memory_mb,
+    file_sha256,
+    install_model,
+)
 from epara.models.store import ModelStore
 
 __all__ = [
@@ -85,6 +90,7 @@ __all__ = [
     "split_tflite",
     "split_torchscript",
     "stage_name",
+    "stage_of",
 ]
 
 STAGES_FORMAT = 1
@@ -839,3 +845,62 @@ def split_model(store: ModelStore, name: str, cuts: int | Sequence[int], *,
 
         return [install_model(store, stage_name(name, i, count), recipe, build_stage(i),
                               stream=out) for i in range(count)]
+
+
+def stage_of(store: ModelStore, name: str, start: int, stop: int, *,
+             stream: TextIO | None = None) -> Path:
+    """The stage of the stored model ``name`` that runs positions [start, stop): what a
+    node loads for a pipeline stage the leader placed on it.
+
+    A stage of ``name`` already in the store for exactly these positions, cut from the
+    parent's current file, is used as it is (one ``split_model`` made, or one prepared
+    elsewhere and imported: the only way a TFLite model has stages). Otherwise the stage
+    is cut now and installed as ``{name}.part{start}-{stop}``: named by its positions, so
+    stages of different plans never overwrite each other, and built once (idempotent, as
+    ``split_model``). Raises SplitError for positions the model does not have and
+    SplitUnavailable where no stage exists and this kind of model cannot be cut here.
+    """
+    parent = store.get(name)
+    manifest = parent.manifest
+    sha = file_sha256(parent.directory / manifest.model_file)
+    existing = _stored_stage(store, name, sha, start, stop)
+    if existing is not None:
+        return existing
+    if manifest.backend == "tflite":
+        split_tflite(parent.directory, manifest, [], parent.directory)  # says what to do
+    if manifest.backend not in _SPLITTERS:
+        raise SplitUnavailable(f"cannot cut {name!r}: no splitter for backend "
+                               f"{manifest.backend!r}")
+    analysis = manifest.extra.get("stages")
+    count = int(analysis["node_count"]) if isinstance(analysis, Mapping) \
+        and analysis.get("node_count") else _analysis_for(parent.directory, manifest).node_count
+    if not 0 <= start < stop <= count or (start, stop) == (0, count):
+        raise SplitError(f"{name}: [{start}, {stop}) is not a stage of a model of "
+                         f"{count} positions")
+    cuts = [p for p in (start, stop) if 0 < p < count]
+    recipe = {"kind": "stage", "of": name, "parent_sha256": sha, "positions": [start, stop]}
+
+    def build(staging: Path) -> Manifest:
+        with tempfile.TemporaryDirectory(prefix=f".stage-{name}.", dir=store.root) as tmp:
+            made = _SPLITTERS[manifest.backend](parent.directory, manifest, cuts, Path(tmp))
+            source_dir = made[0 if start == 0 else 1]
+            for item in source_dir.iterdir():
+                shutil.copy2(item, staging / item.name)
+        return load_manifest(staging)
+
+    out = stream if stream is not None else sys.stderr
+    return install_model(store, f"{name}.part{start}-{stop}", recipe, build, stream=out)
+
+
+def _stored_stage(store: ModelStore, name: str, parent_sha: str, start: int,
+                  stop: int) -> Path | None:
+    """A stage of ``name`` in ``store`` for positions [start, stop), cut from the parent
+    file whose sha256 is ``parent_sha``; None if there is none."""
+    stored, _ = store.scan()
+    for model in stored:
+        stage = model.manifest.extra.get("stage")
+        if model.manifest.task == STAGE_TASK and isinstance(stage, Mapping) \
+                and stage.get("of") == name and stage.get("positions") == [start, stop] \
+                and check_intact(model.directory, {"parent_sha256": parent_sha}) is None:
+            return model.directory
+    return None

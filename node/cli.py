@@ -17,6 +17,10 @@ from epara.node.client import Client, Done, EparaError
 from epara.node.leader.policies import POLICIES
 from epara.node.leader.workloads import TRACE_DEVICES, TRACE_SERVICES
 
+# Seconds of workload before the measured part, in `epara demo` and `epara bench goodput
+# --real`: placements meet the load first, and goodput is what they sustain after.
+WARMUP_S = 15.0
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -211,6 +215,9 @@ def _parser() -> argparse.ArgumentParser:
                       "as root (no namespace hosts with emulated device classes)")
     demo.add_argument("--rounds", type=int, default=2, help="rounds of the comparison, "
                       "policies interleaved A B A B (the bench runs 3)")
+    demo.add_argument("--warmup", type=float, default=WARMUP_S, help="seconds of workload "
+                      "before the measured --seconds, for every policy: goodput counts "
+                      "what follows (the warm-up's is reported apart)")
     demo.add_argument("--scenario", choices=("default", "case-study"), default="default",
                       help="case-study: the paper's case study (server-, Jetson- and "
                       "Pi-class hosts whose memory holds no whole LLM; camera streams and "
@@ -263,6 +270,9 @@ def _parser() -> argparse.ArgumentParser:
     goodput.add_argument("--store", type=Path, help="with --real: the model store")
     goodput.add_argument("--rounds", type=int, default=3, help="with --real: rounds, the "
                          "policies interleaved A B A B; the median and range are reported")
+    goodput.add_argument("--warmup", type=float, default=WARMUP_S, help="with --real: "
+                         "seconds of workload before the measured --seconds (not counted; "
+                         "its goodput is reported apart)")
     goodput.add_argument("--scenario", choices=("default", "case-study"),
                          help="with --real: a scenario's hosts (an EMULATED bed, needs "
                          "root), workload and baselines (see `epara demo --help`)")
@@ -330,7 +340,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
     cluster_dir = args.cluster or default_cluster_dir()
     if args.standalone:
         pass
-    elif (cluster_dir / "cluster.key").exists():
+    elif (cluster_dir / "cluster.key").exists() or (cluster_dir / "node.cert").exists():
+        # The shared key, or a device's own identity (which needs no cluster key).
         config.cluster_dir = cluster_dir
         config.member = MemberConfig(
             interfaces=tuple(args.interface) or None, control_port=args.port,
@@ -627,11 +638,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     run_demo = _lab("demo").run_demo
 
-    if args.nodes < 2 or args.seconds <= 0 or args.load <= 0 or args.rounds < 1:
+    if args.nodes < 2 or args.seconds <= 0 or args.load <= 0 or args.rounds < 1 or \
+            not 0 <= args.warmup <= 600:
         raise SystemExit("epara demo: --nodes must be at least 2, --rounds at least 1, "
-                         "--seconds and --load positive")
+                         "--seconds and --load positive, --warmup 0 to 600")
     return run_demo(args.nodes, args.seconds, args.out, args.store, args.loopback,
-                    args.load, args.stay, args.rounds, args.scenario)
+                    args.load, args.stay, args.rounds, args.scenario, args.warmup)
 
 
 def _lab(module: str) -> Any:
@@ -651,12 +663,13 @@ def _lab(module: str) -> Any:
 def _cmd_bench_goodput(args: argparse.Namespace) -> int:
     if args.real:
         run_real_goodput = _lab("loadgen").run_real_goodput
-        if args.rounds < 1:
-            raise SystemExit("epara bench goodput: --rounds must be at least 1")
+        if args.rounds < 1 or not 0 <= args.warmup <= 600:
+            raise SystemExit("epara bench goodput: --rounds must be at least 1, --warmup "
+                             "0 to 600")
         print(run_real_goodput(args.trace, args.seconds, args.nodes, args.store, args.json,
                                args.plot, args.policies.split(",") if args.policies else None,
                                args.load, args.bed.split(",") if args.bed else (),
-                               args.rounds, args.scenario))
+                               args.rounds, args.scenario, args.warmup))
         return 0
     run_goodput_bench = _lab("goodput").run_goodput_bench
 

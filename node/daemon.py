@@ -18,6 +18,7 @@ from epara.models.backends import BackendUnavailable, all_backend_info, get_back
 from epara.models.manifest import Manifest
 from epara.models.store import ModelStore
 from epara.node.api import LocalApi, default_socket_path
+from epara.node.cpumeter import device_meter
 from epara.node.generation import GenerationService
 from epara.node.httpapi import HttpLimits, HttpServer, load_or_create_token
 from epara.node.localsock import SocketLimits
@@ -68,7 +69,9 @@ def load_service(directory: Path, manifest: Manifest,
     if manifest.task == "text-generation":
         from epara.models.llm import LlmEngine  # the LLM extra may be absent
 
-        return GenerationService(manifest, LlmEngine(directory, manifest, threads=threads))
+        engine = LlmEngine(directory, manifest, threads=threads)
+        engine.warm_up()
+        return GenerationService(manifest, engine)
     session = get_backend(manifest.backend).load(directory, manifest, threads=threads)
     return ModelService(manifest, session)
 
@@ -87,6 +90,7 @@ class Node:
         self.api = LocalApi(self.services, self.describe_models, self.status,
                             config.socket_limits)
         self.requests = RequestLog()
+        self.cpu = device_meter()  # published as cpu_busy (node/cpumeter.py)
         self.api.observer = self.requests.record
         self.exporter = make_exporter(self, self.requests)
         self.http: HttpServer | None = None
@@ -147,6 +151,9 @@ class Node:
         record = {"services": services, "mem_free_mb": _mem_available_mb(),
                   "load": round(load1 / (os.cpu_count() or 1), 3),
                   "goodput": self.requests.origin_goodput()}
+        busy = self.cpu.busy()
+        if busy is not None:
+            record["cpu_busy"] = round(busy, 3)
         if self.runtime is not None:
             record.update(self.runtime.state())
         return record

@@ -6,6 +6,11 @@ the handler and ``req`` correlates answers. Source routing keeps stages stateles
 plans: a pipeline message carries the rest of its route, so each stage forwards to the
 next and the last one answers the origin directly.
 
+Keys: with per-device identity the ROUTER's CURVE server key is the device's own, and
+a DEALER pins the key ``server_key_for(endpoint)`` names (the runtime maps a data
+endpoint to its node and asks the control plane for the key it pinned from that
+node's certificate); an endpoint with no known key is not dialled (``send`` fails).
+
 Bounds: the ROUTER and every DEALER have a high-water mark, so a stalled peer makes
 ``send`` fail at once rather than queue without limit. Work handlers (a forwarded
 request, a stage's input) run as tasks, at most ``max_tasks`` at a time; past that a
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 Endpoint = tuple[str, int]
 Handler = Callable[[dict[str, Any], dict[str, np.ndarray]], Awaitable[None]]
 Refuse = Callable[[dict[str, Any], str], Awaitable[None]]  # (header, reason)
+ServerKeyFor = Callable[[Endpoint], "bytes | None"]
 DEFAULT_MAX_TASKS = 512
 HIGH_WATER_MARK = 256  # messages queued per socket before sends fail
 
@@ -50,13 +56,17 @@ class _Route:
 
 class DataPlane:
     def __init__(self, credentials_dir: Path, host: str, port: int = 0,
-                 max_tasks: int = DEFAULT_MAX_TASKS) -> None:
+                 max_tasks: int = DEFAULT_MAX_TASKS,
+                 server_key_for: ServerKeyFor | None = None) -> None:
         self._credentials = load_cluster_credentials(credentials_dir)
+        if self._credentials.per_device and server_key_for is None:
+            raise ValueError("per-device identity: the data plane needs server_key_for")
+        self._server_key_for = server_key_for
         self.host = host
         self.port = port
         self._transport: Transport | None = None
         self._router: zmq.asyncio.Socket | None = None
-        self._dealers: dict[Endpoint, zmq.asyncio.Socket] = {}
+        self._dealers: dict[Endpoint, tuple[zmq.asyncio.Socket, bytes | None]] = {}
         self._routes: dict[str, _Route] = {}
         self._receiver: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -95,7 +105,7 @@ class DataPlane:
                 await self._receiver
         for task in list(self._tasks):
             task.cancel()
-        for sock in self._dealers.values():
+        for sock, _ in self._dealers.values():
             sock.close(linger=0)
         self._dealers.clear()
         if self._router is not None:
@@ -116,11 +126,21 @@ class DataPlane:
         """Queue frames already packed (``wire.pack`` / ``wire.pack_message``); False
         when the peer is not connected or is backed up."""
         assert self._transport is not None, "start() first"
-        sock = self._dealers.get(endpoint)
-        if sock is None:
-            sock = self._transport.connect_dealer(*endpoint)
-            sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
-            self._dealers[endpoint] = sock
+        key = None
+        if self._credentials.per_device:
+            assert self._server_key_for is not None
+            key = self._server_key_for(endpoint)
+            if key is None:
+                return False  # no certified key for it (yet): never dial unpinned
+        dealer = self._dealers.get(endpoint)
+        if dealer is not None and dealer[1] != key:  # another device at that address now
+            dealer[0].close(linger=0)
+            dealer = None
+        if dealer is None:
+            dealer = (self._transport.connect_dealer(*endpoint, key), key)
+            dealer[0].setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+            self._dealers[endpoint] = dealer
+        sock = dealer[0]
         # The synchronous base-class send: with NOBLOCK it completes or raises at once.
         # Once the first part is accepted, ZeroMQ accepts the rest of the multipart.
         try:
@@ -153,9 +173,9 @@ class DataPlane:
 
     def forget(self, endpoint: Endpoint) -> None:
         """Drop the connection to a peer that left the cluster."""
-        sock = self._dealers.pop(endpoint, None)
-        if sock is not None:
-            sock.close(linger=0)
+        dealer = self._dealers.pop(endpoint, None)
+        if dealer is not None:
+            dealer[0].close(linger=0)
 
     async def _receive(self) -> None:
         assert self._router is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -80,6 +81,23 @@ class _Sequence:
     resume: list[int] = field(default_factory=list)
     prefill_began: float | None = None  # its first engine step
     prefill_alone: bool = True  # no other sequence ran in its prefill's steps
+    prefill_s: float | None = None  # its prefill's time, when it ran alone
+
+
+def typical_prefill_s(seconds: float, tokens: int, step_s: float,
+                      typical_tokens: int) -> float | None:
+    """How long a lone prefill of ``typical_tokens`` takes, from one of ``tokens`` that
+    took ``seconds`` and the same sequence's decode steps (``step_s`` each).
+
+    A prefill costs about one pass's fixed part, which a decode step shows, plus a part
+    per prompt token: scaling a short prompt's time in proportion would count the fixed
+    part many times over (a 5-token prompt's 300 ms became a 64-token prefill of 3.8 s,
+    and the router refused every chat turn on that)."""
+    if tokens < 1 or not all(math.isfinite(x) and x >= 0 for x in (seconds, step_s)):
+        return None
+    fixed = min(step_s, seconds)
+    per_token = (seconds - fixed) / max(1, tokens - 1)
+    return fixed + per_token * (typical_tokens - 1)
 
 
 class GenerationService:
@@ -87,6 +105,8 @@ class GenerationService:
         self.manifest = manifest
         self.engine = engine
         self.target = target
+        # The pipeline this service heads (node/reconcile.py's head_key); None: a replica
+        self.head_key: str | None = None
         self.max_active = max(1, manifest.hints.max_batch)
         self.max_queue = manifest.hints.max_queue
         self.ttft = LatencyTracker()
@@ -295,7 +315,7 @@ class GenerationService:
                 # start (a replay's resume rebuilds more than the prompt)
                 if seq.prefill_alone and seq.prefill_began is not None and \
                         not seq.resume and not self.target.startswith("pipeline"):
-                    self._note_prefill(seq, now - seq.prefill_began)
+                    seq.prefill_s = now - seq.prefill_began
                 self.ttft.record_request((now - seq.submitted) * 1000)
             seq.tokens += 1
             self.counts["tokens"] += 1
@@ -304,6 +324,9 @@ class GenerationService:
                 del self._running[seq.seq_id]
                 self._kv_full = False
                 self.counts["served"] += 1
+                if seq.prefill_s is not None and seq.tokens >= 2 and seq.first_token:
+                    self._note_prefill(seq, seq.prefill_s,
+                                       (now - seq.first_token) / (seq.tokens - 1))
                 self._finish(seq, None)
         for seq_id, seq in list(self._running.items()):
             if seq.deadline is not None and now > seq.deadline:
@@ -314,14 +337,15 @@ class GenerationService:
                 self._finish(seq, ServiceError(
                     "deadline_exceeded", f"deadline passed after {seq.tokens} tokens"))
 
-    def _note_prefill(self, seq: _Sequence, seconds: float) -> None:
-        """Record a step that was one sequence's prefill alone, per the planner's
-        typical prompt (node/planning.py): compute grows with the prompt's tokens."""
+    def _note_prefill(self, seq: _Sequence, seconds: float, step_s: float) -> None:
+        """Record a lone prefill as the planner's typical prompt would take it."""
         from epara.node.planning import TYPICAL_PROMPT_TOKENS
 
         tokens = self.prompt_tokens(seq.prompt, seq.messages)
         if tokens:
-            self.prefill.record_batch(seconds * TYPICAL_PROMPT_TOKENS / tokens)
+            typical = typical_prefill_s(seconds, tokens, step_s, TYPICAL_PROMPT_TOKENS)
+            if typical is not None:
+                self.prefill.record_batch(typical)
 
     def _finish(self, seq: _Sequence, outcome: ServiceError | None) -> None:
         with self._lock:

@@ -26,7 +26,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from epara.models.backends import Session
 from epara.node.dataplane import DataPlane, Endpoint
+from epara.node.generation import pass_timeout
+from epara.node.service import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,62 @@ class SessionStage:
 
     def drop(self, seq_id: str) -> None:
         """Stateless: nothing kept per sequence."""
+
+
+class PipelineSession(Session):
+    """A stateless model served as a pipeline, seen from its head: the first stage runs
+    here, the rest of the route on other nodes through ``PipelineClient``.
+
+    To a ``ModelService`` it is a session like any other, so a request to a pipeline gets
+    the same validation, batching, admission and pre/post-processing as one to a replica
+    of the whole model. ``run_by`` is called from the service's worker thread; the data
+    plane lives on the node's event loop, so the remote part hops onto the loop and waits
+    no longer than the batch's deadline (``HOP_LIMIT_S`` without one). A broken route
+    fails the batch with ``stage_failed``, which the API answers by waiting for the
+    leader's repair and replaying the request while its deadline allows."""
+
+    def __init__(self, first: SessionStage, client: PipelineClient,
+                 route: Callable[[], Sequence[StageRef]], outputs: Sequence[str],
+                 loop: asyncio.AbstractEventLoop, target: str) -> None:
+        self.first = first
+        self.client = client
+        self.route = route  # resolved per run: a stage's node may move to another port
+        self.outputs = tuple(outputs)
+        self.target = target
+        self._loop = loop
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.run_by(inputs, None)
+
+    def run_by(self, inputs: Mapping[str, np.ndarray],
+               deadline: float | None) -> dict[str, np.ndarray]:
+        tensors = self.first.run({}, inputs)
+        timeout = pass_timeout([deadline], time.monotonic())
+
+        async def remote() -> dict[str, np.ndarray]:
+            # On the loop, which owns the cluster view the route is resolved from.
+            return await self.client.run(self.route(), tensors, timeout)
+
+        try:
+            future = asyncio.run_coroutine_threadsafe(remote(), self._loop)
+            try:
+                # The client's own timeout ends the wait; this one only guards a loop
+                # that has stopped.
+                result = future.result(timeout + 5.0)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                raise StageFailed(f"no result within {timeout:.2f} s from the pipeline") \
+                    from None
+        except StageFailed as exc:
+            raise ServiceError("stage_failed", f"pipeline {self.target}: {exc}") from None
+        missing = [name for name in self.outputs if name not in result]
+        if missing:
+            raise ServiceError("stage_failed", f"pipeline {self.target}: its last stage "
+                               f"returned no {', '.join(missing)}")
+        return {name: result[name] for name in self.outputs}
+
+    def close(self) -> None:
+        self.first.session.close()
 
 
 class StageHost:

@@ -47,6 +47,20 @@ class CutMap:
         return [self.bounds[first] for first, _ in stages[1:]]
 
 
+def cuttable(manifest: Manifest) -> bool:
+    """Whether a node can build this model's pipeline stages at the cut positions its
+    analysis lists (pure): an LLM from its layer ranges, an ONNX graph at node positions,
+    a TorchScript encoder at layer boundaries (models/split.py). A TFLite flatbuffer
+    cannot be cut on a device, so the leader must not plan a pipeline for it."""
+    stages = manifest.extra.get("stages")
+    if not isinstance(stages, Mapping) or not stages.get("cuts"):
+        return False
+    if manifest.task == "text-generation":
+        return True
+    splitters = {"onnx": "onnx-nodes", "torch": "bert-layers"}
+    return splitters.get(manifest.backend, "") == stages.get("positions")
+
+
 def catalogue_entry(manifest: Manifest) -> dict[str, Any]:
     """What a node tells the leader about a model it can load (in its state record)."""
     hints = manifest.hints
@@ -62,6 +76,9 @@ def catalogue_entry(manifest: Manifest) -> dict[str, Any]:
         entry["wbytes"] = float(stages.get("total_weight_bytes", 0))
         entry["out"] = float(stages.get("output_bytes", 0))
         entry["end"] = int(stages.get("node_count", 0))
+    # Cut positions only where stages can be built: without them the leader plans
+    # replicas (allocate: "declares no layers to cut").
+    if isinstance(stages, Mapping) and cuttable(manifest):
         # One row per candidate cut: position, activation bytes, FLOPs and weights before.
         entry["cuts"] = [[int(c["position"]), int(c["activation_bytes"]),
                           float(c["flops_before"]), float(c["weight_bytes_before"])]
@@ -146,8 +163,17 @@ def cluster_state(members: Iterable[Any], now: float) -> ClusterState:
             queues={name: int(s.get("queue") or 0) for name, s in services.items()},
             latency_ms={name: float(s["p50_ms"]) for name, s in services.items()
                         if s.get("p50_ms") is not None},
+            busy=_share(state.get("cpu_busy")),
         )
     return ClusterState(devices, now)
+
+
+def _share(value: Any) -> float | None:
+    """A published share in [0, 1], or None for anything else."""
+    if isinstance(value, int | float) and not isinstance(value, bool) \
+            and math.isfinite(value) and 0 <= value <= 1:
+        return float(value)
+    return None
 
 
 def measured_ms(members: Iterable[Any]) -> dict[str, dict[str, float]]:

@@ -108,7 +108,7 @@ class PlacementPublisher:
         if placement.version != current.version:
             if decisions:
                 log.info("placement v%d: %s", placement.version,
-                         "; ".join(f"{d.action} {d.unit}" for d in decisions))
+                         "; ".join(f"{d.action} {d.unit} ({d.reason})" for d in decisions))
             self.adopt(placement, decisions)
             await self.broadcast()
         elif self._lagging(view) or time.monotonic() - self._last_broadcast > REBROADCAST_S:

@@ -37,7 +37,9 @@ from epara.node.leader.scheduler import SchedulerConfig
 from epara.node.pipeline import (
     LlmStageAdapter,
     PipelineClient,
+    PipelineSession,
     RemoteLlmChain,
+    SessionStage,
     StageFailed,
     StageHost,
     StageRef,
@@ -45,7 +47,7 @@ from epara.node.pipeline import (
 from epara.node.publisher import PlacementPublisher
 from epara.node.reconcile import Running, stage_key
 from epara.node.router import NotPlaced, Router
-from epara.node.service import ServiceError
+from epara.node.service import ModelService, ServiceError
 from epara.peer.member import ClusterMember
 
 if TYPE_CHECKING:
@@ -57,6 +59,19 @@ COLD_START_WAIT_S = 15.0  # how long a request waits for the leader to place its
 # "epara" is the state-aware scheduler; the others are the baseline strategies of the
 # simulator, here so a real cluster can be measured under each of them.
 Reply = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class _LogStream:
+    """Where a stage build's progress lines go: the node's log, not its stderr."""
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                log.info("%s", line.strip())
+        return len(text)
+
+    def flush(self) -> None:
+        """Each line is logged as it is written."""
 
 
 class RateMeter:
@@ -104,7 +119,8 @@ class ClusterRuntime:
         self.node = node
         self.member = member
         self.budget_mb = budget_mb
-        self.dataplane = DataPlane(credentials_dir, member.host)
+        self.dataplane = DataPlane(credentials_dir, member.host,
+                                   server_key_for=self._data_server_key)
         self.stages = StageHost(self.dataplane, node.node_id)
         self.pipeline = PipelineClient(self.dataplane, node.node_id)
         self.placement = Placement()
@@ -212,28 +228,38 @@ class ClusterRuntime:
             self._placement_dirty.set()
 
     async def _reconcile_loop(self) -> None:
+        retry_s: float | None = None  # when actions failed: wait this long, then again
         while True:
-            await self._placement_dirty.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._placement_dirty.wait(), retry_s)
+            fresh = self._placement_dirty.is_set()
             self._placement_dirty.clear()
+            placement = self.placement
             try:
-                placement = self.placement
                 await self._reconcile(placement)
                 self._applied = True
                 self._applied_version = placement.version
             except Exception:  # keep reconciling later placements
-                log.exception("reconciling placement v%d failed", self.placement.version)
+                log.exception("reconciling placement v%d failed", placement.version)
+            left = reconcile.plan(placement, self.node.node_id, self.running())
+            retry_s = reconcile.retry_after(retry_s, fresh, converged=not left)
+            if left:
+                log.info("placement v%d: %d actions not done, retrying in %.0f s",
+                         placement.version, len(left), retry_s)
 
     def running(self) -> Running:
         """What this node runs now, read back from its services and stages."""
         replicas: dict[str, int] = {}
         heads: dict[str, str] = {}
+        head_batches: dict[str, int] = {}
         for name, service in self.node.services.items():
-            unit_id = getattr(service, "unit_id", None)
-            if unit_id is not None:
-                heads[name] = unit_id
+            batch = int(service.stats()["max_batch"])
+            if service.head_key is not None:
+                heads[name] = service.head_key
+                head_batches[name] = batch
             else:
-                replicas[name] = int(service.stats()["max_batch"])
-        return Running(replicas, heads, frozenset(self.stages.stages))
+                replicas[name] = batch
+        return Running(replicas, heads, frozenset(self.stages.stages), head_batches)
 
     async def _reconcile(self, placement: Placement) -> None:
         """Carry out the pure reconcile step's actions (node/reconcile.py), in order."""
@@ -313,52 +339,111 @@ class ClusterRuntime:
         path = next(p for p in paths if p.name.startswith(f"stage_{lo:02d}_{hi:02d}"))
         return await asyncio.to_thread(LlmStage, path, self.node.config.threads)
 
+    async def _cut_session(self, name: str, first: int, end: int) -> tuple[Any, Manifest]:
+        """The backend session of ``name``'s stage over the plan's layers [first, end),
+        cut from this node's store (or the stage found there), and its manifest."""
+        from epara.models.backends import get_backend
+        from epara.models.manifest import load_manifest
+        from epara.models.split import stage_of
+
+        lo, hi = self._positions(name, first, end)
+        directory = await asyncio.to_thread(stage_of, self.node.store, name, lo, hi,
+                                            stream=_LogStream())
+        manifest = load_manifest(directory)
+        session = await asyncio.to_thread(get_backend(manifest.backend).load, directory,
+                                          manifest, threads=self.node.config.threads)
+        return session, manifest
+
     async def _load_stage(self, key: str, name: str, first: int, end: int) -> None:
         known = self._manifests.get(name)
-        if known is None or known[1].task != "text-generation":
-            log.warning("stage %s: only LLM pipelines are served across nodes so far", key)
+        if known is None:
+            log.warning("stage %s: placed here, but this node does not have %s", key, name)
             return
         try:
-            self.stages.add(key, LlmStageAdapter(await self._llm_stage(name, first, end)))
+            if known[1].task == "text-generation":
+                stage: Any = LlmStageAdapter(await self._llm_stage(name, first, end))
+            else:
+                session, manifest = await self._cut_session(name, first, end)
+                stage = SessionStage(session, [s.name for s in manifest.inputs])
+            self.stages.add(key, stage)
             log.info("loaded stage %s", key)
-        except Exception as exc:
-            log.warning("cannot load stage %s: %s", key, exc)
+        except Exception as exc:  # e.g. a TFLite model with no stages: the unit stays
+            log.warning("cannot load stage %s: %s", key, exc)  # not ready, the node runs
 
     async def _load_head(self, unit: Unit) -> None:
-        from epara.models.llm import LlmEngine
-
         known = self._manifests.get(unit.service)
-        if known is None or known[1].task != "text-generation":
-            log.warning("pipeline head for %s: only LLM pipelines are served across nodes",
-                        unit.service)
+        if known is None:
+            log.warning("pipeline head %s: placed here, but this node does not have %s",
+                        unit.id, unit.service)
             return
-        directory, manifest = known
-        head = unit.stages[0]
         try:
-            local = await self._llm_stage(unit.service, head.first, head.end)
-            rest = [StageRef(s.device, self._endpoint(s.device),
-                             stage_key(unit.service, s.first, s.end)) for s in unit.stages[1:]]
-            lo, _ = self._positions(unit.service, unit.stages[1].first, unit.stages[1].end)
-            _, hi = self._positions(unit.service, unit.stages[-1].first, unit.stages[-1].end)
-            # Each pass waits until its sequences' deadlines (the service, made below
-            # around the engine, knows them), never past HOP_LIMIT_S.
-            services: list[GenerationService] = []
-
-            def hop_timeout(seq_ids: Sequence[str]) -> float:
-                return services[0].hop_timeout(seq_ids) if services else HOP_LIMIT_S
-
-            chain = RemoteLlmChain(self.pipeline, rest, range(lo, hi),
-                                   asyncio.get_running_loop(), hop_timeout)
-            engine = await asyncio.to_thread(LlmEngine, directory, manifest,
-                                             self.node.config.threads, [local, chain])
+            if known[1].task == "text-generation":
+                service: ModelService | GenerationService = await self._llm_head(unit)
+            else:
+                service = await self._session_head(unit)
         except Exception as exc:
             log.warning("cannot set up the pipeline head of %s: %s", unit.id, exc)
             return
+        service.head_key = reconcile.head_key(unit)
+        service.set_max_batch(unit.max_batch)  # the plan's batch for this unit
+        self.node.services[unit.service] = service
+        self.node.unavailable.pop(unit.service, None)
+        log.info("pipeline head %s ready", unit.id)
+
+    def _route(self, unit: Unit) -> list[StageRef]:
+        """The stages after the head, where they run now (StageFailed for a node that
+        is not in the cluster view)."""
+        return [StageRef(s.device, self._endpoint(s.device),
+                         stage_key(unit.service, s.first, s.end)) for s in unit.stages[1:]]
+
+    async def _session_head(self, unit: Unit) -> ModelService:
+        """A stateless model's pipeline head: the service a replica would be (same API,
+        pre/post-processing, batching and admission), its session running stage 0 here
+        and the rest of the route on the stages' nodes."""
+        _, manifest = self._manifests[unit.service]
+        head = unit.stages[0]
+        local, stage_manifest = await self._cut_session(unit.service, head.first, head.end)
+        session = PipelineSession(
+            SessionStage(local, [s.name for s in stage_manifest.inputs]), self.pipeline,
+            lambda: self._route(unit), [s.name for s in manifest.outputs],
+            asyncio.get_running_loop(), f"pipeline:{unit.id}")
+        return ModelService(manifest, session)
+
+    async def _llm_head(self, unit: Unit) -> GenerationService:
+        from epara.models.llm import LlmEngine
+
+        directory, manifest = self._manifests[unit.service]
+        head = unit.stages[0]
+        local = await self._llm_stage(unit.service, head.first, head.end)
+        rest = self._route(unit)
+        lo, _ = self._positions(unit.service, unit.stages[1].first, unit.stages[1].end)
+        _, hi = self._positions(unit.service, unit.stages[-1].first, unit.stages[-1].end)
+        # Each pass waits until its sequences' deadlines (the service, made below
+        # around the engine, knows them), never past HOP_LIMIT_S.
+        services: list[GenerationService] = []
+
+        def hop_timeout(seq_ids: Sequence[str]) -> float:
+            return services[0].hop_timeout(seq_ids) if services else HOP_LIMIT_S
+
+        chain = RemoteLlmChain(self.pipeline, rest, range(lo, hi),
+                               asyncio.get_running_loop(), hop_timeout)
+        engine = await asyncio.to_thread(LlmEngine, directory, manifest,
+                                         self.node.config.threads, [local, chain])
         service = GenerationService(manifest, engine, target=f"pipeline:{unit.id}")
         services.append(service)
-        service.unit_id = unit.id  # type: ignore[attr-defined]
-        self.node.services[unit.service] = service
-        log.info("pipeline head %s ready", unit.id)
+        return service
+
+    def _data_server_key(self, endpoint: Endpoint) -> bytes | None:
+        """Per-device identity: the key to pin when dialling a data endpoint, the one
+        the control plane pinned for the node whose state record names that endpoint
+        (this node's own for its own endpoint)."""
+        if endpoint == self.dataplane.endpoint:
+            return self.member.server_key(self.member.node_id)
+        for member in self.member.view().members:
+            if member.host == endpoint[0] and (member.state or {}).get("data_port") == \
+                    endpoint[1]:
+                return self.member.server_key(member.node_id)
+        return None
 
     def _endpoint(self, node_id: str) -> Endpoint:
         member = self.member.view().member(node_id)

@@ -230,6 +230,8 @@ class ModelService:
     def __init__(self, manifest: Manifest, session: Session) -> None:
         self.manifest = manifest
         self.session = session
+        # The pipeline this service heads (node/reconcile.py's head_key); None: a replica
+        self.head_key: str | None = None
         hints = manifest.hints
         # The declared axis bounds every request's rows, even when max_batch is 1 (the
         # model was exported or measured for that many); stacking needs max_batch > 1.
@@ -355,8 +357,10 @@ class ModelService:
             "latency_ms_p99": p99,
             "batch_ms_ewma": None if self.latency.batch_seconds is None
             else self.latency.batch_seconds * 1000,
+            # what the leader plans one device's run of the model by: none for a
+            # pipeline head, whose runs include its peers' stages and the network
             "run_ms_ewma": None if self.latency.single_seconds is None
-            else self.latency.single_seconds * 1000,
+            or self.head_key is not None else self.latency.single_seconds * 1000,
             "node_work_ms_ewma": self.node_work.total_ms(),
             **self.counts,
         }
@@ -439,19 +443,30 @@ class ModelService:
         work = sum(job.work for job in jobs)
         expected = self.cost.predict(len(jobs) if self.batch_axis is None else 1, work, start)
         self._busy_until = start + (expected or 0.0)
+        # A batch serves all its requests, so it may wait until the latest deadline.
+        deadline = None if any(j.deadline is None for j in jobs) \
+            else max(j.deadline for j in jobs if j.deadline is not None)
         try:
             if len(jobs) == 1:
-                outputs = [self.session.run(jobs[0].inputs)]
+                outputs = [self.session.run_by(jobs[0].inputs, deadline)]
             else:
                 stacked = {name: np.concatenate([j.inputs[name] for j in jobs],
                                                 axis=self.batch_axis)
                            for name in jobs[0].inputs}
-                merged = self.session.run(stacked)
+                merged = self.session.run_by(stacked, deadline)
                 bounds = np.cumsum([j.rows for j in jobs])[:-1]
                 split = {name: np.split(value, bounds, axis=self.batch_axis)
                          for name, value in merged.items()}
                 outputs = [{name: parts[i] for name, parts in split.items()}
                            for i in range(len(jobs))]
+        except ServiceError as exc:  # the session's own verdict (a pipeline's route broke)
+            self._busy_until = 0.0
+            log.warning("model %s failed on a batch of %d: %s", self.manifest.name,
+                        len(jobs), exc)
+            self.counts["failed"] += len(jobs)
+            for job in jobs:
+                job.future.set_exception(ServiceError(exc.code, str(exc)))
+            return
         except Exception as exc:  # a runtime failure must not kill the worker
             self._busy_until = 0.0
             if len(jobs) > 1:

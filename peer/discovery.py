@@ -1,15 +1,19 @@
 """mDNS/DNS-SD adverts (``_epara._tcp.local.``) and browsing for peers.
 
 The advert is a standard DNS-SD service: any mDNS browser lists the nodes. Its TXT
-record stays small (well under 400 bytes) and public: node id, cluster id (a fingerprint
-of the cluster public key, see security.py), protocol version, control port and a few
-headline capabilities. Everything else (the full capability record, live state) is
-fetched over the CURVE-protected control port, so only cluster members can read it.
+record stays small (under 400 bytes) and public: node id, cluster id (a fingerprint
+of the cluster public key, see security.py), protocol version, control port, a few
+headline capabilities and, with per-device identity, the node's certificate (its CURVE
+server key ``ck``, issue time ``ci`` and the authority's signature ``cs``, which with
+``id`` and ``cid`` make the certificate; dialers pin the key after checking it).
+Everything else (the full capability record, live state) is fetched over the
+CURVE-protected control port, so only cluster members can read it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ import ifaddr
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from .security import Certificate
 from .wire import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,7 @@ class PeerAdvert:
     hosts: tuple[str, ...]
     port: int
     headline: Mapping[str, str]
+    certificate: str | None = None  # per-device identity: the node's certificate (encoded)
 
 
 def local_ipv4_addresses() -> list[str]:
@@ -50,9 +56,14 @@ def local_ipv4_addresses() -> list[str]:
 
 
 def txt_properties(node_id: str, cluster_id: str, port: int,
-                   headline: Mapping[str, Any]) -> dict[str, str]:
+                   headline: Mapping[str, Any],
+                   certificate: Certificate | None = None) -> dict[str, str]:
     props = {"id": node_id, "cid": cluster_id, "pv": str(PROTOCOL_VERSION), "cp": str(port)}
     props.update({str(k): str(v) for k, v in headline.items()})
+    if certificate is not None:  # its other fields are the advert's id and cid
+        props.update({"ck": certificate.curve_public.decode("ascii"),
+                      "ci": str(certificate.issued),
+                      "cs": base64.urlsafe_b64encode(certificate.signature).decode("ascii")})
     size = sum(len(k) + len(v) + 2 for k, v in props.items())  # length byte + "="
     if size > MAX_TXT_BYTES:
         raise ValueError(f"TXT record of {size} bytes exceeds {MAX_TXT_BYTES}")
@@ -74,8 +85,22 @@ def parse_advert(service_name: str, properties: Mapping[bytes, bytes | None],
     if not props.get("id") or not hosts or not port:
         log.debug("ignoring %s: incomplete advert", service_name)
         return None
-    headline = {k: v for k, v in props.items() if k not in ("id", "cid", "pv", "cp")}
-    return PeerAdvert(service_name, props["id"], tuple(hosts), port, headline)
+    headline = {k: v for k, v in props.items()
+                if k not in ("id", "cid", "pv", "cp", "ck", "ci", "cs")}
+    return PeerAdvert(service_name, props["id"], tuple(hosts), port, headline,
+                      _certificate(props))
+
+
+def _certificate(props: Mapping[str, str]) -> str | None:
+    """The encoded certificate an advert carries (unchecked: the dialer verifies it)."""
+    try:
+        cert = Certificate(props["cid"], props["id"], props["ck"].encode("ascii"),
+                           int(props["ci"]), base64.urlsafe_b64decode(props["cs"]))
+    except (KeyError, ValueError, UnicodeEncodeError):
+        return None
+    if len(cert.curve_public) != 40 or len(cert.signature) != 64:
+        return None
+    return cert.encode()
 
 
 class Discovery:
@@ -89,12 +114,13 @@ class Discovery:
                  advertise_hosts: Sequence[str], headline: Mapping[str, Any],
                  interfaces: Sequence[str] | None,
                  on_peer: Callable[[PeerAdvert], None],
-                 on_gone: Callable[[str], None]) -> None:
+                 on_gone: Callable[[str], None],
+                 certificate: Certificate | None = None) -> None:
         self._node_id = node_id
         self._cluster_id = cluster_id
         self._port = port
         self._hosts = list(advertise_hosts)
-        self._props = txt_properties(node_id, cluster_id, port, headline)
+        self._props = txt_properties(node_id, cluster_id, port, headline, certificate)
         self._interfaces = list(interfaces) if interfaces is not None else None
         self._on_peer = on_peer
         self._on_gone = on_gone

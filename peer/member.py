@@ -14,12 +14,19 @@ heartbeat that announces the new version, or on request (``sget``, answered with
 Peers are found by mDNS adverts, static seeds (``host:port`` of a control port), the
 sender address inside every heartbeat received (so a seed learns who seeded it), and the
 endpoints of alive members listed in each state record (so seeds are transitive).
+
+With per-device identity every link pins its peer's own server key, taken from a
+checked certificate: the advert's, the one on the connection a heartbeat arrived on,
+the one listed with an endpoint in a member's ``_peers``, or (static seeds) the one a
+seed answers over UDP on its control port number (``fetch_certificate``). An endpoint
+whose key is not known yet is not dialled.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -41,7 +48,15 @@ from . import capabilities as caps_mod
 from . import election, membership, statesync, wire
 from .discovery import Discovery, PeerAdvert, local_ipv4_addresses
 from .membership import ClusterView, Heartbeat, Member
-from .security import ClusterCredentials, CredentialsError, load_cluster_credentials
+from .security import (
+    CERT_ANSWER,
+    CERT_METADATA,
+    CERT_QUERY,
+    CERT_QUERY_SIZE,
+    ClusterCredentials,
+    CredentialsError,
+    load_cluster_credentials,
+)
 from .transport import Transport, control_message, sender_of, try_send
 
 log = logging.getLogger(__name__)
@@ -55,6 +70,7 @@ _RECENT_COMMANDS = 256
 _STATE_RETRY = 1.0  # seconds before asking a member for its record again
 _MAX_PEERS_GOSSIPED = 256
 _MAX_DRAIN = 256  # queued messages folded at the start of a tick, at most
+_SEED_QUERY_EVERY = 1.0  # seconds between certificate queries to a seed not yet linked
 
 
 class NotLeader(RuntimeError):
@@ -77,8 +93,11 @@ class MemberConfig:
     heartbeat_interval: float = 0.2
     # Heartbeats a node sends per second at most (to all peers together): beyond
     # max_heartbeats_per_s * heartbeat_interval peers the interval grows, and so do
-    # the silence bounds below (they count heartbeats, see membership.expire).
-    max_heartbeats_per_s: float = 64.0
+    # the silence bounds below (they count heartbeats, see membership.expire). Each
+    # heartbeat costs ~340 wire bytes with its TCP/IP, CURVE framing and the
+    # receiver's ACK; 48 a second keep a node of a 32-host cluster under 20 KB/s
+    # (bench/control_plane.py) and remove a silent member after ~4.8 s there.
+    max_heartbeats_per_s: float = 48.0
     suspect_after: float = 0.75
     remove_after: float = 1.5
     timing: election.Timing = field(default_factory=election.Timing)
@@ -92,6 +111,7 @@ class _Link:
     sock: zmq.asyncio.Socket
     sources: set[str]  # "seed", "mdns:<service>", "learned"
     refreshed: float
+    server_key: bytes | None = None  # pinned (per-device identity); None: the cluster key
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -132,6 +152,8 @@ class ClusterMember:
         self._credentials: ClusterCredentials | None = None
         self._transport: Transport | None = None
         self._router: zmq.asyncio.Socket | None = None
+        self._cert_servers: list[asyncio.DatagramTransport] = []
+        self._certs: dict[str, str] = {}  # member id -> its checked certificate (gossiped)
         self._discovery: Discovery | None = None
         self.capabilities: caps_mod.Capabilities | None = config.capabilities
         self.priority = 0
@@ -157,9 +179,10 @@ class ClusterMember:
         self.priority = (self.config.priority if self.config.priority is not None else
                          election.leadership_priority(caps.headline(), caps.power_source,
                                                       caps.battery_percent))
-        # Our own heartbeats detect dead peers; libzmq's only need to notice a cut TCP
-        # connection eventually, so they run far less often than on the data plane.
-        self._transport = Transport(self._credentials, ping_interval_s=2.0)
+        # Our own heartbeats detect dead peers, and they keep every link busy, so a cut
+        # TCP connection is noticed by the kernel (unacknowledged heartbeats): no libzmq
+        # pings, which at 32 nodes were a third of the control plane's packets.
+        self._transport = Transport(self._credentials, ping_interval_s=None)
         self._transport.start()
         interfaces = self.config.interfaces
         bind_hosts = list(interfaces) if interfaces else ["0.0.0.0"]
@@ -172,15 +195,35 @@ class ClusterMember:
         self.host = hosts[0]
         now = time.monotonic()
         self._election = election.ElectionState(started_at=now)
-        for seed in self.config.seeds:
-            self._ensure_link(*parse_endpoint(seed), source="seed", now=now)
+        seeds = [parse_endpoint(seed) for seed in self.config.seeds]
+        if self._credentials.per_device:
+            # Answer certificate queries on the control port number (UDP), and learn
+            # the seeds' certificates the same way before dialling them.
+            assert cert is not None
+            loop = asyncio.get_running_loop()
+            answer = CERT_ANSWER + cert.encode().encode("ascii")
+            for bind_host in bind_hosts:
+                try:
+                    server, _ = await loop.create_datagram_endpoint(
+                        lambda: _CertificateServer(answer), local_addr=(bind_host, self.port))
+                except OSError as exc:  # mDNS and gossip still find this node
+                    log.warning("cannot answer certificate queries on udp %s:%d (%s): "
+                                "static seeds naming this node will not reach it",
+                                bind_host, self.port, exc)
+                    continue
+                self._cert_servers.append(server)
+            if seeds:
+                self._spawn(self._link_seeds(seeds))
+        else:
+            for host, port in seeds:
+                self._ensure_link(host, port, source="seed", now=now)
         self._spawn(self._receive_loop())
         self._spawn(self._tick_loop())
         if self.config.mdns:
             self._discovery = Discovery(
                 node_id=self.node_id, cluster_id=self._credentials.cluster_id, port=self.port,
                 advertise_hosts=hosts, headline=caps.headline(), interfaces=interfaces,
-                on_peer=self._on_advert, on_gone=self._on_advert_gone)
+                on_peer=self._on_advert, on_gone=self._on_advert_gone, certificate=cert)
             await self._discovery.start()
         log.info("node %s (incarnation %d) on %s:%d, cluster %s, priority %d", self.node_id,
                  self.incarnation, self.host, self.port, self._credentials.cluster_id,
@@ -196,6 +239,9 @@ class ClusterMember:
         for link in self._links.values():
             link.sock.close(linger=0)
         self._links.clear()
+        for server in self._cert_servers:
+            server.close()
+        self._cert_servers.clear()
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -248,13 +294,42 @@ class ClusterMember:
             self.control_bytes_sent += len(payload)
         return sent
 
-    def _ensure_link(self, host: str, port: int, *, source: str, now: float) -> _Link | None:
+    def server_key(self, node_id: str) -> bytes | None:
+        """The server key pinned for ``node_id`` (per-device identity; this node's own
+        for itself), e.g. for the data plane to dial it; None if not known (or in the
+        shared-key layout, where the cluster key is every node's)."""
+        creds = self._credentials
+        if creds is None or not creds.per_device:
+            return None
+        if node_id == self.node_id:
+            return creds.node_public
+        member = self._members.get(node_id)
+        link = self._links.get((member.host, member.port)) if member is not None else None
+        return link.server_key if link is not None else None
+
+    def _ensure_link(self, host: str, port: int, *, source: str, now: float,
+                     key: bytes | None = None) -> _Link | None:
+        """The link to a control endpoint, dialled if new. With per-device identity
+        ``key`` is the peer's certified server key: without one an endpoint not yet
+        linked is not dialled, and a different one replaces the link (the address now
+        belongs to another device)."""
         if (host, port) == (self.host, self.port) or (host, port) in self._shunned:
             return None
+        assert self._transport is not None and self._credentials is not None
+        trust = self._credentials.trust
         link = self._links.get((host, port))
+        if trust is not None:
+            if key is not None and trust.revoked(key, trust.member_keys.get(key)):
+                return None
+            if link is not None and key is not None and key != link.server_key:
+                log.info("%s:%d now presents another certified key; redialling", host, port)
+                link.sock.close(linger=0)
+                del self._links[(host, port)]
+                link = None
+            if link is None and key is None:
+                return None
         if link is None:
-            assert self._transport is not None
-            link = _Link(self._transport.connect_dealer(host, port), set(), now)
+            link = _Link(self._transport.connect_dealer(host, port, key), set(), now, key)
             self._links[(host, port)] = link
             log.debug("connecting to %s:%d (%s)", host, port, source)
         link.sources.add(source)
@@ -262,8 +337,36 @@ class ClusterMember:
         return link
 
     def _on_advert(self, advert: PeerAdvert) -> None:
+        key = None
+        trust = self._credentials.trust if self._credentials else None
+        if trust is not None:
+            key = trust.certificate_key(advert.certificate, advert.node_id)
+            if key is None:
+                log.debug("ignoring advert %s: no valid certificate for %s",
+                          advert.service_name, advert.node_id)
+                return
         self._ensure_link(advert.hosts[0], advert.port, source=f"mdns:{advert.service_name}",
-                          now=time.monotonic())
+                          now=time.monotonic(), key=key)
+
+    async def _link_seeds(self, seeds: list[tuple[str, int]]) -> None:
+        """Per-device identity: learn each seed's certificate over UDP, then dial it
+        pinned to that certificate's key; keep asking the seeds not linked yet."""
+        assert self._credentials is not None and self._credentials.trust is not None
+        trust = self._credentials.trust
+        while True:
+            for host, port in seeds:
+                if (host, port) in self._links or (host, port) == (self.host, self.port):
+                    continue
+                try:
+                    cert = await fetch_certificate(host, port, timeout=_SEED_QUERY_EVERY)
+                except (OSError, asyncio.TimeoutError):
+                    continue
+                key = trust.certificate_key(cert)
+                if key is None:
+                    log.debug("seed %s:%d answered without a valid certificate", host, port)
+                    continue
+                self._ensure_link(host, port, source="seed", now=time.monotonic(), key=key)
+            await asyncio.sleep(_SEED_QUERY_EVERY)
 
     def _on_advert_gone(self, service_name: str) -> None:
         for link in self._links.values():
@@ -302,6 +405,9 @@ class ClusterMember:
             log.debug("dropping a message from a connection without a valid certificate")
             return
         ident, payload = frames[0].bytes, frames[1].bytes
+        # Per-device: the connection's certified key (what to pin when dialling the
+        # sender back) and its certificate (what to gossip with its endpoint).
+        sender_key = frames[1].get("User-Id").encode() if sender else None
         try:
             msg = wire.decode(payload)
         except wire.WireError as exc:
@@ -317,7 +423,9 @@ class ClusterMember:
                         kind, msg.get("from" if kind == "cmd" else "id"), sender)
             return
         if kind == "hb":
-            self._on_heartbeat(msg)
+            self._on_heartbeat(msg, sender_key)
+            if sender and sender in self._members:
+                self._certs[sender] = frames[1].get(CERT_METADATA)
         elif kind == "st":
             self._on_state(msg)
         elif kind == "sget":
@@ -333,7 +441,7 @@ class ClusterMember:
                 "caps", node=self.node_id, inc=self.incarnation,
                 caps=self.capabilities.to_dict())])
 
-    def _on_heartbeat(self, msg: Mapping[str, Any]) -> None:
+    def _on_heartbeat(self, msg: Mapping[str, Any], sender_key: bytes | None) -> None:
         try:
             hb = Heartbeat.from_wire(msg)
         except ValueError as exc:
@@ -346,7 +454,7 @@ class ClusterMember:
         self._members, news = membership.apply_heartbeat(self._members, hb, now)
         if not news:
             return
-        self._ensure_link(hb.host, hb.port, source="learned", now=now)
+        self._ensure_link(hb.host, hb.port, source="learned", now=now, key=sender_key)
         update = msg.get("su")
         if isinstance(update, Mapping) and not self._members[hb.node_id].state_current:
             self._fold_state(hb.node_id, hb.incarnation, update, now)
@@ -386,23 +494,32 @@ class ClusterMember:
         peers = self._members[node_id].synced
         for entry in ((peers.record.get("_peers") if peers else None) or ())[
                 :_MAX_PEERS_GOSSIPED]:
-            if isinstance(entry, list) and len(entry) == 2:
-                host, port = entry
+            # [host, port], and with per-device identity the endpoint's certificate
+            if isinstance(entry, list) and len(entry) in (2, 3):
+                host, port = entry[:2]
+                key = trust.certificate_key(entry[2]) if trust is not None and \
+                    len(entry) == 3 else None
                 if isinstance(host, str) and isinstance(port, int) and 0 < port < 65536:
-                    self._ensure_link(host, port, source="learned", now=now)
+                    self._ensure_link(host, port, source="learned", now=now, key=key)
 
     def _drop_revoked(self) -> None:
         """Forget members a newly adopted revocation list names, and stop talking to
         their endpoints (their messages are already refused: see ``sender_of``)."""
         assert self._credentials is not None and self._credentials.trust is not None
-        revoked = self._credentials.trust.revocations.node_ids
+        trust = self._credentials.trust
+        revoked = trust.revocations.node_ids
         for node_id in [n for n in self._members if n in revoked]:
             member = self._members.pop(node_id)
+            self._certs.pop(node_id, None)
             self._shunned.add((member.host, member.port))
             link = self._links.pop((member.host, member.port), None)
             if link is not None:
                 link.sock.close(linger=0)
             log.warning("%s: %s is revoked; removed", self.node_id, node_id)
+        for endpoint, link in list(self._links.items()):  # pinned to a now revoked key
+            if link.server_key is not None and trust.revoked(link.server_key):
+                link.sock.close(linger=0)
+                del self._links[endpoint]
         self._update(time.monotonic())
 
     def _on_state_request(self, msg: Mapping[str, Any]) -> None:
@@ -491,8 +608,13 @@ class ClusterMember:
         trust = self._credentials.trust if self._credentials else None
         if trust is not None and trust.revocations.version > 0:
             record["_rev"] = trust.revocations.encode()  # spreads the newest list
-        record["_peers"] = [list(p) for p in sorted(
-            {(m.host, m.port) for m in self._members.values()})]
+        if trust is None:
+            record["_peers"] = [list(p) for p in sorted(
+                {(m.host, m.port) for m in self._members.values()})]
+        else:  # with the certificate a dialer pins
+            record["_peers"] = [list(p) for p in sorted(
+                {(m.host, m.port, self._certs[m.node_id]) for m in self._members.values()
+                 if self._certs.get(m.node_id)})]
         before = self._published.version
         self._published = statesync.publish(self._published, record)
         return before
@@ -532,6 +654,7 @@ class ClusterMember:
                 self.config.heartbeat_interval)
             for node_id in removed:
                 log.info("%s: removed silent member %s", self.node_id, node_id)
+                self._certs.pop(node_id, None)
             self._update(now)
             self._prune_links(now)
             self._request_states(now)
@@ -638,8 +761,12 @@ class ClusterMember:
 
     async def _fetch_one(self, member: Member) -> None:
         assert self._credentials is not None and self._transport is not None
+        key = self.server_key(member.node_id)
+        if self._credentials.per_device and key is None:
+            return  # not linked yet: asked again in _CAPS_RETRY
         try:
-            reply = await request(self._transport, member.host, member.port, "caps", timeout=2.0)
+            reply = await request(self._transport, member.host, member.port, "caps",
+                                  timeout=2.0, server_key=key)
         except asyncio.TimeoutError:
             log.debug("no capability record from %s yet", member.node_id)
             return
@@ -660,11 +787,60 @@ def _recv_now(sock: zmq.asyncio.Socket) -> list[zmq.Frame] | None:
     return frames
 
 
+class _CertificateServer(asyncio.DatagramProtocol):
+    """Answers certificate queries (security.CERT_QUERY) on the control port number over
+    UDP; everything else is ignored. The answer is public (the advert carries it too)."""
+
+    def __init__(self, answer: bytes) -> None:
+        self._answer = answer
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._transport is not None and len(data) == CERT_QUERY_SIZE and \
+                data.startswith(CERT_QUERY):
+            self._transport.sendto(self._answer, addr)
+
+
+class _CertificateAnswer(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if data.startswith(CERT_ANSWER) and len(data) <= 1024 and not self.answer.done():
+            with contextlib.suppress(UnicodeDecodeError):
+                self.answer.set_result(data[len(CERT_ANSWER):].decode("ascii"))
+
+
+async def fetch_certificate(host: str, port: int, timeout: float = 2.0) -> str:
+    """The encoded certificate the node with control port ``host:port`` answers with
+    (per-device identity), unchecked: ``Trust.certificate_key`` checks it. TimeoutError
+    when nothing answers."""
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        _CertificateAnswer, remote_addr=(host, port))
+    try:
+        query = CERT_QUERY.ljust(CERT_QUERY_SIZE, b"\0")
+        for _ in range(3):  # UDP: ask again if the datagram was lost
+            transport.sendto(query)
+            try:
+                return await asyncio.wait_for(asyncio.shield(protocol.answer), timeout / 3)
+            except asyncio.TimeoutError:
+                continue
+        raise asyncio.TimeoutError(f"no certificate from {host}:{port}")
+    finally:
+        transport.close()
+
+
 async def request(transport: Transport, host: str, port: int, msg_type: str, /, *,
-                  timeout: float = 2.0, **fields: Any) -> dict[str, Any]:
-    """One request/reply over a fresh CURVE DEALER; TimeoutError when nobody answers
-    (including when the other side refuses our credentials: CURVE gives no error)."""
-    sock = transport.connect_dealer(host, port)
+                  timeout: float = 2.0, server_key: bytes | None = None,
+                  **fields: Any) -> dict[str, Any]:
+    """One request/reply over a fresh CURVE DEALER (pinned to ``server_key`` with
+    per-device identity); TimeoutError when nobody answers (including when the other
+    side refuses our credentials or lacks the pinned key: CURVE gives no error)."""
+    sock = transport.connect_dealer(host, port, server_key)
     try:
         # IMMEDIATE would refuse to queue before the handshake; a lone request may wait.
         await asyncio.wait_for(_send_when_ready(sock, control_message(msg_type, **fields)), timeout)
@@ -681,10 +857,20 @@ async def _send_when_ready(sock: zmq.asyncio.Socket, payload: bytes) -> None:
 
 async def query_status(credentials_dir: Path, host: str, port: int,
                        timeout: float = 2.0) -> dict[str, Any]:
-    """Ask a running member (any member) for its view, as a dict (see ClusterView)."""
-    transport = Transport(load_cluster_credentials(credentials_dir))
+    """Ask a running member (any member) for its view, as a dict (see ClusterView).
+    With per-device identity its server key comes from the certificate it answers
+    with over UDP, checked like any other (``ValueError`` if it is not valid)."""
+    credentials = load_cluster_credentials(credentials_dir)
+    key = None
+    if credentials.trust is not None:
+        key = credentials.trust.certificate_key(await fetch_certificate(host, port, timeout))
+        if key is None:
+            raise ValueError(f"{host}:{port} answered without a valid certificate of this "
+                             "cluster")
+    transport = Transport(credentials)
     try:
-        reply = await request(transport, host, port, "status", timeout=timeout)
+        reply = await request(transport, host, port, "status", timeout=timeout,
+                              server_key=key)
     finally:
         transport.close()
     view = reply.get("view")

@@ -12,24 +12,39 @@ revoking one device means rotating the key everywhere.
 *authority* key in AUTH, kept off the devices (the cluster key is kept if the cluster
 directory already has one: that is the one-line upgrade). ``epara cluster admit ID``
 gives a device its own CURVE keypair (``node.key``) and a certificate (``node.cert``)
-binding ID to that key, signed by the authority; the device directory also holds the
-shared ``cluster.key`` (the transport's server key), ``authority.pub`` and the signed
-revocation list. A node dials with its own key and presents its certificate as ZMTP
-metadata (``X-Epara-Cert``); the receiver checks the signature, that the certificate's
-key is the CURVE key of the connection, and that it is not revoked, so a message's
-node id is proven, not asserted, and so are leadership claims and commands.
+binding ID to that key, signed by the authority; the device directory also holds
+``authority.pub`` and the signed revocation list, and no shared secret at all. The
+device's keypair is its CURVE *server* key on every socket it binds (control ROUTER,
+data plane) and its client key on every socket it dials. A node dials with its own key
+and presents its certificate as ZMTP metadata (``X-Epara-Cert``); the receiver checks
+the signature, that the certificate's key is the CURVE key of the connection, and that
+it is not revoked, so a message's node id is proven, not asserted, and so are
+leadership claims and commands.
+
+Dialers pin the server key: a node dials a peer only with a key it took from that
+peer's certificate, checked against the authority and the revocation list and bound to
+the node id it expects (``Trust.certificate_key``). It learns certificates before it
+dials, from (docs/peer.md, "Identity") the peer's mDNS advert (TXT ``crt``), the
+connection a peer's heartbeat arrived on (whose certificate the receiver has checked),
+the ``_peers`` list of a member's state record (endpoints with certificates), or a
+one-datagram exchange on the peer's control port number over UDP (``CERT_QUERY``:
+static seeds and ``epara status``). A server without the pinned key's secret cannot
+complete the CURVE handshake, so nothing is ever sent to it.
 ``epara cluster revoke ID`` signs a new revocation list; nodes pass it on in their state
 records, refuse the revoked keys in ZAP, and drop messages from connections opened
 before it arrived. The data plane's ZAP admits only keys of certified members.
 
-What per-device identity does not give: every device still holds the shared server key,
-so a revoked device that can also intercept LAN traffic could pose as a *server* to a
-node dialling the address it hijacked (it can no longer connect to anyone, join, lead
-or send work). Closing that needs per-device server keys pinned by dialers.
+A revoked device keeps its own secret, but its key is refused by every dialer (the
+revocation list names it) as well as by every ZAP handler, so it can neither connect
+to anyone nor pose as a server for an address it hijacks.
 
 The *cluster id* is a one-way fingerprint of the cluster public key. It goes into mDNS
 adverts so nodes of different clusters on one LAN ignore each other; no secret ever
-leaves a credentials directory or appears in adverts or logs.
+leaves a credentials directory or appears in adverts or logs. A device of the
+per-device layout reads it from its certificate (signed by the authority), so it needs
+no ``cluster.key``; one left there by an older ``admit`` is ignored (re-admitting
+removes it). The authority directory keeps the cluster key: it defines the cluster id,
+and the shared-key layout still runs on it.
 """
 
 from __future__ import annotations
@@ -58,6 +73,13 @@ REVOCATIONS_FILE = "revocations.cbor"
 DEVICE_FILES = {KEY_FILE: 0o600, NODE_KEY_FILE: 0o600, CERT_FILE: 0o644,
                 AUTHORITY_PUB_FILE: 0o644, REVOCATIONS_FILE: 0o644}
 CERT_METADATA = "X-Epara-Cert"  # the ZMTP metadata property carrying a certificate
+# The certificate exchange over UDP on a node's control port number: a query is this
+# prefix padded with zeros to CERT_QUERY_SIZE bytes (no larger than the answer, so the
+# exchange cannot amplify traffic toward a forged source); the answer is CERT_ANSWER
+# followed by the node's encoded certificate.
+CERT_QUERY = b"epara-cert?"
+CERT_QUERY_SIZE = 256
+CERT_ANSWER = b"epara-cert "
 CONTROL_DOMAIN = "epara-control"  # ZAP domain of the control ROUTER
 _FILE_HEADER = "# epara cluster secret (CURVE secret key, Z85). Keep private: mode 0600.\n"
 _NODE_HEADER = "# epara node secret (CURVE secret key, Z85). Keep private: mode 0600.\n"
@@ -72,10 +94,11 @@ class CredentialsError(RuntimeError):
 @dataclass(frozen=True)
 class ClusterCredentials:
     """The cluster keypair (Z85 bytes, as libzmq wants them) and its public fingerprint;
-    with per-device identity also the device's keypair, certificate and trust state."""
+    with per-device identity instead the device's keypair, certificate and trust state
+    (and the cluster keypair only if an older device directory still holds it)."""
 
-    public_key: bytes
-    secret_key: bytes = field(repr=False)  # never printed, not even by a debugging repr
+    public_key: bytes | None
+    secret_key: bytes | None = field(repr=False)  # never printed, not even in a repr
     node_public: bytes | None = None  # Z85; None in the shared-key layout
     node_secret: bytes | None = field(default=None, repr=False)
     certificate: Certificate | None = None
@@ -83,11 +106,28 @@ class ClusterCredentials:
 
     @property
     def cluster_id(self) -> str:
+        if self.certificate is not None:  # signed by the authority: no cluster key needed
+            return self.certificate.cluster_id
+        assert self.public_key is not None
         return cluster_fingerprint(self.public_key)
 
     @property
     def per_device(self) -> bool:
         return self.trust is not None
+
+    @property
+    def server_public(self) -> bytes:
+        """The CURVE server key of every socket this node binds: its own key with
+        per-device identity, else the shared cluster key."""
+        key = self.node_public if self.per_device else self.public_key
+        assert key is not None
+        return key
+
+    @property
+    def server_secret(self) -> bytes:
+        key = self.node_secret if self.per_device else self.secret_key
+        assert key is not None
+        return key
 
 
 def cluster_fingerprint(public_key: bytes) -> str:
@@ -150,11 +190,17 @@ def load_cluster_credentials(directory: Path) -> ClusterCredentials:
     or others can read, and a certificate the directory's authority did not sign."""
     directory = Path(directory)
     path = directory / KEY_FILE
-    public, secret = _read_secret(path, f"no cluster credentials at {path}; run `epara "
-                                  "cluster init` or copy the credentials directory from a "
-                                  "member (or `epara cluster admit` one)")
     if not (directory / CERT_FILE).exists():
+        public, secret = _read_secret(path, f"no cluster credentials at {path}; run "
+                                      "`epara cluster init` or copy the credentials "
+                                      "directory from a member (or `epara cluster admit` "
+                                      "one)")
         return ClusterCredentials(public_key=public, secret_key=secret)
+    # Per-device: a cluster key an older `admit` left here is read (and checked for
+    # safe permissions) but used for nothing; the cluster id is the certificate's.
+    shared: tuple[bytes | None, bytes | None] = (None, None)
+    if path.exists():
+        shared = _read_secret(path, "")
     node_public, node_secret = _read_secret(directory / NODE_KEY_FILE,
                                             f"{directory / CERT_FILE} without its "
                                             f"{NODE_KEY_FILE}")
@@ -163,7 +209,10 @@ def load_cluster_credentials(directory: Path) -> ClusterCredentials:
         cert = Certificate.decode((directory / CERT_FILE).read_text("ascii").strip())
     except ValueError as exc:
         raise CredentialsError(f"{directory / CERT_FILE}: {exc}") from None
-    cluster_id = cluster_fingerprint(public)
+    cluster_id = cert.cluster_id
+    if shared[0] is not None and cluster_fingerprint(shared[0]) != cluster_id:
+        raise CredentialsError(f"{path} is not the key of the cluster {directory / CERT_FILE} "
+                               "names; remove it (a per-device node does not need it)")
     if not cert.verify(authority, cluster_id) or cert.curve_public != node_public:
         raise CredentialsError(f"{directory / CERT_FILE} is not a certificate for this "
                                f"node's key signed by this cluster's authority")
@@ -171,8 +220,9 @@ def load_cluster_credentials(directory: Path) -> ClusterCredentials:
         trust = _TRUST.get(directory.resolve())
         if trust is None:
             trust = _TRUST[directory.resolve()] = Trust(directory, authority, cluster_id)
-    return ClusterCredentials(public_key=public, secret_key=secret, node_public=node_public,
-                              node_secret=node_secret, certificate=cert, trust=trust)
+    return ClusterCredentials(public_key=shared[0], secret_key=shared[1],
+                              node_public=node_public, node_secret=node_secret,
+                              certificate=cert, trust=trust)
 
 
 def certified_node_id(directory: Path | None) -> str | None:
@@ -367,6 +417,20 @@ class Trust:
             self.member_keys[key] = node_id
         return node_id
 
+    def certificate_key(self, cert_text: str | None, node_id: str | None = None) -> bytes | None:
+        """The CURVE key a dialer may pin for a peer: the key of ``cert_text`` if it is a
+        certificate of this cluster signed by the authority, not revoked, and (when
+        ``node_id`` is given) for that node. None otherwise."""
+        if not isinstance(cert_text, str) or len(cert_text) > 512:
+            return None
+        try:
+            cert = Certificate.decode(cert_text)
+        except ValueError:
+            return None
+        if node_id is not None and cert.node_id != node_id:
+            return None
+        return cert.curve_public if self.node_for(cert.curve_public, cert_text) else None
+
 
 def create_authority(authority_dir: Path, cluster_dir: Path | None = None) -> dict[str, str]:
     """A new authority in ``authority_dir``. The cluster key is ``cluster_dir``'s when it
@@ -379,6 +443,9 @@ def create_authority(authority_dir: Path, cluster_dir: Path | None = None) -> di
     os.chmod(authority_dir, 0o700)
     if cluster_dir is not None and (Path(cluster_dir) / KEY_FILE).exists():
         creds = load_cluster_credentials(cluster_dir)
+        if creds.per_device or creds.secret_key is None:
+            raise CredentialsError(f"{cluster_dir} is a device directory; upgrade from the "
+                                   "shared-key cluster directory")
         _write_private(authority_dir / KEY_FILE, _FILE_HEADER + creds.secret_key.decode() + "\n")
         kept = True
     else:
@@ -421,9 +488,10 @@ def _current_revocations(authority_dir: Path, cluster_id: str) -> Revocations:
 
 def admit_device(authority_dir: Path, node_id: str, out_dir: Path) -> dict[str, str]:
     """Make ``out_dir`` a device directory for ``node_id``: the device's key (kept if
-    ``out_dir`` already holds one, e.g. made on the device), its certificate, the shared
-    cluster key, the authority's public key and the current revocation list. The
-    authority's secret is never written there."""
+    ``out_dir`` already holds one, e.g. made on the device), its certificate, the
+    authority's public key and the current revocation list. Neither the authority's
+    secret nor the shared cluster key is written there (a cluster key an older admit
+    left is removed)."""
     if not node_id or len(node_id) > 64 or any(c.isspace() for c in node_id):
         raise CredentialsError(f"node id {node_id!r}: 1-64 characters, no spaces")
     signing, cluster = _authority(authority_dir)
@@ -446,7 +514,7 @@ def admit_device(authority_dir: Path, node_id: str, out_dir: Path) -> dict[str, 
     issued.mkdir(exist_ok=True)
     with open(issued / f"{node_id}.certs", "a") as handle:
         handle.write(cert.encode() + "\n")
-    _write_private(out_dir / KEY_FILE, _FILE_HEADER + cluster.secret_key.decode() + "\n")
+    (out_dir / KEY_FILE).unlink(missing_ok=True)
     (out_dir / AUTHORITY_PUB_FILE).write_text(bytes(signing.verify_key).hex() + "\n")
     (out_dir / REVOCATIONS_FILE).write_bytes(revocations.encode())
     return {"node_id": node_id, "cluster_id": cluster.cluster_id, "dir": str(out_dir)}
@@ -474,6 +542,7 @@ class ClusterKeyOnly:
     """ZAP credentials provider: admit exactly the clients presenting the cluster key."""
 
     def __init__(self, credentials: ClusterCredentials) -> None:
+        assert credentials.public_key is not None
         self._public = credentials.public_key
 
     def callback(self, domain: str, key: bytes) -> bool:

@@ -1,10 +1,12 @@
 """ZeroMQ sockets for node-to-node traffic, all CurveZMQ-encrypted and authenticated.
 
-ZAP policy (security.py): in the shared-key layout only the cluster key is admitted. In
-the per-device layout the control ROUTER (``bind_router(control=True)``) admits any key
-not revoked and its owner checks each message's certificate (``sender_of``); every other
+ZAP policy (security.py): in the shared-key layout only the cluster key is admitted, and
+it is every socket's server key. In the per-device layout every ROUTER's server key is
+the device's own; the control ROUTER (``bind_router(control=True)``) admits any key not
+revoked and its owner checks each message's certificate (``sender_of``); every other
 ROUTER admits only keys the control plane has certified. Dealers present the device's
-own key and its certificate as ZMTP metadata.
+own key and its certificate as ZMTP metadata, and pin the server key they are given
+(taken from the peer's certificate by the caller).
 
 One ``Transport`` per member: it owns a private ``zmq.asyncio.Context`` because the ZAP
 authenticator is per context, and two members in one process (tests, the simulator)
@@ -36,6 +38,15 @@ log = logging.getLogger(__name__)
 # connection (and reconnects on heal) instead of sitting on a half-open socket.
 _ZMQ_HEARTBEAT_IVL_MS = 500
 _ZMQ_HEARTBEAT_TIMEOUTS = 3
+# Links without libzmq heartbeats (the control plane, whose own heartbeats flow one way
+# on every link all the time): the kernel drops a connection whose sent data stays
+# unacknowledged this long (TCP_USER_TIMEOUT, libzmq's TCP_MAXRT on Linux), so a cut
+# link still reconnects on heal, at no cost on the wire; and it probes connections it
+# only receives on once they fall silent (TCP keepalive), so half-open ones are reaped.
+_DEAD_AFTER_MS = 6000
+_KEEPALIVE_IDLE_S = 10
+_KEEPALIVE_INTERVAL_S = 5
+_KEEPALIVE_PROBES = 3
 _RECONNECT_IVL_MS = 100
 _RECONNECT_IVL_MAX_MS = 1000
 # Heartbeats are only useful fresh: queue few, drop the rest rather than deliver stale.
@@ -51,11 +62,15 @@ class Transport:
     """Creates CURVE server (bind) and client (connect) sockets for one member."""
 
     def __init__(self, credentials: ClusterCredentials, *,
-                 ping_interval_s: float = _ZMQ_HEARTBEAT_IVL_MS / 1000) -> None:
+                 ping_interval_s: float | None = _ZMQ_HEARTBEAT_IVL_MS / 1000) -> None:
         """``ping_interval_s``: libzmq's own keepalive on every connection (the dead
-        connection is dropped after three silent intervals, and redialled)."""
+        connection is dropped after three silent intervals, and redialled). None: no
+        libzmq pings; the kernel's TCP timeouts drop dead connections instead (for
+        links that carry traffic anyway: each ping and its pong cost two TCP segments
+        and two acknowledgements per connection and interval)."""
         self._credentials = credentials
-        self._ping_ms = max(1, round(ping_interval_s * 1000))
+        self._ping_ms = None if ping_interval_s is None else \
+            max(1, round(ping_interval_s * 1000))
         self.context = zmq.asyncio.Context()
         self._auth: AsyncioAuthenticator | None = None
 
@@ -88,8 +103,15 @@ class Transport:
 
     def _common(self, sock: zmq.asyncio.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, self._ping_ms)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self._ping_ms * _ZMQ_HEARTBEAT_TIMEOUTS)
+        if self._ping_ms is not None:
+            sock.setsockopt(zmq.HEARTBEAT_IVL, self._ping_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self._ping_ms * _ZMQ_HEARTBEAT_TIMEOUTS)
+        else:
+            sock.setsockopt(zmq.TCP_MAXRT, _DEAD_AFTER_MS)
+            sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+            sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, _KEEPALIVE_IDLE_S)
+            sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, _KEEPALIVE_INTERVAL_S)
+            sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, _KEEPALIVE_PROBES)
         sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)
         sock.setsockopt(zmq.SNDHWM, _SNDHWM)
@@ -104,7 +126,7 @@ class Transport:
         if control:
             sock.setsockopt(zmq.ZAP_DOMAIN, CONTROL_DOMAIN.encode())
         sock.curve_server = True
-        sock.curve_secretkey = self._credentials.secret_key
+        sock.curve_secretkey = self._credentials.server_secret
         # Unroutable replies (the asker went away) are dropped, not raised.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         if port == 0:
@@ -114,15 +136,23 @@ class Transport:
             bound = port
         return sock, bound
 
-    def connect_dealer(self, host: str, port: int) -> zmq.asyncio.Socket:
-        """Connect a DEALER as CURVE client that only talks to a cluster-key server."""
+    def connect_dealer(self, host: str, port: int,
+                       server_key: bytes | None = None) -> zmq.asyncio.Socket:
+        """Connect a DEALER as CURVE client that only completes a handshake with a server
+        holding the secret of ``server_key`` (per-device layout: the peer's certified
+        key, required) or of the cluster key (shared-key layout: ``server_key`` must be
+        None or the cluster key)."""
+        creds = self._credentials
+        if creds.per_device and server_key is None:
+            raise ValueError("per-device identity: a dialer must pin the peer's server key")
+        if not creds.per_device and server_key not in (None, creds.public_key):
+            raise ValueError("shared-key layout: every server holds the cluster key")
         sock = self.context.socket(zmq.DEALER)
         self._common(sock)
         # Queue only on completed (authenticated) connections: a send to a dead or
         # unreachable peer fails at once instead of piling up stale heartbeats.
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        creds = self._credentials
-        sock.curve_serverkey = creds.public_key
+        sock.curve_serverkey = server_key or creds.public_key
         if creds.node_secret is not None and creds.certificate is not None:
             # My own key, and the certificate that binds my node id to it.
             sock.curve_publickey = creds.node_public

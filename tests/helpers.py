@@ -131,6 +131,24 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> No
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def wait_for_cluster(sockets: Sequence[Path], node_ids: set[str],
+                     timeout: float = 30.0) -> None:
+    """Every node at ``sockets`` has joined and sees all of ``node_ids``. A node's socket
+    answers before it joins, and serves requests locally until then: a test that sends
+    its first request right after ``wait_for_socket`` would race the join."""
+    from epara.node.client import Client
+
+    def joined(sock: Path) -> bool:
+        with Client(sock, timeout=10) as client:
+            status = client.status()
+        cluster = status.get("cluster") or {}
+        return status.get("plan") is not None and \
+            node_ids <= {m["node_id"] for m in cluster.get("members", [])}
+
+    for sock in sockets:
+        wait_until(lambda sock=sock: joined(sock), timeout, f"{sock} to join the cluster")
+
+
 def still_serving(sock: Path) -> None:
     """The node at ``sock`` still answers a plain request (the ``add`` model)."""
     from epara.node.client import Client

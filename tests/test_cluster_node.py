@@ -136,3 +136,44 @@ def test_nodes_on_namespace_hosts_form_one_cluster_with_only_credentials(
         for process in processes:
             stop_node(process)
         lab.close()
+
+
+def test_nodes_with_device_identities_form_one_cluster_and_forward(
+        tmp_path: Path, store: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """Per-device credentials only (no cluster.key on any device): each node serves with
+    its own key and dialers pin it from certificates, on the control plane and on the
+    data plane: the daemons form one cluster, and dev1 (no model) forwards a request
+    to dev0 and relays its answer."""
+    pytest.importorskip("nacl")
+    import numpy as np
+
+    from epara.node.client import EparaError
+    from epara.peer.security import admit_device, create_authority
+
+    create_authority(tmp_path / "auth")
+    (tmp_path / "empty-store").mkdir()
+    socks = [tmp_path / f"d{i}" / "node.sock" for i in range(2)]
+    for i, sock in enumerate(socks):
+        device = tmp_path / "devices" / f"dev{i}"
+        admit_device(tmp_path / "auth", f"dev{i}", device)
+        assert not (device / "cluster.key").exists()
+        processes.append(start_node(store if i == 0 else tmp_path / "empty-store", sock,
+                                    "--cluster", str(device), "--interface", "127.0.0.1",
+                                    "--port", "0"))
+    for process, sock in zip(processes, socks, strict=True):
+        wait_for_socket(sock, process)
+    wait_until(lambda: agreement(socks, {"dev0", "dev1"}) is not None, 30,
+               "one cluster of 2 devices")
+    x = np.ones((1, 4), np.float32)
+
+    def forwarded() -> bool:
+        try:
+            with Client(socks[1], timeout=10) as client:
+                answer = client._call({"op": "infer", "model": "add", "inputs": {"x": x},
+                                       "deadline_ms": 5000})
+        except EparaError:
+            return False  # not placed or not ready yet
+        np.testing.assert_array_equal(answer["outputs"]["y"], x + 1)
+        return answer.get("served_by") == "dev0"
+
+    wait_until(forwarded, 60, "dev1 to forward `add` to dev0 over the pinned data plane")

@@ -92,7 +92,7 @@ def test_malformed_messages_are_dropped_and_the_receiver_goes_on(cluster_dir: Pa
         await sender.start()
         try:
             assert await sender.send_when_connected(receiver.endpoint, {"kind": "warmup"})
-            sock = sender._dealers[receiver.endpoint]
+            sock, _ = sender._dealers[receiver.endpoint]
             zmq.Socket.send_multipart(sock, bad)
             sender.send(receiver.endpoint, {"kind": "data", "req": "after"})
             return await asyncio.wait_for(got, 3)

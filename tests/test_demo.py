@@ -37,7 +37,8 @@ def store(zoo_store: ModelStore, prepared: Callable[[str], Path]) -> Path:
 def demo_command(store: Path, out: Path, *extra: str) -> list[str]:
     # One round: the rounds' loop is the same code, and CI time is dear.
     return [sys.executable, "-m", "epara.node.cli", "demo", "--nodes", "3", "--seconds", "6",
-            "--rounds", "1", "--store", str(store), "--out", str(out), *extra]
+            "--warmup", "2", "--rounds", "1", "--store", str(store), "--out", str(out),
+            *extra]
 
 
 def leftovers(store: Path) -> str:

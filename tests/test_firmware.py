@@ -262,7 +262,9 @@ def test_a_device_bundle_carries_exactly_its_device_files_and_never_the_authorit
         carried = {name.removeprefix("cluster/"): (m.mode, tar.extractfile(m).read())
                    for name, m in members.items() if name.startswith("cluster/") and m.isfile()}
         assert carried == {name: (mode, (credentials / name).read_bytes())
-                           for name, mode in DEVICE_FILES.items()}
+                           for name, mode in DEVICE_FILES.items()
+                           if (credentials / name).exists()}
+        assert {"node.key", "node.cert", "authority.pub"} <= set(carried)
         assert members["cluster"].mode == 0o700
         assert not any(n.endswith(AUTHORITY_KEY_FILE) for n in members)
         for member in tar.getmembers():  # nor its bytes under any other name
@@ -297,8 +299,8 @@ def _unpacked(bundle: Path, into: Path) -> Path:
 def test_installing_a_device_bundle_pins_the_certified_node_id(
         work: Path, server_bundle: BundleSummary, credentials: Path) -> None:
     """The identity the installer pins is the certificate's: another --node-id is refused
-    (the node would not start), a stale pin is replaced, and a device of the shared-key
-    cluster the authority grew from gets its own identity added (not swapped)."""
+    (the node would not start), a stale pin is replaced, and a device that already has
+    credentials keeps them and its id."""
     bundle = _unpacked(server_bundle.path, work / "unpacked-device")
     refused = flash(str(server_bundle.path), "--root", str(work / "refused-root"),
                     "--node-id", "someone-else")
@@ -306,22 +308,17 @@ def test_installing_a_device_bundle_pins_the_certified_node_id(
         refused.stderr, refused.stderr
     assert not (work / "refused-root/etc").exists()  # refused before any change
 
-    fresh = work / "fresh-root"
+    fresh = work / "fresh-root"  # once installed under another id (a stale pin)
+    (fresh / "etc/epara").mkdir(parents=True)
+    (fresh / "etc/epara/identity.env").write_text("EPARA_NODE_ID=old-name\n")
     install.Installer(bundle, fresh, log=False).write_config(None)
     assert (fresh / "etc/epara/identity.env").read_text() == "EPARA_NODE_ID=installed\n"
     assert (fresh / "etc/epara/cluster").stat().st_mode & 0o777 == 0o700
     for name, mode in DEVICE_FILES.items():
-        assert (fresh / "etc/epara/cluster" / name).stat().st_mode & 0o777 == mode
-
-    # Formerly a shared-key member under another pinned id; same cluster key.
-    upgraded = work / "shared-key-root"
-    (upgraded / "etc/epara/cluster").mkdir(parents=True, mode=0o700)
-    shutil.copyfile(credentials / "cluster.key", upgraded / "etc/epara/cluster/cluster.key")
-    (upgraded / "etc/epara/identity.env").write_text("EPARA_NODE_ID=old-name\n")
-    install.Installer(bundle, upgraded, log=False).write_config(None)
-    assert (upgraded / "etc/epara/cluster/node.cert").read_bytes() == \
-        (credentials / "node.cert").read_bytes()
-    assert (upgraded / "etc/epara/identity.env").read_text() == "EPARA_NODE_ID=installed\n"
+        if (credentials / name).exists():
+            assert (fresh / "etc/epara/cluster" / name).stat().st_mode & 0o777 == mode
+        else:
+            assert not (fresh / "etc/epara/cluster" / name).exists()
 
     # A device of another cluster keeps its own credentials and id.
     other = work / "other-cluster-root"
@@ -352,7 +349,8 @@ def test_installed_node_joins_a_cluster_and_serves_a_model(
     installed_creds = root / "etc/epara/cluster"
     assert {p.name: (p.read_bytes(), p.stat().st_mode & 0o777)
             for p in installed_creds.iterdir()} == \
-        {name: ((credentials / name).read_bytes(), mode) for name, mode in DEVICE_FILES.items()}
+        {name: ((credentials / name).read_bytes(), mode) for name, mode in DEVICE_FILES.items()
+         if (credentials / name).exists()}
     assert (root / "etc/epara/identity.env").read_text() == "EPARA_NODE_ID=installed\n"
 
     lab = NamespaceLab(2).create()
@@ -609,3 +607,31 @@ def test_flash_over_ssh_installs_once_and_uninstalls(
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert not (device_root / "opt/epara").exists()
     assert (device_root / "etc/epara/identity.env").exists()  # kept without --purge
+
+
+def test_a_device_identity_without_cluster_key_installs_once(tmp_path: Path) -> None:
+    """A per-device directory (no cluster.key since per-device server keys) is installed
+    as the device's credentials, and an upgrade bundle never swaps it."""
+    pytest.importorskip("nacl")
+    from epara.peer.security import admit_device, create_authority
+
+    create_authority(tmp_path / "auth")
+
+    def bundle(node_id: str) -> Path:
+        b = tmp_path / f"bundle-{node_id}"
+        (b / "systemd").mkdir(parents=True)
+        for name in (install.UNIT, "sysusers.conf", "tmpfiles.conf"):
+            (b / "systemd" / name).write_text("")
+        (b / install.BUNDLE_JSON).write_text("{}")
+        admit_device(tmp_path / "auth", node_id, b / "cluster")
+        return b
+
+    root = tmp_path / "root"
+    install.Installer(bundle("pi-1"), root, log=False).write_config(None)
+    etc = root / "etc/epara/cluster"
+    assert sorted(p.name for p in etc.iterdir()) == [
+        "authority.pub", "node.cert", "node.key", "revocations.cbor"]
+    assert (etc / "node.key").stat().st_mode & 0o777 == 0o600
+    first = (etc / "node.cert").read_bytes()
+    install.Installer(bundle("pi-2"), root, log=False).write_config(None)
+    assert (etc / "node.cert").read_bytes() == first

@@ -80,3 +80,18 @@ def test_case_study_trace_has_streams_a_latency_critical_model_and_chats() -> No
     assert services == {"selfie-seg", "minilm", "smollm2-135m"}
     assert sum(r.service == "selfie-seg" for r in trace) == 300  # 3 streams x 10 fps
     assert all(r.output_tokens == 16 for r in trace if r.service == "smollm2-135m")
+
+
+def test_a_warm_up_is_not_counted_in_goodput_and_is_reported_apart() -> None:
+    # 100 requests over 10 s; the first 4 s are a warm-up in which none met its SLO.
+    outcomes = [Outcome("s", True, i >= 40, 10.0, sent_s=i / 10) for i in range(100)]
+    warmed = PolicyResult("epara", outcomes, 10.0, warmup_s=4.0)
+    assert warmed.goodput() == 60 / 6.0
+    assert warmed.attainment() == 1.0
+    assert warmed.warmup_goodput() == 0.0
+    cold = PolicyResult("epara", outcomes, 10.0)
+    assert cold.goodput() == 6.0 and cold.warmup_goodput() is None
+    summary = summarize([[warmed, PolicyResult("replicate-all", outcomes, 10.0,
+                                               warmup_s=4.0)]])
+    assert summary["systems"]["epara"]["warmup_goodput_hz"] == 0.0
+    assert summary["systems"]["epara"]["per_service"]["s"]["requests"] == 60

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from epara.models.manifest import Manifest, TensorSpec
+from epara.node import planning
 from epara.node.leader.allocate import (
     DEFAULT_BATCH,
     allocate,
@@ -179,6 +182,34 @@ def test_proportional_split_follows_memory() -> None:
     stages = proportional_split(spec, devices, {"d0": 3000, "d1": 1000})
     assert stages is not None
     assert [(s.device, s.first, s.end) for s in stages] == [("d0", 0, 8), ("d1", 8, 10)]
+
+
+def _manifest_with_cuts(backend: str, positions: str) -> Manifest:
+    """A 300 MB model whose manifest lists one candidate cut (as models/split.py records)."""
+    analysis = {"format": 1, "positions": positions, "node_count": 10,
+                "total_flops": 2e9, "total_weight_bytes": 4e6, "output_bytes": 4096,
+                "cuts": [{"position": 5, "activation_bytes": 65536, "flops_before": 1e9,
+                          "weight_bytes_before": 2e6}]}
+    spec = TensorSpec("x", "float32", (1, 3, 256, 256))
+    return Manifest("seg", "segmentation", backend, {"model": f"m.{backend}"}, (spec,),
+                    (spec,), 300.0, extra={"stages": analysis})
+
+
+def test_only_models_a_node_can_cut_are_planned_as_pipelines() -> None:
+    small = [replace(PI, id="a", mem_mb=200.0), replace(PI, id="b", mem_mb=200.0)]
+    modes = {}
+    for backend, positions in (("onnx", "onnx-nodes"), ("tflite", "onnx-nodes"),
+                               ("tflite", "tflite-ops")):
+        manifest = _manifest_with_cuts(backend, positions)
+        entry = planning.catalogue_entry(manifest)
+        assert planning.cuttable(manifest) == ("cuts" in entry)
+        spec = planning.service_spec("seg", entry)
+        category = categorise(spec, small, None)
+        assert category.service == "multi"  # 300 MB fits neither 200 MB device
+        modes[backend, positions] = allocate(spec, category, small).mode
+    assert modes["onnx", "onnx-nodes"] == "pipeline_latency"
+    # A TFLite flatbuffer cannot be cut on a device, whatever its manifest claims.
+    assert modes["tflite", "onnx-nodes"] == modes["tflite", "tflite-ops"] == "replicas"
 
 
 def test_node_work_adds_to_latency_and_caps_capacity_on_the_head() -> None:

@@ -330,3 +330,19 @@ def test_greedy_tokens_on_the_devices_accelerator(model_dir: Path) -> None:
         for event in engine.step():
             tokens[event.seq_id].append(event.token_id)
     assert tokens == PROMPTS
+
+
+def test_a_short_prompts_prefill_is_scaled_by_its_per_token_part_only() -> None:
+    from epara.node.generation import typical_prefill_s
+
+    # 5 tokens in 300 ms with 100 ms decode steps: 100 ms fixed + 50 ms a token.
+    assert typical_prefill_s(0.300, 5, 0.100, 64) == pytest.approx(0.100 + 0.050 * 63)
+    # Not 300 ms x 64 / 5 = 3.84 s, as a proportional scale would say.
+    assert typical_prefill_s(0.300, 5, 0.100, 64) < 0.300 * 64 / 5 / 1.1
+    # A long prompt scales down; a decode step longer than the prefill is all fixed.
+    assert typical_prefill_s(1.28, 128, 0.010, 64) < 1.28
+    assert typical_prefill_s(0.050, 4, 0.200, 64) == pytest.approx(0.050)
+    for bad in (float("nan"), float("inf"), -1.0):
+        assert typical_prefill_s(bad, 5, 0.1, 64) is None
+        assert typical_prefill_s(0.3, 5, bad, 64) is None
+    assert typical_prefill_s(0.3, 0, 0.1, 64) is None

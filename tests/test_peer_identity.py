@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("nacl")
 
 from epara.peer import capabilities, membership, statesync
-from epara.peer.member import parse_endpoint
+from epara.peer.member import fetch_certificate, parse_endpoint
 from epara.peer.security import (
     CERT_FILE,
     REVOCATIONS_FILE,
@@ -41,13 +41,24 @@ def test_admit_signs_a_device_key_and_the_authority_stays_off_the_device(tmp_pat
     info = create_authority(auth)
     device = tmp_path / "dev"
     admit_device(auth, "pi-1", device)
+    # No shared secret on the device: its own key is its server key too.
     assert sorted(p.name for p in device.iterdir()) == sorted(
-        ["authority.pub", "cluster.key", "node.cert", "node.key", "revocations.cbor"])
-    for private in ("node.key", "cluster.key"):
-        assert (device / private).stat().st_mode & 0o777 == 0o600
+        ["authority.pub", "node.cert", "node.key", "revocations.cbor"])
+    assert (device / "node.key").stat().st_mode & 0o777 == 0o600
     creds = load_cluster_credentials(device)
     assert creds.per_device and creds.certificate.node_id == "pi-1"
-    assert creds.cluster_id == info["cluster_id"] and creds.node_public != creds.public_key
+    assert creds.cluster_id == info["cluster_id"] and creds.public_key is None
+    assert creds.server_public == creds.node_public
+    # A directory an older admit made (with the cluster key) still loads, and ignores it;
+    # a key of another cluster there is refused; re-admitting removes it.
+    shutil.copy(auth / "cluster.key", device / "cluster.key")
+    assert load_cluster_credentials(device).server_secret == creds.node_secret
+    create_cluster_credentials(tmp_path / "elsewhere")
+    shutil.copy(tmp_path / "elsewhere" / "cluster.key", device / "cluster.key")
+    with pytest.raises(CredentialsError, match="not the key of the cluster"):
+        load_cluster_credentials(device)
+    admit_device(auth, "pi-1", device)
+    assert not (device / "cluster.key").exists()
     # A certificate for another key, or edited, does not load.
     other = tmp_path / "other"
     admit_device(auth, "pi-2", other)
@@ -137,10 +148,14 @@ def id_cluster(tmp_path: Path) -> Iterator[IdCluster]:
 
 async def _impersonate(device: Path, endpoint: str, victim: str, leader_term: int) -> None:
     """With a valid certificate of its own, claim to be ``victim`` and the leader."""
-    transport = Transport(load_cluster_credentials(device))
+    creds = load_cluster_credentials(device)
+    transport = Transport(creds)
     transport.start()
     try:
-        sock = transport.connect_dealer(*parse_endpoint(endpoint))
+        host, port = parse_endpoint(endpoint)
+        key = creds.trust.certificate_key(await fetch_certificate(host, port))
+        assert key is not None
+        sock = transport.connect_dealer(host, port, key)
         beat = membership.Heartbeat(victim, 1, 10**9, "127.0.0.1", 9, leader_term, victim,
                                     999, True, 0, statesync.EMPTY_DIGEST)
         for _ in range(40):  # a couple of seconds of claims, once connected

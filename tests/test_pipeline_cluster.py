@@ -18,7 +18,7 @@ from epara.models.llm import GenerationParams, load_engine
 from epara.node.client import Client, Done, EparaError
 from epara.peer.security import create_cluster_credentials
 
-from .helpers import start_node, stop_node, wait_for_socket
+from .helpers import start_node, stop_node, wait_for_cluster, wait_for_socket
 
 MODEL = "smollm2-135m"
 PROMPT = "The capital of France is"
@@ -59,6 +59,7 @@ def cluster(tmp_path: Path, llm_store: Path) -> Iterator[dict[str, Any]]:
     try:
         for process, sock in nodes.values():
             wait_for_socket(sock, process)
+        wait_for_cluster([sock for _, sock in nodes.values()], set(nodes))
         yield nodes
     finally:
         for process, _ in nodes.values():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 
 from epara.models.backends import get_backend
 from epara.models.manifest import Manifest, load_manifest
+from epara.models.preparing import file_sha256, install_model
 from epara.models.split import (
     MAX_CANDIDATES,
     STAGE_TASK,
@@ -35,6 +37,7 @@ from epara.models.split import (
     split_tflite,
     split_torchscript,
     stage_name,
+    stage_of,
 )
 from epara.models.store import ModelStore
 
@@ -247,6 +250,25 @@ def test_split_model_is_idempotent_and_records_the_analysis(zoo_store: ModelStor
     assert load_manifest(first[1]).extra["stage"]["positions"] == [100, 247]
 
 
+def test_stage_of_cuts_a_planned_range_once_and_reuses_stages_already_made(
+        zoo_store: ModelStore, text_det: tuple[Path, Manifest]) -> None:
+    """What a node loads for a placed stage: the range's own cut, built once; or a stage
+    already in the store for exactly that range (made by split_model)."""
+    made = split_model(zoo_store, "text-det", [100, 247], stream=io.StringIO())
+    assert stage_of(zoo_store, "text-det", 100, 247) == made[1]
+    assert stage_of(zoo_store, "text-det", 0, 100) == made[0]
+    built = stage_of(zoo_store, "text-det", 30, 200, stream=io.StringIO())
+    assert built.name == "text-det.part30-200"
+    stage = load_manifest(built)
+    assert stage.task == STAGE_TASK and stage.extra["stage"]["positions"] == [30, 200]
+    stamp = (built / "manifest.json").stat().st_mtime_ns
+    assert stage_of(zoo_store, "text-det", 30, 200) == built
+    assert (built / "manifest.json").stat().st_mtime_ns == stamp  # not built again
+    for start, stop in ((0, 330), (200, 100), (0, 400)):
+        with pytest.raises(SplitError, match="not a stage"):
+            stage_of(zoo_store, "text-det", start, stop, stream=io.StringIO())
+
+
 # --- TorchScript (MiniLM) ------------------------------------------------------------------
 
 def test_minilm_stages_chain_to_the_whole_model(zoo_store: ModelStore,
@@ -296,3 +318,32 @@ def test_tflite_split_says_what_to_install(zoo_store: ModelStore,
     with pytest.raises(SplitUnavailable, match="TFLite converter"):
         split_tflite(directory, load_manifest(directory), [1], directory)
     assert not list(zoo_store.root.glob("selfie-seg.stage*"))
+
+
+def test_a_tflite_stage_is_served_only_where_one_exists(zoo_store: ModelStore,
+                                                        prepared: Callable[[str], Path]
+                                                        ) -> None:
+    """A TFLite model cannot be cut on a device: stage_of says so, unless a stage for the
+    range was made elsewhere and installed in the store."""
+    directory = prepared("selfie-seg")
+    parent = load_manifest(directory)
+    with pytest.raises(SplitUnavailable, match="TFLite converter"):
+        stage_of(zoo_store, "selfie-seg", 0, 10, stream=io.StringIO())
+    parent_sha = file_sha256(directory / parent.model_file)
+
+    def build(staging: Path) -> Manifest:
+        # The stage's file as a converter on a build machine would have made it (here:
+        # the parent's bytes; what matters is how the store is searched).
+        shutil.copy2(directory / parent.model_file, staging / parent.model_file)
+        return replace(parent, task=STAGE_TASK, source={"parent_sha256": parent_sha},
+                       extra={"stage": {"of": "selfie-seg", "index": 0, "count": 2,
+                                        "positions": [0, 10]}})
+
+    installed = install_model(zoo_store, "selfie-seg.converted0", {"kind": "import"},
+                              build, stream=io.StringIO())
+    try:
+        assert stage_of(zoo_store, "selfie-seg", 0, 10) == installed
+        with pytest.raises(SplitUnavailable):
+            stage_of(zoo_store, "selfie-seg", 0, 11, stream=io.StringIO())
+    finally:
+        shutil.rmtree(installed)

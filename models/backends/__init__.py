@@ -40,6 +40,13 @@ class Session(ABC):
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on named inputs; return named outputs."""
 
+    def run_by(self, inputs: Mapping[str, np.ndarray],
+               deadline: float | None) -> dict[str, np.ndarray]:
+        """``run`` for a caller whose answer is useless after ``deadline``
+        (``time.monotonic()``; None: no deadline). A local session simply runs; a session
+        that waits on other devices (a pipeline's remote stages) waits no longer."""
+        return self.run(inputs)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the runtime holds."""
 

@@ -161,6 +161,20 @@ class PolicyResult:
     decisions: int = 0  # placement versions the leader published
     # nodes whose running configuration differed from the final placement (should be none)
     mismatches: list[str] = field(default_factory=list)
+    # The trace's first seconds: a warm-up that goodput does not count, for any policy
+    # (a placement adapting to load it has just met is measured apart: warmup_goodput).
+    warmup_s: float = 0.0
+
+    @property
+    def counted(self) -> list[Outcome]:
+        """The requests sent after the warm-up: what goodput and attainment count."""
+        return [o for o in self.outcomes if o.sent_s >= self.warmup_s]
+
+    def warmup_goodput(self) -> float | None:
+        if self.warmup_s <= 0:
+            return None
+        return sum(o.within_slo for o in self.outcomes if o.sent_s < self.warmup_s) \
+            / self.warmup_s
 
     def measured_attainment(self, last_s: float = 5.0) -> dict[str, float]:
         """Per service, the share of the requests sent in the last ``last_s`` seconds
@@ -174,10 +188,11 @@ class PolicyResult:
         return out
 
     def goodput(self) -> float:
-        return sum(o.within_slo for o in self.outcomes) / self.seconds
+        return sum(o.within_slo for o in self.counted) / max(1e-9, self.seconds - self.warmup_s)
 
     def attainment(self) -> float:
-        return sum(o.within_slo for o in self.outcomes) / max(1, len(self.outcomes))
+        counted = self.counted
+        return sum(o.within_slo for o in counted) / max(1, len(counted))
 
     def goodput_over_time(self, bin_s: float = 1.0) -> tuple[list[float], list[float]]:
         """Requests within SLO per second, by the second they were sent in."""
@@ -510,11 +525,12 @@ def run_policy(policy: str, trace: Sequence[Request], store: Path, nodes: int,
                inputs: _Inputs, bed: EmulatedBed | None = None, watch: Watch = QUIET,
                after: Callable[[list[NodeProc]], None] | None = None,
                ready: Callable[[list[NodeProc]], None] | None = None,
-               http: bool = False) -> PolicyResult:
+               http: bool = False, warmup_s: float = 0.0) -> PolicyResult:
     """One policy on a fresh cluster (``running_cluster``): call ``ready`` with the
     running nodes once every service is placed, replay ``trace``, read the final
     placement, call ``after`` with the running nodes, and stop every node (also on an
-    error or an interrupt)."""
+    error or an interrupt). Requests of the trace's first ``warmup_s`` seconds are a
+    warm-up, not counted in goodput (``PolicyResult.warmup_s``)."""
     services = {r.service for r in trace}
     with running_cluster(policy, store, nodes, services, inputs, bed, watch,
                          http) as cluster:
@@ -551,7 +567,8 @@ def run_policy(policy: str, trace: Sequence[Request], store: Path, nodes: int,
             after(cluster)
         return PolicyResult(policy, outcomes, seconds, plan["placement"],
                             dict(plan.get("estimated_attainment") or {}),
-                            int(plan["placement"].get("version", 0)), mismatches)
+                            int(plan["placement"].get("version", 0)), mismatches,
+                            warmup_s)
 
 
 def running_mismatches(sockets: Sequence[Path], placement: dict[str, Any],
@@ -609,7 +626,7 @@ def summarize(rounds: Sequence[Sequence[PolicyResult]]) -> dict[str, Any]:
     goodputs = {p: [r.goodput() for r in runs] for p, runs in by_policy.items()}
     systems = {}
     for policy, runs in by_policy.items():
-        outcomes = [o for r in runs for o in r.outcomes]
+        outcomes = [o for r in runs for o in r.counted]
         per_service = {}
         for s in sorted({o.service for o in outcomes}):
             of = [o for o in outcomes if o.service == s]
@@ -634,6 +651,9 @@ def summarize(rounds: Sequence[Sequence[PolicyResult]]) -> dict[str, Any]:
                 for r in runs],
             "decisions": [r.decisions for r in runs],
             "not_as_planned": [m for r in runs for m in r.mismatches]}
+        warm = [w for r in runs if (w := r.warmup_goodput()) is not None]
+        if warm:
+            systems[policy]["warmup_goodput_hz"] = round(statistics.median(warm), 3)
     baselines = [p for p in policies if p != "epara"]
     best = max(baselines, key=lambda p: statistics.median(goodputs[p])) \
         if baselines else None
@@ -670,6 +690,12 @@ def table_lines(summary: dict[str, Any]) -> list[str]:
                      + (" (medians differ by more than the spread)"
                         if summary["verdict"] != "level" else
                         " (the medians differ by no more than the spread)"))
+    warm = {p: v["warmup_goodput_hz"] for p, v in summary["systems"].items()
+            if "warmup_goodput_hz" in v}
+    if warm:
+        lines.append("not counted above, the warm-up's goodput (placements adapting to "
+                     "the load they just met): " + ", ".join(f"{p} {g:.2f}/s"
+                                                             for p, g in warm.items()))
     est = summary["systems"].get("epara", {}).get("estimated_vs_measured") or []
     if est and est[-1]:
         lines.append("epara's leader, estimated vs measured SLO attainment (last 5 s): "
@@ -682,12 +708,14 @@ def run_real_goodput(trace_path: Path | None, seconds: float, nodes: int,
                      store: Path | None, json_out: bool, plot: Path | None,
                      policies: Sequence[str] | None = None, load: float = 1.0,
                      bed_classes: Sequence[str] = (), rounds: int = BENCH_ROUNDS,
-                     scenario: str | None = None) -> str:
+                     scenario: str | None = None, warmup: float = 0.0) -> str:
     """Every policy on the same trace, interleaved in ``rounds`` rounds (A B A B ...),
     each run on a fresh cluster. ``bed_classes`` (device class names of
     ``node/lab/testbed.py``, one per host; needs root): the nodes run on an emulated bed of
     namespace hosts, a fresh one per run; else loopback processes. ``scenario`` (a name
-    in ``SCENARIOS``): its hosts (an emulated bed), workload and baselines."""
+    in ``SCENARIOS``): its hosts (an emulated bed), workload and baselines. The built-in
+    and scenario traces run ``warmup`` seconds longer; goodput counts the last
+    ``seconds`` (a trace file's first ``warmup`` seconds are its warm-up)."""
     from epara.models.store import ModelStore
     from epara.models.zoo import prepare, sample_photo
     from epara.node.lab.testbed import EmulatedBed, have_bed, host
@@ -711,9 +739,9 @@ def run_real_goodput(trace_path: Path | None, seconds: float, nodes: int,
     if trace_path:
         trace = read_trace(trace_path)
     elif chosen is not None:
-        trace = chosen.trace(seconds, load, nodes)
+        trace = chosen.trace(warmup + seconds, load, nodes)
     else:
-        trace = builtin_trace(seconds, nodes, load=load)
+        trace = builtin_trace(warmup + seconds, nodes, load=load)
     for service in sorted({r.service for r in trace}):
         prepare(service, model_store)
     inputs = _Inputs(sample_photo(model_store).read_bytes())
@@ -727,7 +755,7 @@ def run_real_goodput(trace_path: Path | None, seconds: float, nodes: int,
                     described = bed.describe()
                 with bed.load_generator() if bed is not None else contextlib.nullcontext():
                     results[-1].append(run_policy(policy, trace, model_store.root, nodes,
-                                                  inputs, bed))
+                                                  inputs, bed, warmup_s=warmup))
     summary = summarize(results)
     where = (f"EMULATED namespace hosts ({', '.join(h.device.name for h in hosts)}; CPU "
              "quotas and link rates)" if hosts else
@@ -735,7 +763,7 @@ def run_real_goodput(trace_path: Path | None, seconds: float, nodes: int,
     report: dict[str, Any] = {
         "emulated": bool(hosts), "where": where, "nodes": nodes,
         "scenario": chosen.name if chosen is not None else None,
-        "bed": described, "requests": len(trace),
+        "bed": described, "requests": len(trace), "warmup_s": warmup,
         "trace": str(trace_path) if trace_path else
         f"{chosen.name if chosen is not None else 'builtin'}, load {load:g}",
         "routing": "epara (least expected completion) for every policy", **summary}
@@ -746,7 +774,9 @@ def run_real_goodput(trace_path: Path | None, seconds: float, nodes: int,
         return json.dumps(report, indent=2)
     label = "EMULATED " if hosts else ""
     lines = [f"real cluster: {where}, {len(trace)} requests ({report['trace']}) over "
-             f"{seconds:.0f} s, {rounds} interleaved round(s); routing is epara's for all",
+             f"{warmup + seconds:.0f} s, goodput over the last {seconds:.0f} s (the first "
+             f"{warmup:.0f} s are a warm-up), {rounds} interleaved round(s); routing is "
+             "epara's for all",
              *(f"{label}{line}" for line in described),
              *(f"{label}{line}" for line in table_lines(summary))]
     for r in results[-1]:

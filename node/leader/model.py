@@ -235,6 +235,8 @@ class DeviceState:
     load: float = 0.0  # utilisation 0..1
     queues: Mapping[str, int] = field(default_factory=dict)  # service -> requests queued
     latency_ms: Mapping[str, float] = field(default_factory=dict)  # service -> recent p50
+    # The share of its CPUs the device measured busy (node/cpumeter.py), None unknown
+    busy: float | None = None
 
 
 @dataclass(frozen=True)

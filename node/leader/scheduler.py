@@ -52,6 +52,11 @@ class SchedulerConfig:
     load_mb_per_s: float = 200.0  # reading weights from local storage into memory
     load_fixed_s: float = 0.5  # runtime start, session creation
     min_gain_hz: float = 0.01  # below this a change is noise, not worth a version
+    # A replica removed to relieve a shared device must gain at least this share of the
+    # demand of the services it touches: estimates move a little with every measurement,
+    # and a removal on a hair's gain is added back by the next decision (churn, each
+    # time paying a load and the requests caught in it).
+    remove_min_share: float = 0.05
     categorise: bool = True  # False: one mode for every service (the ablation)
     max_units_per_service: int = 256
     pipeline_pool: int = 8  # devices offered to the partitioner per candidate
@@ -67,6 +72,11 @@ class SchedulerConfig:
     # roofline can be 10x off for an LLM on a CPU); off where the cost model is the
     # truth, since there a unit the estimates reject only takes memory.
     place_to_measure: bool = False
+    # A device measured busier than the estimates explain (by more than this share) has
+    # the rest taken as background load: work nobody planned (relays, the API itself,
+    # other applications on its cores), at most ``max_background`` of it.
+    background_dead_band: float = 0.1
+    max_background: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -109,15 +119,17 @@ class _Planner:
     """The working state of one ``schedule`` call (never escapes it)."""
 
     def __init__(self, state: ClusterState, demand: Demand,
-                 services: Mapping[str, ServiceSpec], config: SchedulerConfig) -> None:
+                 services: Mapping[str, ServiceSpec], config: SchedulerConfig,
+                 background: Mapping[str, float] | None = None) -> None:
         self.config = config
         self.devices: dict[str, DeviceProfile] = {p.id: p for p in state.alive()}
+        self.background = {d: (background or {}).get(d, 0.0) for d in self.devices}
         self.groups: dict[tuple[Any, ...], list[str]] = {}
         for d in self.devices.values():
             self.groups.setdefault(d.profile_key(), []).append(d.id)
         self.reps = [self.devices[ids[0]] for ids in self.groups.values()]
         self.free = {d.id: d.mem_mb for d in self.devices.values()}
-        self.util = dict.fromkeys(self.devices, 0.0)
+        self.util = dict(self.background)
         self.hosted: dict[str, set[str]] = {d: set() for d in self.devices}
         # device -> service -> the longest step that service's units run there
         self.steps: dict[str, dict[str, float]] = {d: {} for d in self.devices}
@@ -146,9 +158,10 @@ class _Planner:
     # --- estimates ---------------------------------------------------------------
 
     def perf(self, spec: ServiceSpec, unit: Unit) -> UnitPerf:
-        key = (spec.name, spec.mean_output_tokens, unit.max_batch,
+        key = (spec.name, spec.mean_output_tokens, spec.time_scale, unit.max_batch,
                tuple((self.devices[s.device].profile_key(), s.first, s.end,
-                      s.device if f"@{s.device}" in spec.measured_ms else None)
+                      s.device if f"@{s.device}" in spec.measured_ms
+                      or f"@{s.device}" in spec.work_ms else None)
                      for s in unit.stages))
         perf = self.perf_cache.get(key)
         if perf is None:
@@ -158,10 +171,20 @@ class _Planner:
 
     def live(self, svc: _Service, unit: Unit) -> _Live:
         perf = self.perf(svc.spec, unit)
-        head = self.devices[unit.head]
-        network = 2 * head.transfer_s(svc.spec.input_mb)  # request in, answer out
-        slack = svc.spec.deadline_ms() / 1000 - perf.latency_s - network
+        slack = self._slack(svc.spec, unit, perf)
         return _Live(unit, perf, slack, perf.use(unit), perf.steps(unit))
+
+    def _slack(self, spec: ServiceSpec, unit: Unit, perf: UnitPerf) -> float:
+        head = self.devices[unit.head]
+        network = 2 * head.transfer_s(spec.input_mb)  # request in, answer out
+        return spec.deadline_ms() / 1000 - perf.latency_s - network
+
+    def alone_slack(self, svc: _Service, unit: Unit) -> float:
+        """Slack of a lone request by the measured times, without the leader's
+        correction: that corrects for the load the estimates miss (policies.py), and a
+        unit is not too slow for its SLO because its service is overloaded."""
+        spec = replace(svc.spec, time_scale=1.0)
+        return self._slack(spec, unit, self.perf(spec, unit))
 
     def blocking(self, svc: _Service, unit: _Live) -> float:
         """How long a request of ``svc`` may wait for another service's step to end on
@@ -384,7 +407,8 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
              ) -> tuple[Placement, tuple[Decision, ...]]:
     """The next desired placement and the decisions that lead from ``current`` to it."""
     config = config or SchedulerConfig()
-    p = _Planner(state, demand, services, config)
+    p = _Planner(state, demand, services, config,
+                 background_load(current, state, demand, services, config))
     decisions: list[Decision] = []
     # Keep what still stands; what touched a lost device (or a retired service) goes.
     # A standby (a unit of a service with no demand) is set aside, not kept: it must not
@@ -407,15 +431,15 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
     # rest on run times measured under a passing overload, and with nothing loaded no
     # node would measure it again (routing still refuses what cannot make it).
     for svc in p.services.values():
-        doomed = [u for u in svc.units if u.slack_s <= 0]
+        doomed = [u for u in svc.units if p.alone_slack(svc, u.unit) <= 0]
         if doomed and len(doomed) == len(svc.units):
             doomed.remove(min(doomed, key=lambda u: (u.perf.latency_s, u.unit.id)))
         if doomed:
             for u in doomed:
+                alone = svc.spec.deadline_ms() / 1000 - p.alone_slack(svc, u.unit)
                 decisions.append(Decision("remove", u.unit.id, 0.0,
                                           f"cannot meet the {svc.spec.deadline_ms():.0f} ms "
-                                          f"SLO (alone it takes "
-                                          f"{u.perf.latency_s * 1000:.0f} ms)"))
+                                          f"SLO (alone it takes {alone * 1000:.0f} ms)"))
             p.commit(svc, [u for u in svc.units if u not in doomed])
     # Lazy greedy sweeps until one adds nothing: interactions between services on shared
     # devices make gains not strictly diminishing, so one sweep can leave a gain behind.
@@ -440,6 +464,33 @@ def schedule(current: Placement, state: ClusterState, demand: Demand,
     undone = added & {d.unit for d in decisions if d.action == "remove"}
     net = [d for d in decisions if d.unit not in undone or d.action == "drop"]
     return _placement(current, p), tuple(net)
+
+
+def background_load(current: Placement, state: ClusterState, demand: Demand,
+                    services: Mapping[str, ServiceSpec],
+                    config: SchedulerConfig) -> dict[str, float]:
+    """Per device, the busy share it measured beyond what the estimates explain for the
+    placement in force (pure): what ``_Planner`` starts each device's utilisation at.
+
+    Estimated against the estimates alone, never against themselves plus a background
+    found before, so a correction cannot feed itself; beyond a dead band (noise), and
+    capped (a device is never given up as full of work nobody can see)."""
+    measured = {d: s.busy for d, s in state.devices.items() if s.alive and s.busy is not None}
+    if not measured:
+        return {}
+    p = _Planner(state, demand, services, config)
+    for unit in current.units():
+        svc = p.services.get(unit.service)
+        if svc is None or any(d not in p.devices for d in unit.devices) \
+                or svc.demand.rate_hz <= 0:
+            continue
+        p.commit(svc, [*svc.units, p.live(svc, unit)])
+    out = {}
+    for device, busy in measured.items():
+        excess = busy - p.util.get(device, 0.0)
+        if excess > config.background_dead_band:
+            out[device] = min(config.max_background, excess)
+    return out
 
 
 def _first_units(p: _Planner, decisions: list[Decision]) -> None:
@@ -519,8 +570,11 @@ def estimated_attainment(placement: Placement, state: ClusterState, demand: Dema
                          config: SchedulerConfig | None = None) -> dict[str, float]:
     """Per demanded service, the share of its requests the estimates expect ``placement``
     to serve within their deadline (goodput over rate): what observed attainment is
-    compared with (policies.py)."""
-    p = _Planner(state, demand, services, config or SchedulerConfig())
+    compared with (policies.py). With the background load the placement's devices
+    measured, as the scheduler estimates with it."""
+    config = config or SchedulerConfig()
+    p = _Planner(state, demand, services, config,
+                 background_load(placement, state, demand, services, config))
     for name, svc in p.services.items():
         units = [u for u in placement.units_of(name) if all(d in p.devices for d in u.devices)]
         if units:
@@ -629,6 +683,13 @@ def _headroom(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -
                                       "spare memory: headroom for bursts"))
 
 
+def worth_removing(gain_hz: float, touched_hz: float, config: SchedulerConfig) -> bool:
+    """Whether removing a replica that gains ``gain_hz`` (requests within SLO a second,
+    over the services on its devices, whose demand adds up to ``touched_hz``) is worth a
+    new placement: beyond noise, and beyond the dead band ``remove_min_share``."""
+    return gain_hz > max(config.min_gain_hz, config.remove_min_share * touched_hz)
+
+
 def _prune(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -> None:
     """Remove replicas whose removal raises goodput (they crowd a shared device more
     than they serve), keeping at least one unit per service."""
@@ -642,11 +703,13 @@ def _prune(p: _Planner, config: SchedulerConfig, decisions: list[Decision]) -> N
             # Its load moves to the service's other units: count every device it moves to.
             moved = set(contrib) | set(svc.contrib)
             shift = {d: contrib.get(d, 0.0) - svc.contrib.get(d, 0.0) for d in moved}
+            touched = svc.demand.rate_hz
             for name in sorted({n for d in moved for n in p.hosted[d]}):
                 if name != svc.spec.name:
                     other = p.services[name]
                     gain += p.evaluate(other, other.units, shift)[0] - other.goodput
-            if gain > config.min_gain_hz:
+                    touched += other.demand.rate_hz
+            if worth_removing(gain, touched, config):
                 p.commit(svc, rest)
                 decisions.append(Decision("remove", live.unit.id, gain,
                                           f"+{gain:.2f} req/s within SLO elsewhere: it "
