@@ -28,7 +28,12 @@ from epara.firmware import install
 from epara.firmware.profiles import Profile, parse_wheel_name, wheel_fits
 from epara.models.manifest import ManifestError
 from epara.models.store import ModelStore, StoredModel
-from epara.peer.security import AUTHORITY_KEY_FILE, DEVICE_FILES
+from epara.peer.security import (
+    AUTHORITY_KEY_FILE,
+    DEVICE_FILES,
+    CredentialsError,
+    certified_node_id,
+)
 
 try:
     from packaging.requirements import Requirement
@@ -39,6 +44,8 @@ except ImportError:  # not installed here: pip, which builds every bundle, carri
 
 # Which extra a model's backend needs on the device.
 BACKEND_EXTRA = {"onnx": "onnx", "tflite": "tflite", "torch": "torch"}
+# What a node with its own certificate needs beyond the core (Ed25519 signatures).
+IDENTITY_EXTRA = "identity"
 # Reproducible wheels and tarballs: the same source and profile give the same bytes, so
 # the same release id, and flashing a rebuilt bundle changes nothing.
 FIXED_MTIME = 315532800  # 1980-01-01, the earliest time a zip entry can hold
@@ -57,12 +64,14 @@ class BundleSummary:
     release: str
     profile: str
     credentials: bool
+    node_id: str | None = None  # the device its credentials certify (per-device identity)
 
     def describe(self) -> str:
+        creds = (f"device {self.node_id}" if self.node_id else "shared cluster key") \
+            if self.credentials else "none"
         return (f"{self.path}: {self.size / 1e6:.1f} MB, {len(self.wheels)} wheels, "
-                f"models: {', '.join(self.models) or 'none'}, credentials: "
-                f"{'yes' if self.credentials else 'no'}, profile {self.profile}, "
-                f"release {self.release}")
+                f"models: {', '.join(self.models) or 'none'}, credentials: {creds}, "
+                f"profile {self.profile}, release {self.release}")
 
 
 def wheel_cache() -> Path:
@@ -92,6 +101,9 @@ def build_bundle(profile: Profile, store: ModelStore, out: Path | None = None,
         raise BundleError(f"profile {profile.name} has no optional extra {unknown}; it offers "
                           f"{sorted(profile.optional_extras) or 'none'}")
     extras = [*profile.extras, *with_extras]
+    node_id = _certified_node_id(cluster) if cluster is not None else None
+    if node_id is not None and IDENTITY_EXTRA not in extras:
+        extras.append(IDENTITY_EXTRA)  # the node verifies certificates: PyNaCl on the device
     flags = [f for f in profile.node_flags if not (allow_lead and f == "--never-lead")]
     if profile.threads:
         flags += ["--threads", str(profile.threads)]
@@ -130,13 +142,6 @@ def build_bundle(profile: Profile, store: ModelStore, out: Path | None = None,
         for model in chosen:
             shutil.copytree(model.directory, root / "models" / model.manifest.name)
         if cluster is not None:
-            if not ((cluster / "cluster.key").is_file() or (cluster / "node.cert").is_file()):
-                raise BundleError(f"no cluster credentials in {cluster} (epara cluster init, "
-                                  "or a device directory from epara cluster admit)")
-            if (cluster / AUTHORITY_KEY_FILE).exists():
-                raise BundleError(f"{cluster} is the cluster's authority, which never goes "
-                                  "onto a device: bundle a device directory made by `epara "
-                                  "cluster admit ID --authority DIR --out DEVICE_DIR`")
             (root / "cluster").mkdir(mode=0o700)
             # The shared key, or a device's own key, certificate and trust files.
             for name, mode in DEVICE_FILES.items():
@@ -156,12 +161,29 @@ def build_bundle(profile: Profile, store: ModelStore, out: Path | None = None,
                     "profile": {**profile.to_json(), "node_flags": flags}, "extras": extras,
                     "models": model_names, "wheels": wheels,
                     "extra_wheels": [p.name for p in extra_wheels],
-                    "credentials": cluster is not None}
+                    "credentials": cluster is not None, "node_id": node_id}
         _write(root / install.BUNDLE_JSON, json.dumps(manifest, indent=2) + "\n")
         out = out or Path.cwd() / f"{top}-{release}.tar.gz"
         _tar(root, top, out)
     return BundleSummary(out, out.stat().st_size, wheels, model_names, release, profile.name,
-                         cluster is not None)
+                         cluster is not None, node_id)
+
+
+def _certified_node_id(cluster: Path) -> str | None:
+    """Check a credentials directory before anything is downloaded: a device directory
+    (``epara cluster admit``: its own key and certificate, which must load and verify) or
+    a shared-key one, never the authority. The node id its certificate names, if any."""
+    if not ((cluster / "cluster.key").is_file() or (cluster / "node.cert").is_file()):
+        raise BundleError(f"no cluster credentials in {cluster} (epara cluster init, "
+                          "or a device directory from epara cluster admit)")
+    if (cluster / AUTHORITY_KEY_FILE).exists():
+        raise BundleError(f"{cluster} is the cluster's authority, which never goes onto a "
+                          "device: bundle a device directory made by `epara cluster admit ID "
+                          "--authority DIR --out DEVICE_DIR`")
+    try:
+        return certified_node_id(cluster)
+    except (CredentialsError, ValueError, OSError) as exc:
+        raise BundleError(f"{cluster}: {exc}") from None
 
 
 # Lab code no device needs (the emulated bed, the load generator, the demo): left out of

@@ -22,7 +22,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     bundle.add_argument("--models", help="comma-separated model names from the store "
                         "(default: the profile's)")
     bundle.add_argument("--store", type=Path, help="model store (default: the usual one)")
-    bundle.add_argument("--cluster", type=Path, help="include these cluster credentials")
+    bundle.add_argument("--cluster", type=Path, metavar="DIR", help="include these "
+                        "credentials: a device directory (`epara cluster admit ID --out DIR`, "
+                        "its own key and certificate) or a shared-key cluster directory; "
+                        "never the authority")
     bundle.add_argument("--out", type=Path, help="the .tar.gz to write")
     bundle.add_argument("--with", dest="with_extras", action="append", default=[],
                         metavar="EXTRA", help="an optional extra of the profile (e.g. torch)")

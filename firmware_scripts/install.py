@@ -11,6 +11,7 @@ Layout on the target (``--root`` prefixes every path; ``/`` on the device itself
     /opt/epara/firstboot/                a staged bundle, installed at first boot
     /opt/epara/releases/<id>/node.env    node flags from the bundle's profile
     /etc/epara/identity.env              EPARA_NODE_ID: written once, kept by upgrades
+                                         (a device certificate's node id, when it has one)
     /etc/epara/cluster/cluster.key       credentials: written once, kept by upgrades
                       (or node.key, node.cert, (a device's own identity instead, when it has
                        authority.pub, ...)    one: DEVICE_FILES; never the authority's key)
@@ -171,6 +172,11 @@ class Installer:
             return
         if why_not is not None:
             raise InstallError(f"cannot build the venv here: {why_not}")
+        certified = self.manifest.get("node_id")
+        if node_id and certified and node_id != certified:
+            raise InstallError(f"--node-id {node_id}: this bundle carries the certificate of "
+                               f"node {certified}, and a device with its own certificate is "
+                               "the node it names")
         release = self.manifest["release"]
         self.build_release(release)
         self.write_config(node_id)
@@ -253,7 +259,16 @@ class Installer:
                 self.say("keeping the cluster credentials already installed (the bundle's "
                          "differ; `epara firmware uninstall --purge` first to replace them)")
         identity = self.at(f"{ETC}/identity.env")
-        if node_id and identity.exists() and \
+        certified = self.certified_node_id()
+        if certified:
+            # The certificate is the identity: a pinned id that differs would stop the
+            # node (its certificate names another), so the pin follows the certificate.
+            pinned = f"EPARA_NODE_ID={certified}"
+            if identity.exists() and identity.read_text().strip() != pinned:
+                self.say(f"the node id is now {certified}, the one its certificate names "
+                         f"(was {identity.read_text().strip().partition('=')[2]})")
+            self.put_bytes(f"{ETC}/identity.env", f"{pinned}\n".encode())
+        elif node_id and identity.exists() and \
                 identity.read_text().strip() != f"EPARA_NODE_ID={node_id}":
             self.say(f"keeping the node id in {ETC}/identity.env; --node-id {node_id} is "
                      "ignored (a node's identity outlives reinstalls)")
@@ -266,6 +281,17 @@ class Installer:
             self.put_bytes(f"{ETC}/identity.env",
                            f"EPARA_NODE_ID={_default_node_id()}\n".encode())
         self.put_link("/usr/local/bin/epara", f"{PREFIX}/current/venv/bin/epara")
+
+    def certified_node_id(self) -> str | None:
+        """The node id this bundle's certificate names, when that certificate is the one
+        installed (the device is then that node, whatever was pinned before)."""
+        certified = self.manifest.get("node_id")
+        bundled = self.bundle / "cluster" / "node.cert"
+        installed = self.at(f"{ETC}/cluster/node.cert")
+        if certified and bundled.is_file() and installed.is_file() and \
+                installed.read_bytes() == bundled.read_bytes():
+            return str(certified)
+        return None
 
     def activate(self, release: str) -> None:
         current = self.at(f"{PREFIX}/current")
@@ -345,7 +371,9 @@ def upgrade(installer: Installer, restart: list[str], timeout: float,
     installer.activate(installer.manifest["release"])
     installer.say(f"switched to {release}; restarting")
     subprocess.run(restart, check=True)
-    expected_id = before["node_id"] if before else None
+    # Credentials are never swapped, but a shared-key device may have gained its own
+    # certificate: then it rejoins as the node that certificate names.
+    expected_id = installer.certified_node_id() or (before["node_id"] if before else None)
     if wait_healthy(root, socket, timeout, expected_id):
         installer.say(f"upgrade healthy: {release}")
         return True

@@ -100,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--http-token-file", type=Path, metavar="FILE",
                       help="bearer token clients must send (created, mode 0600, if absent); "
                       "required when --http-host is not loopback")
+    node.add_argument("--http-max-connections", type=int, default=64, metavar="N",
+                      help="HTTP connections open at once; more get 503 (default 64)")
+    node.add_argument("--http-max-body-kb", type=int, default=1024, metavar="KIB",
+                      help="largest HTTP request body; larger get 413 (default 1024 KiB)")
+    node.add_argument("--http-request-timeout", type=float, default=10.0, metavar="S",
+                      help="seconds an HTTP request may take to arrive whole, from its "
+                      "first byte; slower get 408 (default 10)")
     node.set_defaults(run=_cmd_node)
 
     cluster = sub.add_parser("cluster", help="cluster credentials")
@@ -303,7 +310,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     import grp
 
     from epara.node.daemon import NodeConfig, default_cluster_dir, run_node
-    from epara.node.httpapi import is_loopback
+    from epara.node.httpapi import HttpLimits, is_loopback
     from epara.node.localsock import SocketLimits
     from epara.peer.member import MemberConfig
 
@@ -312,6 +319,9 @@ def _cmd_node(args: argparse.Namespace) -> int:
                               max_inflight=args.max_inflight,
                               max_buffered_bytes=int(args.max_buffered_mb * 1024 * 1024),
                               frame_timeout_s=args.frame_timeout)
+        http_limits = HttpLimits(max_connections=args.http_max_connections,
+                                 max_body_bytes=args.http_max_body_kb * 1024,
+                                 request_timeout_s=args.http_request_timeout)
     except ValueError as exc:
         print(f"epara: {exc}", file=sys.stderr)
         return 2
@@ -319,7 +329,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
                         socket_limits=limits,
                         node_id=args.node_id, memory_budget_mb=args.memory_budget_mb,
                         http_port=args.http_port, http_host=args.http_host,
-                        http_token_file=args.http_token_file,
+                        http_token_file=args.http_token_file, http_limits=http_limits,
                         placement_policy=args.placement_policy)
     if args.http_port is not None and args.http_token_file is None and \
             not is_loopback(args.http_host):

@@ -19,7 +19,7 @@ from epara.models.manifest import Manifest
 from epara.models.store import ModelStore
 from epara.node.api import LocalApi, default_socket_path
 from epara.node.generation import GenerationService
-from epara.node.httpapi import HttpServer, load_or_create_token
+from epara.node.httpapi import HttpLimits, HttpServer, load_or_create_token
 from epara.node.localsock import SocketLimits
 from epara.node.metrics import RequestLog, make_exporter
 from epara.node.runtime import ClusterRuntime
@@ -51,6 +51,7 @@ class NodeConfig:
     http_port: int | None = None
     http_host: str = "127.0.0.1"
     http_token_file: Path | None = None
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
 
 
 def default_cluster_dir() -> Path:
@@ -109,7 +110,8 @@ class Node:
             token = (load_or_create_token(self.config.http_token_file)
                      if self.config.http_token_file is not None else None)
             self.http = HttpServer(self, self.config.http_host, self.config.http_port,
-                                   self.exporter, token=token)
+                                   self.exporter, token=token,
+                                   limits=self.config.http_limits)
             await self.http.start()
             log.info("node %s serving HTTP on %s", self.node_id, self.http.url)
         if self.config.cluster_dir is not None:
@@ -225,6 +227,10 @@ class Node:
             "connections": self.api.connections,
             "buffered_bytes": self.api.buffered_bytes,
             "http": self.http.url if self.http is not None else None,
+            # The endpoint's bounds and what it holds now (null when HTTP is off).
+            "http_limits": ({**self.http.limits.to_json(),
+                             "open_connections": self.http.open_connections}
+                            if self.http is not None else None),
             "backends": self.backends,
             "services": [s.stats() for _, s in sorted(self.services.items())],
             "unavailable": dict(self.unavailable),

@@ -16,6 +16,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -52,9 +53,40 @@ TEXT_GENERATION = "text-generation"
 
 @dataclass(frozen=True)
 class HttpLimits:
+    """The endpoint's bounds (``epara node --http-max-connections``, ``--http-max-body-kb``,
+    ``--http-request-timeout``; docs/http.md). Worst case held in bodies:
+    ``max_connections * max_body_bytes``, hence the ranges."""
+
     max_connections: int = 64  # open at once; more get 503 and are closed
     max_body_bytes: int = 1024 * 1024  # a chat request is text: 1 MiB is plenty
     request_timeout_s: float = 10.0  # from a request's first byte to its whole body
+
+    def __post_init__(self) -> None:
+        for name, flag, scale, low, high in LIMIT_RANGES:
+            number = getattr(self, name)
+            whole = name != "request_timeout_s"
+            kinds = (int,) if whole else (int, float)
+            if isinstance(number, bool) or not isinstance(number, kinds) \
+                    or not math.isfinite(number) or not low <= number <= high:
+                given = number / scale if scale != 1 and isinstance(number, (int, float)) \
+                    else number
+                raise ValueError(f"{flag} must be {'a whole number' if whole else 'a number'} "
+                                 f"from {low / scale:g} to {high / scale:g}, not {given!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"max_connections": self.max_connections,
+                "max_body_bytes": self.max_body_bytes,
+                "request_timeout_s": self.request_timeout_s}
+
+
+# (field, its `epara node` flag, the flag's unit in the field's, lowest, highest). A
+# connection holds a socket and a task (1024 descriptors is the usual soft limit); a body
+# is read whole into memory; a request that takes an hour to arrive is an attack.
+LIMIT_RANGES: tuple[tuple[str, str, int, float, float], ...] = (
+    ("max_connections", "--http-max-connections", 1, 1, 4096),
+    ("max_body_bytes", "--http-max-body-kb", 1024, 1024, 256 * 1024 * 1024),
+    ("request_timeout_s", "--http-request-timeout", 1, 0.1, 3600.0),
+)
 
 
 class HttpError(Exception):
@@ -158,6 +190,10 @@ class HttpServer:
         self._server: asyncio.AbstractServer | None = None
         self._ids = itertools.count()
         self._connections: set[asyncio.Task[Any]] = set()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
 
     @property
     def url(self) -> str:

@@ -5,9 +5,14 @@ One design bounds every byte a client can make the node hold (docs/local-api.md,
 "Limits"):
 
 - Reading: a frame is read into a buffer that grows with the bytes that actually arrive
-  (doubling, so copies stay linear), never to its announced length up front. A frame
+  (doubling, so copies stay linear), never to its announced length up front; past
+  ``LARGE_BUFFER`` it is an anonymous map grown in place, and each read takes at most
+  ``READ_CAP``, so a large frame's page faults are spread over loop turns. A frame
   must arrive whole within ``frame_timeout_s`` of its first byte. Its CBOR may hold at
-  most ``max_items`` data items, counted before anything is decoded.
+  most ``max_items`` data items, counted before anything is decoded. Counting and
+  decoding cost time per item: a frame of more than ``INLINE_ITEMS`` items is counted
+  and decoded in a worker thread while its connection stops reading (its frames keep
+  their order), so one client's frame of many tiny items cannot stall the others.
 - Work: at most ``max_inflight`` requests run per connection; more get ``overloaded``.
 - Writing: replies queue for a slow reader up to ``max_write_bytes`` or
   ``max_write_frames``; past that the node stops reading that client's requests (its own
@@ -43,6 +48,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,11 +67,19 @@ Serve = Callable[[dict[str, Any], Reply, dict[Any, Any]], Awaitable[None]]
 
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 READ_CHUNK = 64 * 1024  # an idle connection's read buffer; small frames share one read
+# One read takes at most this much (fresh pages fault in as it lands, ~1.6 ms per MiB on
+# a 2-core VM): a large frame arrives over several loop turns, others served between.
+READ_CAP = 1024 * 1024
+LARGE_BUFFER = 1024 * 1024  # above this, a frame's buffer is an anonymous map (_grow)
 SHARED_ALIGN = 64  # offsets into shared regions are multiples of this (any dtype, a line)
 SHARED_MIN_BYTES = 64 * 1024  # smaller output tensors stay inline (a copy is cheaper)
 MAX_FDS_PER_READ = 4
 MAX_PENDING_FDS = 4  # passed descriptors not yet claimed by an shm_attach frame
 CONNECTION_OPS = ("shm_attach", "shm_detach")
+# Frames of up to this many CBOR items are decoded on the event loop (counting them costs
+# ~1 ms at worst); larger ones go to the decode thread. Ordinary requests (tensors as
+# typed arrays, a chat's messages) hold far fewer.
+INLINE_ITEMS = 1024
 
 
 @dataclass(frozen=True)
@@ -159,6 +173,9 @@ class LocalSocketServer:
         self.connections: set[Connection] = set()
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # One thread for frames of many items: one such frame at a time, node-wide; each
+        # waiting one holds only its own (paused) connection.
+        self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epara-decode")
 
     def listen(self, path: Path) -> None:
         loop = asyncio.get_running_loop()
@@ -193,6 +210,7 @@ class LocalSocketServer:
             self._sock = None
         for connection in list(self.connections):
             connection.close()
+        self.decoder.shutdown(wait=False, cancel_futures=True)
 
     def over_budget(self) -> bool:
         return self.buffered > self.limits.max_buffered_bytes
@@ -288,7 +306,7 @@ class Connection:
         self.regions: dict[int, SharedRegion] = {}
         self.closed = False
         self.peak_buffered = 0
-        self._rx = bytearray(READ_CHUNK)
+        self._rx: bytearray | mmap.mmap = bytearray(READ_CHUNK)
         self._start = 0  # first unparsed byte of _rx
         self._end = 0  # end of received bytes in _rx
         self._frame_length: int | None = None  # the frame being read, once its header is
@@ -299,6 +317,7 @@ class Connection:
         self._out_bytes = 0
         self._counted = 0  # what this connection has added to server.buffered
         self._reading = False
+        self._decoding = False  # a frame of many items is in the decode thread
         self._write_blocked = False  # the client reads too slowly: its requests wait
         self._writer_armed = False
         self._closing = False  # close once the queued replies are written
@@ -320,8 +339,8 @@ class Connection:
         self.peak_buffered = max(self.peak_buffered, held)
 
     def _set_reading(self, on: bool) -> None:
-        if self.closed or on == self._reading:
-            return
+        if self.closed or on == self._reading or (on and self._decoding):
+            return  # while a frame decodes aside, its successors wait (and its buffer)
         self._reading = on
         if on:
             self.loop.add_reader(self.fd, self._on_readable)
@@ -337,11 +356,12 @@ class Connection:
     # --- reading -------------------------------------------------------------------
 
     def _read_view(self) -> memoryview:
-        """The free tail of the read buffer, grown or compacted as the frame needs."""
+        """The free tail of the read buffer (at most READ_CAP of it), grown or compacted
+        as the frame needs."""
         if self._discard:
-            return memoryview(self._rx)[:min(len(self._rx), self._discard)]
+            return memoryview(self._rx)[:min(len(self._rx), self._discard, READ_CAP)]
         if self._end < len(self._rx):
-            return memoryview(self._rx)[self._end:]
+            return memoryview(self._rx)[self._end:self._end + READ_CAP]
         pending = self._end - self._start
         wanted = READ_CHUNK if self._frame_length is None else 4 + self._frame_length
         if self._start > 0 and wanted <= len(self._rx):
@@ -351,15 +371,39 @@ class Connection:
             # past the frame: memory follows the bytes, not the announced length.
             size = max(READ_CHUNK, min(wanted, max(2 * len(self._rx),
                                                    pending + self._bytes_waiting())))
-            if self.server.buffered + size - len(self._rx) > self.limits.max_buffered_bytes:
+            if self.server.buffered + size - len(self._rx) > self.limits.max_buffered_bytes \
+                    or not self._grow(size, pending):
                 self._refuse_frame()
-                return memoryview(self._rx)[:min(len(self._rx), self._discard)]
+                return memoryview(self._rx)[:min(len(self._rx), self._discard, READ_CAP)]
+        self._start, self._end = 0, pending
+        self._account()
+        return memoryview(self._rx)[self._end:self._end + READ_CAP]
+
+    def _grow(self, size: int, pending: int) -> bool:
+        """Make the buffer ``size`` bytes, its ``pending`` unparsed bytes first. A large
+        one is an anonymous map that grows in place (mremap): no zero-filling pass and no
+        copy of what arrived, and its pages fault in as bytes land, at most READ_CAP per
+        read, so one frame's growth never holds the loop for long. False: no memory."""
+        if size <= LARGE_BUFFER:
             grown = bytearray(size)
             grown[:pending] = self._rx[self._start:self._end]
             self._rx = grown
-        self._start, self._end = 0, pending
-        self._account()
-        return memoryview(self._rx)[self._end:]
+            return True
+        try:
+            if isinstance(self._rx, mmap.mmap):
+                if self._start:
+                    self._rx[:pending] = self._rx[self._start:self._end]
+                self._rx.resize(size)
+            else:
+                # Private: a shared anonymous map is a fixed-size shmem object that
+                # mremap cannot grow (bytes landing past its first size fault).
+                mapped = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                mapped[:pending] = self._rx[self._start:self._end]
+                self._rx = mapped
+        except (OSError, BufferError, ValueError) as exc:
+            log.warning("cannot grow a connection's read buffer to %d bytes: %s", size, exc)
+            return False
+        return True
 
     def _bytes_waiting(self) -> int:
         try:
@@ -446,11 +490,19 @@ class Connection:
             end = self._start + 4 + self._frame_length
             if end > self._end:
                 break
-            with memoryview(self._rx) as whole, whole[self._start + 4:end] as payload:
-                self._dispatch(payload)
+            whole = memoryview(self._rx)
+            payload = whole[self._start + 4:end]
             self._start = end
             self._frame_length = None
             completed = True
+            if wire.count_items(payload, INLINE_ITEMS) > INLINE_ITEMS:
+                self._decode_aside(whole, payload)
+                break
+            try:
+                self._dispatch(payload)
+            finally:
+                payload.release()
+                whole.release()
         if self._start == self._end:
             self._start = self._end = 0
             if len(self._rx) > READ_CHUNK:
@@ -482,17 +534,52 @@ class Connection:
                            f"({received} bytes received)"))
         self._close_after_flush()
 
+    def _decode_aside(self, whole: memoryview, payload: memoryview) -> None:
+        """Count and decode a frame of many items in the decode thread. The connection
+        stops reading until it is done: its next frames keep their order, and the buffer
+        the thread reads is not touched meanwhile."""
+        self._decoding = True
+        self._set_reading(False)
+        decoding = self.loop.run_in_executor(self.server.decoder, _decode_or_error, payload,
+                                             self.limits.max_items, self._resolve)
+
+        def decoded(future: asyncio.Future[tuple[dict[str, Any] | None, WireError | None,
+                                                  Any]]) -> None:
+            self._decoding = False
+            try:
+                message, error, request_id = future.result()
+            except (asyncio.CancelledError, RuntimeError):  # the server closed meanwhile
+                message, error, request_id = None, None, None
+            finally:
+                payload.release()
+                whole.release()
+            if self.closed:
+                return
+            try:
+                if error is not None:
+                    self._write(_error(request_id, error.code, str(error)))
+                elif message is not None:
+                    self._handle(message)
+            except Exception:  # as in _parse_safely: a bug costs this connection only
+                log.exception("local connection failed; closing it")
+                self.close()
+                return
+            if not self._write_blocked and not self._closing:
+                self._set_reading(True)
+            self._parse_safely()  # frames already here, or the buffer's reset
+
+        decoding.add_done_callback(decoded)
+
     def _dispatch(self, payload: memoryview) -> None:
-        try:
-            message = wire.decode(payload, self.limits.max_items, self._resolve)
-        except WireError as exc:
-            # The traceback's frames may hold views of a shared region; in a reference
-            # cycle (the decoder re-raises causes) they would keep it mapped until a GC pass.
-            exc.__traceback__ = None
-            # Past the item limit the id is not looked for: that would decode the frame.
-            request_id = None if exc.too_many_items else wire.peek_id(payload)
-            self._write(_error(request_id, exc.code, str(exc)))
+        message, error, request_id = _decode_or_error(payload, self.limits.max_items,
+                                                      self._resolve)
+        if error is not None:
+            self._write(_error(request_id, error.code, str(error)))
             return
+        assert message is not None
+        self._handle(message)
+
+    def _handle(self, message: dict[str, Any]) -> None:
         raw_id = message.get("id")
         request_id = raw_id if wire.valid_id(raw_id) else None
         op = message.get("op")
@@ -725,6 +812,20 @@ class Connection:
         self.server.connections.discard(self)
         if self.peak_buffered >= TRIM_AFTER_BYTES:
             _ALLOCATOR.trim_soon(self.loop)
+
+
+def _decode_or_error(payload: memoryview, max_items: int,
+                     resolve: Callable[[Any], np.ndarray],
+                     ) -> tuple[dict[str, Any] | None, WireError | None, Any]:
+    """(message, None, None), or (None, the error, the request id to answer it with)."""
+    try:
+        return wire.decode(payload, max_items, resolve), None, None
+    except WireError as exc:
+        # The traceback's frames may hold views of a shared region; in a reference cycle
+        # (the decoder re-raises causes) they would keep it mapped until a GC pass.
+        exc.__traceback__ = None
+        # Past the item limit the id is not looked for: that would decode the frame.
+        return None, exc, None if exc.too_many_items else wire.peek_id(payload)
 
 
 def _error(request_id: Any, code: str, message: str) -> dict[str, Any]:

@@ -145,6 +145,7 @@ class ClusterMember:
         self._subscribers: list[ViewCallback] = []
         self._recent_commands: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._caps_pending: dict[tuple[str, int], float] = {}
+        self._remeasuring = False  # a speed re-measurement runs in a thread
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_summary: tuple[Any, ...] | None = None
         self._view = membership.make_view(self.node_id, (), None, 0)
@@ -173,9 +174,7 @@ class ClusterMember:
             self._view = membership.make_view(self.node_id, (), None, 0)
         if self.capabilities is None:
             self.capabilities = await asyncio.to_thread(caps_mod.probe, self.config.cache_dir)
-        if self.config.device_class is not None:
-            self.capabilities = replace(self.capabilities,
-                                        device_class=self.config.device_class)
+        self.capabilities = self._overridden(self.capabilities)
         caps = self.capabilities
         self.priority = (self.config.priority if self.config.priority is not None else
                          election.leadership_priority(caps.headline(), caps.power_source,
@@ -660,6 +659,7 @@ class ClusterMember:
             self._prune_links(now)
             self._request_states(now)
             self._fetch_capabilities(now)
+            self._refresh_speed()
             due = time.monotonic() + self.interval
             await asyncio.sleep(self.interval)
 
@@ -718,13 +718,40 @@ class ClusterMember:
         tmp.write_text(json.dumps(self._status_dict(), default=str))
         os.replace(tmp, path)
 
-    # --- capability records, fetched once per member incarnation ---
+    # --- capability records, fetched once per member incarnation (again when its
+    # speed was re-measured since) ---
+
+    def _overridden(self, caps: caps_mod.Capabilities) -> caps_mod.Capabilities:
+        if self.config.device_class is not None:
+            return replace(caps, device_class=self.config.device_class)
+        return caps
+
+    def _refresh_speed(self) -> None:
+        """Measure again a speed that was taken under load, once the machine is quieter
+        (``capabilities.speed_probe_due``); the state record carries the new headline."""
+        if self.config.capabilities is not None or self._remeasuring or \
+                self.capabilities is None:
+            return  # given capabilities (tests, simulations) are never re-measured
+        best = caps_mod.SpeedSample.from_json(self.capabilities.extra.get("speed"))
+        if best is None or not caps_mod.speed_probe_due(best, caps_mod.load_per_core(),
+                                                         time.time()):
+            return
+        self._remeasuring = True
+        self._spawn(self._remeasure())
+
+    async def _remeasure(self) -> None:
+        try:
+            caps = await asyncio.to_thread(caps_mod.probe, self.config.cache_dir)
+            self.capabilities = self._overridden(caps)
+        finally:
+            self._remeasuring = False
 
     def _fetch_capabilities(self, now: float) -> None:
         for member in self._members.values():
             key = (member.node_id, member.incarnation)
-            if member.capabilities is not None or now - self._caps_pending.get(
-                    key, -_CAPS_RETRY) < _CAPS_RETRY:
+            fresh = member.capabilities is not None and not caps_mod.record_outdated(
+                member.capabilities, member.headline)
+            if fresh or now - self._caps_pending.get(key, -_CAPS_RETRY) < _CAPS_RETRY:
                 continue
             self._caps_pending[key] = now
             self._spawn(self._fetch_one(member))

@@ -33,7 +33,13 @@ from epara.firmware.installed import installed_node_command
 from epara.firmware.profiles import load_profile, parse_wheel_name, wheel_fits
 from epara.models.store import ModelStore
 from epara.node.client import Client, NodeUnreachable
-from epara.peer.security import create_cluster_credentials
+from epara.peer.security import (
+    AUTHORITY_KEY_FILE,
+    DEVICE_FILES,
+    admit_device,
+    create_authority,
+    create_cluster_credentials,
+)
 from epara.peer.testing import NamespaceLab, have_netns
 
 from .helpers import make_add_model, start_node, stop_node, wait_for_socket, wait_until
@@ -52,9 +58,19 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def credentials(work: Path) -> Path:
-    create_cluster_credentials(work / "cluster")
-    return work / "cluster"
+def authority(work: Path) -> Path:
+    """The cluster's signing authority: it stays here, never in a bundle."""
+    pytest.importorskip("nacl")  # per-device identity's extra (CI installs it: .[all])
+    create_authority(work / "authority")
+    return work / "authority"
+
+
+@pytest.fixture(scope="module")
+def credentials(work: Path, authority: Path) -> Path:
+    """The device directory of the node the server bundle installs (per-device identity:
+    its own key and certificate, made by `epara cluster admit installed`)."""
+    admit_device(authority, "installed", work / "device-installed")
+    return work / "device-installed"
 
 
 @pytest.fixture(scope="module")
@@ -231,15 +247,97 @@ def test_foreign_root_is_staged_and_installed_at_first_boot(
         == {install.UNIT}
 
 
+# --- per-device credentials in a bundle ----------------------------------------------------
+
+def test_a_device_bundle_carries_exactly_its_device_files_and_never_the_authority_key(
+        work: Path, server_bundle: BundleSummary, credentials: Path, authority: Path,
+        store: ModelStore) -> None:
+    assert install.DEVICE_FILES == DEVICE_FILES  # install.py's copy (it imports no epara)
+    assert server_bundle.node_id == "installed" and "device installed" in \
+        server_bundle.describe()
+    authority_key = (authority / AUTHORITY_KEY_FILE).read_bytes().strip()
+    with tarfile.open(server_bundle.path) as tar:
+        top = tar.getnames()[0]
+        members = {m.name.removeprefix(f"{top}/"): m for m in tar.getmembers()}
+        carried = {name.removeprefix("cluster/"): (m.mode, tar.extractfile(m).read())
+                   for name, m in members.items() if name.startswith("cluster/") and m.isfile()}
+        assert carried == {name: (mode, (credentials / name).read_bytes())
+                           for name, mode in DEVICE_FILES.items()
+                           if (credentials / name).exists()}
+        assert {"node.key", "node.cert", "authority.pub"} <= set(carried)
+        assert members["cluster"].mode == 0o700
+        assert not any(n.endswith(AUTHORITY_KEY_FILE) for n in members)
+        for member in tar.getmembers():  # nor its bytes under any other name
+            if member.isfile() and member.size < 1 << 20:
+                assert authority_key not in tar.extractfile(member).read(), member.name
+        manifest = json.loads(tar.extractfile(f"{top}/bundle.json").read())
+    assert manifest["node_id"] == "installed" and manifest["credentials"] is True
+    # The device verifies certificates: its venv gets PyNaCl (the identity extra).
+    assert "identity" in manifest["extras"]
+    assert any(parse_wheel_name(w).distribution == "pynacl" for w in manifest["wheels"])
+    # The authority itself, and a directory whose certificate does not verify, are
+    # refused before anything is downloaded.
+    with pytest.raises(BundleError, match="authority, which never goes onto a device"):
+        build_bundle(load_profile("x86_64-server"), store, out=work / "no.tar.gz",
+                     cluster=authority)
+    forged = work / "device-forged"
+    shutil.copytree(credentials, forged)
+    create_authority(work / "other-authority")
+    admit_device(work / "other-authority", "installed", work / "device-other")
+    shutil.copyfile(work / "device-other" / "node.cert", forged / "node.cert")
+    with pytest.raises(BundleError, match="not a certificate for this node's key"):
+        build_bundle(load_profile("x86_64-server"), store, out=work / "no.tar.gz",
+                     cluster=forged)
+
+
+def _unpacked(bundle: Path, into: Path) -> Path:
+    with tarfile.open(bundle) as tar:
+        tar.extractall(into, filter="tar")
+        return into / tar.getnames()[0]
+
+
+def test_installing_a_device_bundle_pins_the_certified_node_id(
+        work: Path, server_bundle: BundleSummary, credentials: Path) -> None:
+    """The identity the installer pins is the certificate's: another --node-id is refused
+    (the node would not start), a stale pin is replaced, and a device that already has
+    credentials keeps them and its id."""
+    bundle = _unpacked(server_bundle.path, work / "unpacked-device")
+    refused = flash(str(server_bundle.path), "--root", str(work / "refused-root"),
+                    "--node-id", "someone-else")
+    assert refused.returncode == 1 and "carries the certificate of node installed" in \
+        refused.stderr, refused.stderr
+    assert not (work / "refused-root/etc").exists()  # refused before any change
+
+    fresh = work / "fresh-root"  # once installed under another id (a stale pin)
+    (fresh / "etc/epara").mkdir(parents=True)
+    (fresh / "etc/epara/identity.env").write_text("EPARA_NODE_ID=old-name\n")
+    install.Installer(bundle, fresh, log=False).write_config(None)
+    assert (fresh / "etc/epara/identity.env").read_text() == "EPARA_NODE_ID=installed\n"
+    assert (fresh / "etc/epara/cluster").stat().st_mode & 0o777 == 0o700
+    for name, mode in DEVICE_FILES.items():
+        if (credentials / name).exists():
+            assert (fresh / "etc/epara/cluster" / name).stat().st_mode & 0o777 == mode
+        else:
+            assert not (fresh / "etc/epara/cluster" / name).exists()
+
+    # A device of another cluster keeps its own credentials and id.
+    other = work / "other-cluster-root"
+    create_cluster_credentials(other / "etc/epara/cluster")
+    (other / "etc/epara/identity.env").write_text("EPARA_NODE_ID=theirs\n")
+    install.Installer(bundle, other, log=False).write_config(None)
+    assert not (other / "etc/epara/cluster/node.cert").exists()
+    assert (other / "etc/epara/identity.env").read_text() == "EPARA_NODE_ID=theirs\n"
+
+
 # --- x86_64: install into a root, run what was installed --------------------------------
 
 @pytest.mark.root
 @pytest.mark.skipif(NETNS is not None, reason=str(NETNS))
 def test_installed_node_joins_a_cluster_and_serves_a_model(
-        work: Path, server_bundle: BundleSummary, credentials: Path, store: ModelStore) -> None:
-    with tarfile.open(server_bundle.path) as tar:
-        key = tar.getmember("epara-x86_64-server-0.1.0/cluster/cluster.key")
-        assert key.mode == 0o600
+        work: Path, server_bundle: BundleSummary, credentials: Path, authority: Path,
+        store: ModelStore) -> None:
+    """The bundle carries its device's own credentials; the installed node is the node
+    its certificate names, and a peer (another device of the authority) accepts it."""
     root = work / "root"
     first = flash(str(server_bundle.path), "--root", str(root), "--node-id", "installed")
     assert first.returncode == 0, first.stderr
@@ -248,16 +346,21 @@ def test_installed_node_joins_a_cluster_and_serves_a_model(
     assert again.returncode == 0 and "0 change(s)" in again.stdout, again.stdout
     assert tree_state(root) == before  # idempotent: not one byte, mode or mtime changed
     assert (root / "etc/systemd/system/multi-user.target.wants/epara.service").is_symlink()
-    assert (root / "etc/epara/cluster/cluster.key").stat().st_mode & 0o777 == 0o600
+    installed_creds = root / "etc/epara/cluster"
+    assert {p.name: (p.read_bytes(), p.stat().st_mode & 0o777)
+            for p in installed_creds.iterdir()} == \
+        {name: ((credentials / name).read_bytes(), mode) for name, mode in DEVICE_FILES.items()
+         if (credentials / name).exists()}
+    assert (root / "etc/epara/identity.env").read_text() == "EPARA_NODE_ID=installed\n"
 
     lab = NamespaceLab(2).create()
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        # An ordinary node from the source tree, with the same credentials.
+        # An ordinary node from the source tree: another device of the same authority.
+        admit_device(authority, "peer", work / "device-peer")
         peer_sock = work / "peer" / "node.sock"
         processes.append(start_node(Path(store.root), peer_sock, "--cluster",
-                                    str(credentials), "--node-id", "peer",
-                                    prefix=lab.prefix(0)))
+                                    str(work / "device-peer"), prefix=lab.prefix(0)))
         node = installed_node_command(root)
         with open(work / "installed-node.log", "wb") as log:
             processes.append(subprocess.Popen([*lab.prefix(1), *node.argv], env=node.env,
@@ -276,6 +379,7 @@ def test_installed_node_joins_a_cluster_and_serves_a_model(
         np.testing.assert_array_equal(out["y"], np.full((2, 4), 2, np.float32))
         info = status(node.socket)
         assert info is not None and info["model_store"] == str(root / "var/lib/epara/models")
+        assert info["node_id"] == "installed"  # the certified one
         # The node runs from the installed venv, not from this source tree.
         cmdline = Path(f"/proc/{processes[1].pid}/cmdline").read_bytes().split(b"\0")
         assert cmdline[0].decode().startswith(str(root))

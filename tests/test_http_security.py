@@ -80,13 +80,20 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return store
 
 
+# Configured, not the defaults (64 connections, 1 MiB, 10 s): each is enforced as given.
+LIMITS = HttpLimits(max_connections=6, max_body_bytes=4 * 1024, request_timeout_s=1.5)
+LIMIT_FLAGS = ("--http-max-connections", "6", "--http-max-body-kb", "4",
+               "--http-request-timeout", "1.5")
+
+
 @pytest.fixture(scope="module")
 def loopback_node(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     sock = tmp_path_factory.mktemp("httpsec-a") / "node.sock"
-    with running_node(store, sock, "--http-port", "0", "--standalone"):
+    with running_node(store, sock, "--http-port", "0", "--standalone", *LIMIT_FLAGS):
         with Client(sock) as client:
-            url = client.status()["http"]
-        yield url
+            status = client.status()
+        assert status["http_limits"] == {**LIMITS.to_json(), "open_connections": 0}
+        yield status["http"]
 
 
 def test_loopback_node_checks_host_origin_and_body_size(loopback_node: str) -> None:
@@ -106,29 +113,36 @@ def test_loopback_node_checks_host_origin_and_body_size(loopback_node: str) -> N
         status, body = raw(url, request(url, "POST", "/v1/chat/completions",
                                         headers={"Origin": url}, body=b"{}"))
         assert status == 400 and body["error"]["code"] == "bad_request"
-        # A body over the limit is refused from its Content-Length, before it is sent.
-        big = HttpLimits().max_body_bytes + 1
+        # A body of exactly the configured limit is read (and judged: not a chat) ...
+        padded = b"{}" + b" " * (LIMITS.max_body_bytes - 2)
+        status, body = raw(url, request(url, "POST", "/v1/chat/completions", body=padded))
+        assert status == 400 and body["error"]["code"] == "bad_request"
+        # ... one byte more is refused from its Content-Length, before it is sent.
         head = request(url, "POST", "/v1/chat/completions").replace(
-            b"Content-Length: 0", f"Content-Length: {big}".encode())
+            b"Content-Length: 0", f"Content-Length: {LIMITS.max_body_bytes + 1}".encode())
         status, body = raw(url, head)
         assert status == 413 and body["error"]["code"] == "too_large"
-        # A request that does not arrive in time is answered 408 and closed.
-        slow.settimeout(HttpLimits().request_timeout_s + 20)
+        assert str(LIMITS.max_body_bytes) in body["error"]["message"]
+        # A request that does not arrive within the configured time is answered 408.
+        slow.settimeout(LIMITS.request_timeout_s + 20)
         answer = slow.recv(65536)
         assert answer.startswith(b"HTTP/1.1 408"), answer
-        assert time.monotonic() - started >= HttpLimits().request_timeout_s - 1
+        waited = time.monotonic() - started
+        assert waited >= LIMITS.request_timeout_s - 0.2
+        assert waited < HttpLimits().request_timeout_s  # the configured time, not 10 s
     finally:
         slow.close()
 
 
 def test_connections_beyond_the_limit_get_503(loopback_node: str) -> None:
     port = int(loopback_node.rsplit(":", 1)[1])
-    limit = HttpLimits().max_connections
-    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(limit)]
+    held = [socket.create_connection(("127.0.0.1", port))
+            for _ in range(LIMITS.max_connections)]
     try:
         time.sleep(0.5)  # let the node accept them all
         status, body = raw(loopback_node, request(loopback_node))
         assert status == 503 and body["error"]["code"] == "overloaded"
+        assert f"over {LIMITS.max_connections} open" in body["error"]["message"]
     finally:
         for conn in held:
             conn.close()
@@ -136,6 +150,25 @@ def test_connections_beyond_the_limit_get_503(loopback_node: str) -> None:
     while raw(loopback_node, request(loopback_node))[0] != 200:  # slots come back
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--http-max-connections", "0", "--http-max-connections must be a whole number from 1"),
+    ("--http-max-body-kb", "999999999", "--http-max-body-kb must be a whole number from 1 "
+     "to 262144"),
+    ("--http-request-timeout", "nan", "--http-request-timeout must be a number from 0.1"),
+    ("--http-request-timeout", "inf", "--http-request-timeout must be a number from 0.1"),
+    ("--http-request-timeout", "0", "--http-request-timeout must be a number from 0.1"),
+])
+def test_out_of_range_http_limits_stop_the_node_with_a_clear_error(
+        flag: str, value: str, message: str, tmp_path: Path) -> None:
+    """Checked before anything starts: no socket, no port."""
+    result = subprocess.run([sys.executable, "-m", "epara.node.cli", "node", "--standalone",
+                             "--http-port", "0", "--socket", str(tmp_path / "node.sock"),
+                             "--store", str(tmp_path / "store"), flag, value],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "node.sock").exists()
 
 
 def lan_address() -> str | None:

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from epara.node.client import Client
+from epara.node.localsock import INLINE_ITEMS, LARGE_BUFFER, READ_CAP
 from epara.peer import wire
 
 from .helpers import make_add_model, raw_connect, running_node, still_serving, wait_until
@@ -334,6 +335,49 @@ def test_cbor_item_count_is_limited(node: tuple[Path, int]) -> None:
         assert "items" in reply["error"]["message"]
         send(s, {"id": 4, "op": "ping"})
         assert read_reply(s)["ok"] is True
+    still_serving(sock)
+
+
+def test_large_inline_frames_arrive_whole_back_to_back(node: tuple[Path, int]) -> None:
+    """Past LARGE_BUFFER a frame's buffer is an anonymous map grown in place (mremap) and
+    read at most READ_CAP at a time: two 3 MiB tensors sent back to back (the second
+    starts mid-buffer) come back exact. (Small enough that both, and both replies, stay
+    far under the node's 24 MiB buffer budget whatever the timing.)"""
+    sock, _ = node
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((3 * MiB // 16, 4), dtype=np.float32) for _ in range(2)]
+    assert xs[0].nbytes > max(LARGE_BUFFER, READ_CAP)
+    frames = [wire.frame(cbor2.dumps({"id": i, "op": "infer", "model": "add", "inputs": {
+        "x": cbor2.CBORTag(40, [list(x.shape), cbor2.CBORTag(85, x.tobytes())])}}))
+        for i, x in enumerate(xs)]
+    with raw_connect(sock) as s:
+        s.sendall(b"".join(frames))
+        for _ in xs:
+            reply = read_reply(s)
+            assert reply["ok"], reply
+            shape, data = reply["outputs"]["y"].value
+            y = np.frombuffer(data.value, np.float32).reshape(shape)
+            np.testing.assert_array_equal(y, xs[reply["id"]] + 1)
+    still_serving(sock)
+
+
+def test_frames_of_many_items_are_decoded_aside_in_order(node: tuple[Path, int]) -> None:
+    """Past INLINE_ITEMS a frame is counted and decoded in the decode thread; the frames
+    behind it on its connection wait for it, so replies keep the order of the requests."""
+    sock, _ = node
+    varied = [1, 100, 1000, 100_000, 10**10] * 400  # 2000 items, no run of one kind
+    assert len(varied) > INLINE_ITEMS
+    too_many = [7, 300, 70_000] * (wire.DEFAULT_MAX_ITEMS // 3 + 10)
+    frames = [wire.frame(cbor2.dumps(m)) for m in (
+        {"id": 10, "op": "ping", "junk": varied}, {"id": 11, "op": "ping"},
+        {"id": 12, "op": "ping", "junk": too_many}, {"id": 13, "op": "ping"})]
+    with raw_connect(sock) as s:
+        s.sendall(b"".join(frames))  # all at once: the parser meets them back to back
+        replies = [read_reply(s) for _ in range(4)]
+    assert [r["id"] for r in replies] == [10, 11, None, 13], replies
+    assert replies[2]["error"]["code"] == "bad_frame" and "items" in \
+        replies[2]["error"]["message"]
+    assert all(r["ok"] for i, r in enumerate(replies) if i != 2)
     still_serving(sock)
 
 
