@@ -25,6 +25,10 @@ from epara.node.leader.routing import Route, route, targets_for
 from epara.node.service import ServiceError
 
 ROUTING_VIEW_S = 0.05  # how stale the routing snapshot of the cluster may be
+# A service every request of which the estimates refuse still gets one request through
+# this often (per node), so that its run time is measured again (routing.route): else
+# one slow run, under a passing contention, could refuse it for good.
+PROBE_INTERVAL_S = 1.0
 
 
 class NotPlaced(Exception):
@@ -73,6 +77,7 @@ class Router:
         self.placement = placement
         self.ready_here = ready_here
         self._cache: tuple[int, float, RoutingView] | None = None
+        self._probed: dict[str, float] = {}  # service -> when a refused one last went
 
     def view(self) -> RoutingView:
         now = time.monotonic()
@@ -102,8 +107,12 @@ class Router:
             raise ServiceError("unknown_model", f"no node of the cluster has a model "
                                f"named {name!r}")
         targets = targets_for(view.spec(name, entry), view.placement, view.state, self.me)
-        budget = None if deadline is None else max(0.0, deadline - time.monotonic())
+        now = time.monotonic()
+        budget = None if deadline is None else max(0.0, deadline - now)
         decision = route(name, targets, budget)
         if decision.target is None and targets:
-            raise ServiceError("deadline_unmeetable", decision.reason)
+            if now - self._probed.get(name, -PROBE_INTERVAL_S) < PROBE_INTERVAL_S:
+                raise ServiceError("deadline_unmeetable", decision.reason)
+            self._probed[name] = now
+            decision = route(name, targets, budget, probe=True)
         return decision

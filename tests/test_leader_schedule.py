@@ -298,3 +298,16 @@ def test_the_leaders_correction_does_not_make_a_unit_too_slow_for_its_slo() -> N
     _, decisions = schedule(both, fresh, {"detect": ServiceDemand(1.0, 1.0)},
                             {"detect": slow}, 0.0)
     assert any(d.reason.startswith("cannot meet") for d in decisions), decisions
+
+
+def test_a_probe_goes_to_the_best_target_even_past_the_budget() -> None:
+    """Refused on its estimate, a service would never be measured again: a probe goes
+    to the best target anyway (the router lets one through now and then)."""
+    fast = Target("a@d1", "d1", False, 0.001, 0.0, 0.300)
+    slow = Target("a@d2", "d2", False, 0.001, 0.0, 0.500)
+    refused = route("a", [slow, fast], 0.150)
+    assert refused.refused
+    probe = route("a", [slow, fast], 0.150, probe=True)
+    assert probe.target == fast and probe.fallbacks == () and probe.reason.startswith("probe")
+    # Within the budget, a probe is an ordinary route.
+    assert route("a", [slow, fast], 1.0, probe=True).target == fast

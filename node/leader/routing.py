@@ -42,14 +42,22 @@ class Route:
         return self.target is None
 
 
-def route(service: str, targets: Sequence[Target], budget_s: float | None) -> Route:
+def route(service: str, targets: Sequence[Target], budget_s: float | None,
+          probe: bool = False) -> Route:
     """Least expected completion among ``targets``; refused when none fits ``budget_s``
-    (the time left before the request's deadline; None: no deadline)."""
+    (the time left before the request's deadline; None: no deadline), unless ``probe``:
+    then the best target takes it anyway. Estimates come from run times measured on
+    requests served, so a service refused on an estimate that one slow run inflated
+    would never be measured again; the caller lets a probe through now and then
+    (``Router``, ``PROBE_INTERVAL_S``)."""
     if not targets:
         return Route(None, (), f"{service} is not placed on any live device")
     # Ties go to the local replica (no network), then to a stable order.
     ranked = sorted(targets, key=lambda t: (t.expected_s, not t.local, t.unit))
     best = ranked[0]
+    if probe and budget_s is not None and best.expected_s > budget_s:
+        return Route(best, (), f"probe: {best.unit} expects {best.expected_s * 1000:.0f} ms "
+                     f"of a {budget_s * 1000:.0f} ms budget; measuring it again")
     if budget_s is not None and best.expected_s > budget_s:
         return Route(None, (), (
             f"{service}: no target can answer within {budget_s * 1000:.0f} ms; the best, "
